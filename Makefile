@@ -1,0 +1,32 @@
+# The two commands a newcomer runs (see README.md):
+#   make demo   set up .venv, then run the main job on the embedded synthetic benchmark
+#   make test   set up .venv, then run the test suite
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): requirements.txt
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	bash run.sh demo
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -m "not slow and not dist"
+
+bench: setup
+	$(PYTHON) bench/bench_eval.py
+
+clean:
+	rm -rf outputs/demo

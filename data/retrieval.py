@@ -1,0 +1,324 @@
+"""BLIP-json image-text retrieval datasets: COCO Karpathy, Flickr30k, custom (FORMATS.md 1).
+
+- ``RetrievalTrainDataset``: one item per caption entry -> ``(image [3, H, W], caption, idx)``,
+  where ``idx`` is the contrastive image index (captions of one image share it).
+- ``RetrievalEvalDataset``: one item per image -> ``(image [3, H, W], i)``, with the flattened
+  captions in ``text`` and the ``img2txt`` / ``txt2img`` maps the retrieval metrics need.
+- ``build_retrieval_datasets``: config-like object -> ``{split: dataset}``. Nothing is downloaded:
+  the annotation json files must already be in ``ann_root``.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from .transforms import build_test_transform, build_train_transform
+from .utils import BadImageError, check_image, load_image, pre_caption, read_json
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+Transform = Callable[[Any], Any]
+
+DEFAULT_FILES = {
+    "coco": {"train": "coco_karpathy_train.json", "val": "coco_karpathy_val.json",
+             "test": "coco_karpathy_test.json"},
+    "flickr": {"train": "flickr30k_train.json", "val": "flickr30k_val.json",
+               "test": "flickr30k_test.json"},
+    "custom": {},
+}
+SPLITS = ("train", "val", "test")
+
+
+def _where(ann_file: PathLike, index: int) -> str:
+    return f"entry {index} of {ann_file}"
+
+
+def _read_entries(ann_file: PathLike) -> list:
+    data = read_json(ann_file)
+    if not isinstance(data, list):
+        raise ValueError(f"{ann_file}: expected a json list of entries, got {type(data).__name__}")
+    return data
+
+
+def _require_dict(entry: Any, ann_file: PathLike, index: int) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{_where(ann_file, index)}: expected an object, "
+                         f"got {type(entry).__name__}")
+
+
+def _require_field(entry: dict, field: str, ann_file: PathLike, index: int) -> Any:
+    if field not in entry:
+        raise ValueError(f"{_where(ann_file, index)}: missing field '{field}' "
+                         f"(has {sorted(entry)})")
+    return entry[field]
+
+
+def _require_image(entry: dict, ann_file: PathLike, index: int) -> str:
+    image = _require_field(entry, "image", ann_file, index)
+    if not isinstance(image, str) or not image:
+        raise ValueError(f"{_where(ann_file, index)}: invalid field 'image': expected a non-empty "
+                         f"path string, got {image!r}")
+    return image
+
+
+def _join(image_root: PathLike | None, image: str) -> str:
+    # os.path.join keeps an absolute `image` as is, so absolute entries work with any root.
+    return image if image_root is None else os.path.join(image_root, image)
+
+
+class RetrievalTrainDataset(Dataset):
+    """Caption-level training set over one or more BLIP train json files.
+
+    Entries: ``{"image": rel_path, "caption": str, "image_id": str | int}``. Each distinct
+    ``image_id`` gets a contiguous int in first-seen order across the files (the raw value is the
+    key: ``"7"`` and ``7`` are two images, as in BLIP).
+
+    Attributes:
+        annotation: the json entries as read (captions not cleaned).
+        captions: the cleaned caption of each entry (``pre_caption`` applied at construction).
+        img_ids: raw ``image_id`` -> idx.
+        num_images: number of distinct ``image_id`` values.
+        num_skipped: distinct unreadable images met so far *in this process* (each DataLoader
+            worker counts its own) when ``skip_bad_images`` is on.
+
+    ``__getitem__(i)`` -> ``(transform(image), caption, idx)``; image is ``[3, H, W]`` for the
+    usual transforms (the PIL image itself when ``transform`` is None).
+    With ``skip_bad_images`` an unreadable image is logged once, remembered, and replaced by the
+    next entry (wrapping around) whose image loads; without it the error names the path and the
+    entry.
+    """
+
+    def __init__(self, ann_files: Sequence[PathLike] | PathLike, image_root: PathLike | None,
+                 transform: Transform | None, max_words: int = 30,
+                 skip_bad_images: bool = False) -> None:
+        if isinstance(ann_files, (str, os.PathLike)):
+            ann_files = [ann_files]
+        self.ann_files = [str(f) for f in ann_files]
+        if not self.ann_files:
+            raise ValueError("RetrievalTrainDataset needs at least one annotation file")
+        self.image_root = image_root
+        self.transform = transform
+        self.max_words = max_words
+        self.skip_bad_images = skip_bad_images
+
+        self.annotation: list[dict] = []
+        self.captions: list[str] = []
+        self.img_ids: dict[str | int, int] = {}
+        self._idx: list[int] = []
+        # Global index where each file's entries start: maps an item back to (file, entry) for error
+        # messages without keeping a per-entry tuple (566k of them on COCO).
+        self._file_starts: list[int] = []
+        for ann_file in self.ann_files:
+            self._file_starts.append(len(self.annotation))
+            for index, entry in enumerate(_read_entries(ann_file)):
+                self._add(entry, ann_file, index)
+
+        self.num_skipped = 0
+        self._bad_images: set[str] = set()
+
+    def _add(self, entry: Any, ann_file: str, index: int) -> None:
+        _require_dict(entry, ann_file, index)
+        _require_image(entry, ann_file, index)
+        caption = _require_field(entry, "caption", ann_file, index)
+        if not isinstance(caption, str):
+            raise ValueError(f"{_where(ann_file, index)}: invalid field 'caption': expected a "
+                             f"string, got {type(caption).__name__}")
+        image_id = _require_field(entry, "image_id", ann_file, index)
+        # bool is an int subclass in Python; a json true/false id is certainly a mistake.
+        if isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
+            raise ValueError(f"{_where(ann_file, index)}: invalid field 'image_id': expected a "
+                             f"string or an integer, got {image_id!r}")
+        self.annotation.append(entry)
+        self.captions.append(pre_caption(caption, self.max_words))
+        self._idx.append(self.img_ids.setdefault(image_id, len(self.img_ids)))
+
+    @property
+    def num_images(self) -> int:
+        return len(self.img_ids)
+
+    def __len__(self) -> int:
+        return len(self.annotation)
+
+    def source(self, index: int) -> str:
+        """``"entry <k> of <file>"`` for dataset item ``index``."""
+        file_pos = bisect.bisect_right(self._file_starts, index) - 1
+        return _where(self.ann_files[file_pos], index - self._file_starts[file_pos])
+
+    def _load(self, index: int) -> tuple[Any, str, int]:
+        path = _join(self.image_root, self.annotation[index]["image"])
+        if path in self._bad_images:
+            raise BadImageError(f"known bad image: {path} ({self.source(index)})")
+        image = load_image(path, context=self.source(index))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.captions[index], self._idx[index]
+
+    def __getitem__(self, index: int) -> tuple[Any, str, int]:
+        if not self.skip_bad_images:
+            return self._load(index)
+        n = len(self)
+        for step in range(n):
+            j = (index + step) % n
+            try:
+                return self._load(j)
+            except (FileNotFoundError, BadImageError) as exc:
+                path = _join(self.image_root, self.annotation[j]["image"])
+                if path not in self._bad_images:
+                    self._bad_images.add(path)
+                    self.num_skipped += 1
+                    logger.warning("skipping bad image (%d so far in this process): %s",
+                                   self.num_skipped, exc)
+        raise RuntimeError(f"no image of the {n} entries in {self.ann_files} could be loaded "
+                           f"(image_root={self.image_root})")
+
+
+class RetrievalEvalDataset(Dataset):
+    """Image-level val/test set over one BLIP json file.
+
+    Entries: ``{"image": rel_path, "caption": [str, ...] | str}``.
+
+    Attributes:
+        annotation: the kept json entries, as read.
+        image: relative image path of each kept entry.
+        text: cleaned captions, flattened in file order.
+        img2txt: dict image i -> list of its caption indices into ``text``.
+        txt2img: dict caption t -> its image index (dicts, as BLIP's evaluation expects).
+        num_skipped: entries dropped because their image is missing or its header unreadable
+            (only with ``skip_bad_images``; checked once at construction, captions dropped with them
+            so every index stays consistent).
+
+    ``__getitem__(i)`` -> ``(transform(image), i)``; image ``[3, H, W]`` for the usual transforms.
+    An image that passed the header check but fails to decode still raises at load time, naming its
+    path and entry: an eval set cannot drop an image after its captions were counted.
+    """
+
+    def __init__(self, ann_file: PathLike, image_root: PathLike | None,
+                 transform: Transform | None, max_words: int = 30,
+                 skip_bad_images: bool = False) -> None:
+        self.ann_file = str(ann_file)
+        self.image_root = image_root
+        self.transform = transform
+        self.max_words = max_words
+        self.skip_bad_images = skip_bad_images
+
+        self.annotation: list[dict] = []
+        self.image: list[str] = []
+        self.text: list[str] = []
+        self.img2txt: dict[int, list[int]] = {}
+        self.txt2img: dict[int, int] = {}
+        self._entry_index: list[int] = []  # kept item -> its index in the file, for messages
+        self.num_skipped = 0
+
+        for index, entry in enumerate(_read_entries(self.ann_file)):
+            image, captions = self._validate(entry, index)
+            if skip_bad_images and not self._image_ok(image, index):
+                continue
+            img_i = len(self.image)
+            self.annotation.append(entry)
+            self.image.append(image)
+            self._entry_index.append(index)
+            self.img2txt[img_i] = []
+            for caption in captions:
+                self.txt2img[len(self.text)] = img_i
+                self.img2txt[img_i].append(len(self.text))
+                self.text.append(pre_caption(caption, max_words))
+
+    def _validate(self, entry: Any, index: int) -> tuple[str, list[str]]:
+        _require_dict(entry, self.ann_file, index)
+        image = _require_image(entry, self.ann_file, index)
+        captions = _require_field(entry, "caption", self.ann_file, index)
+        if isinstance(captions, str):
+            captions = [captions]
+        if (not isinstance(captions, list) or not captions
+                or not all(isinstance(c, str) for c in captions)):
+            # An image without captions has no image->text rank: reject rather than skew recall.
+            raise ValueError(f"{_where(self.ann_file, index)}: invalid field 'caption': expected a "
+                             f"string or a non-empty list of strings, got {captions!r}")
+        return image, captions
+
+    def _image_ok(self, image: str, index: int) -> bool:
+        try:
+            check_image(_join(self.image_root, image), context=_where(self.ann_file, index))
+        except (FileNotFoundError, BadImageError) as exc:
+            self.num_skipped += 1
+            logger.warning("dropping eval image and its captions: %s", exc)
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path = _join(self.image_root, self.image[index])
+        image = load_image(path, context=_where(self.ann_file, self._entry_index[index]))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, index
+
+
+def _resolve(ann_root: PathLike | None, name: PathLike) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() or ann_root is None else Path(ann_root) / path
+
+
+def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
+                             train_transform: Transform | None = None,
+                             test_transform: Transform | None = None) -> dict[str, Dataset]:
+    """Build ``{split: dataset}`` from a plain config object (dataclass, SimpleNamespace, ...).
+
+    Reads ``dataset`` ('coco' | 'flickr' | 'custom'), ``ann_root``, ``image_root``, ``train_file``
+    (str or list of str), ``val_file``, ``test_file``, ``max_words`` (30), ``skip_bad_images``
+    (False) and ``image_size`` (only when a transform is not given). An explicit ``*_file``
+    overrides the coco/flickr default; 'custom' requires one for each requested split. Relative
+    file names are under ``ann_root``.
+    """
+    name = getattr(cfg_like, "dataset", None)
+    if name not in DEFAULT_FILES:
+        raise ValueError(f"unknown retrieval dataset {name!r}; valid: {sorted(DEFAULT_FILES)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; valid: {list(SPLITS)}")
+
+    ann_root = getattr(cfg_like, "ann_root", None)
+    image_root = getattr(cfg_like, "image_root", None)
+    max_words = getattr(cfg_like, "max_words", 30)
+    skip = bool(getattr(cfg_like, "skip_bad_images", False))
+
+    def files_for(split: str) -> list[Path]:
+        given = getattr(cfg_like, f"{split}_file", None)
+        given = given if given is not None else DEFAULT_FILES[name].get(split)
+        if given is None or (isinstance(given, (list, tuple)) and not given):
+            raise ValueError(f"dataset '{name}' needs '{split}_file' for split '{split}' "
+                             f"(file name relative to ann_root, or an absolute path)")
+        names = list(given) if isinstance(given, (list, tuple)) else [given]
+        if split != "train" and len(names) != 1:
+            raise ValueError(f"'{split}_file' must be a single file, got {names}")
+        return [_resolve(ann_root, n) for n in names]
+
+    def transform_for(given: Transform | None, builder: Callable[[int], Transform]) -> Transform:
+        if given is not None:
+            return given
+        image_size = getattr(cfg_like, "image_size", None)
+        if image_size is None:
+            raise ValueError("cfg has no 'image_size' and no transform was passed")
+        return builder(int(image_size))
+
+    datasets: dict[str, Dataset] = {}
+    for split in splits:
+        files = files_for(split)
+        if split == "train":
+            datasets[split] = RetrievalTrainDataset(
+                files, image_root, transform_for(train_transform, build_train_transform),
+                max_words=max_words, skip_bad_images=skip)
+        else:
+            datasets[split] = RetrievalEvalDataset(
+                files[0], image_root, transform_for(test_transform, build_test_transform),
+                max_words=max_words, skip_bad_images=skip)
+    return datasets

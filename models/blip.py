@@ -1,0 +1,228 @@
+"""BLIP for image-text retrieval (``BLIP_Retrieval``'s state-dict layout).
+
+Parts: ``visual_encoder`` (ViT), ``text_encoder`` (BERT with cross-attention), ``vision_proj`` /
+``text_proj`` (to ``embed_dim``), ``itm_head``, ``temp``, momentum copies ``*_m`` and the feature
+queues ``image_queue`` / ``text_queue`` / ``idx_queue`` / ``ptr_queue``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.losses import itc_momentum_loss, itm_loss, sample_hard_negatives
+from models.med import KV, MedConfig, MedEncoder
+from models.vit import BlipViT, build_vit
+from utils import dist as du
+
+logger = logging.getLogger(__name__)
+
+
+class BLIPRetrieval(nn.Module):
+    def __init__(self, visual_encoder: BlipViT, med_config: MedConfig, embed_dim: int = 256,
+                 queue_size: int = 57600, momentum: float = 0.995, negative_all_rank: bool = False,
+                 enc_token_id: int = 30523, itc_all_rank_keys: bool = True):
+        super().__init__()
+        if med_config.encoder_width != visual_encoder.width:
+            # BLIP sets encoder_width from the ViT; a mismatch would only surface as a shape error.
+            med_config = dataclasses.replace(med_config, encoder_width=visual_encoder.width)
+        self.visual_encoder = visual_encoder
+        self.text_encoder = MedEncoder(med_config)
+        text_width = med_config.hidden_size
+        self.vision_proj = nn.Linear(visual_encoder.width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for m in self._momentum_modules():
+            m.requires_grad_(False)
+
+        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.embed_dim = embed_dim
+        self.queue_size = queue_size
+        self.momentum = momentum
+        self.negative_all_rank = negative_all_rank
+        self.enc_token_id = enc_token_id
+        self.itc_all_rank_keys = itc_all_rank_keys
+
+    def _momentum_modules(self) -> List[nn.Module]:
+        return [self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m, self.text_proj_m]
+
+    def _online_modules(self) -> List[nn.Module]:
+        return [self.visual_encoder, self.vision_proj, self.text_encoder, self.text_proj]
+
+    # ------------------------------------------------------------------ features
+    def encode_image(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` -> (tokens ``[B, 1 + N, Dv]``, normalised feature ``[B, E]``)."""
+        tokens = self.visual_encoder(pixel_values)
+        return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[B, T]`` -> (states ``[B, T, Dt]``, normalised feature ``[B, E]``)."""
+        states = self.text_encoder(input_ids, attention_mask, mode="text").last_hidden_state
+        return states, F.normalize(self.text_proj(states[:, 0]), dim=-1)
+
+    def itm_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """For matching, the first token ([CLS]) is replaced by [ENC]."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        return ids
+
+    def itm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   image_tokens: Optional[torch.Tensor] = None, cross_kv: Optional[List[KV]] = None,
+                   cross_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Match logits ``[B, 2]`` of texts (``input_ids`` with [CLS], replaced here by [ENC]) and
+        images given as tokens ``[B, N, Dv]`` or as precomputed cross K/V plus ``cross_index``."""
+        out = self.text_encoder(self.itm_input_ids(input_ids), attention_mask, mode="multimodal",
+                                encoder_hidden_states=image_tokens, cross_kv=cross_kv,
+                                cross_index=cross_index, first_token_only=True)
+        return self.itm_head(out.last_hidden_state[:, 0])
+
+    # ------------------------------------------------------------------ momentum and queues
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        for online, mom in zip(self._online_modules(), self._momentum_modules()):
+            for p, p_m in zip(online.parameters(), mom.parameters()):
+                p_m.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def copy_params_to_momentum(self) -> None:
+        for online, mom in zip(self._online_modules(), self._momentum_modules()):
+            mom.load_state_dict(online.state_dict())
+
+    @torch.no_grad()
+    def momentum_features(self, pixel_values, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        image_tokens = self.visual_encoder_m(pixel_values)
+        image_feat = F.normalize(self.vision_proj_m(image_tokens[:, 0]), dim=-1)
+        text_states = self.text_encoder_m(input_ids, attention_mask, mode="text").last_hidden_state
+        text_feat = F.normalize(self.text_proj_m(text_states[:, 0]), dim=-1)
+        return image_feat, text_feat
+
+    def check_queue(self, global_batch: int) -> None:
+        if self.queue_size % global_batch:
+            raise ValueError(f"queue_size {self.queue_size} must be a multiple of the global batch "
+                             f"{global_batch} (batch_size_train x world size)")
+
+    @torch.no_grad()
+    def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
+        """Write the (already all-gathered) momentum features ``[G, E]`` and ids ``[G]``."""
+        G = image_feat.shape[0]
+        self.check_queue(G)
+        ptr = int(self.ptr_queue)
+        self.image_queue[:, ptr:ptr + G] = image_feat.t()
+        self.text_queue[:, ptr:ptr + G] = text_feat.t()
+        self.idx_queue[:, ptr:ptr + G] = idx.view(1, -1)
+        self.ptr_queue[0] = (ptr + G) % self.queue_size
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                idx: torch.Tensor, alpha: float, use_queue: bool = True,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """BLIP's retrieval fine-tuning losses for a batch. Returns ``loss_ita`` and ``loss_itm``."""
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_tokens, image_feat = self.encode_image(pixel_values)
+        _, text_feat = self.encode_text(input_ids, attention_mask)
+
+        idx = idx.view(-1)
+        with torch.no_grad():
+            self.momentum_update()
+            image_feat_m, text_feat_m = self.momentum_features(pixel_values, input_ids, attention_mask)
+            idx_all = du.concat_all_gather(idx)
+            image_m_all, text_m_all = du.concat_all_gather(image_feat_m), du.concat_all_gather(text_feat_m)
+        # Keys: every rank's momentum features of this step (so N ranks x B equals one process on
+        # N*B), or, as BLIP released it, only the local batch's; then the queue.
+        if self.itc_all_rank_keys:
+            image_keys, text_keys, idx_keys = image_m_all, text_m_all, idx_all
+        else:
+            image_keys, text_keys, idx_keys = image_feat_m, text_feat_m, idx
+        if use_queue:
+            image_keys = torch.cat([image_keys, self.image_queue.t().clone()])
+            text_keys = torch.cat([text_keys, self.text_queue.t().clone()])
+            idx_keys = torch.cat([idx_keys, self.idx_queue.view(-1).clone()])
+        loss_ita = itc_momentum_loss(image_feat, text_feat, image_keys, text_keys, image_feat_m,
+                                     text_feat_m, idx, idx_keys, self.temp, alpha)
+        if use_queue:
+            self.enqueue(image_m_all, text_m_all, idx_all)
+
+        loss_itm = self._itm_loss(image_tokens, image_feat, text_feat, input_ids, attention_mask,
+                                  idx, idx_all, generator)
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm}
+
+    def _itm_loss(self, image_tokens, image_feat, text_feat, input_ids, attention_mask, idx, idx_all,
+                  generator) -> torch.Tensor:
+        if self.negative_all_rank:
+            # Negatives from every rank's batch; the image tokens travel with their gradient.
+            image_pool = du.all_gather_with_grad(image_tokens)
+            feats = (du.concat_all_gather(image_feat), du.concat_all_gather(text_feat))
+            ids_pool, mask_pool, idx_pool = (du.concat_all_gather(input_ids),
+                                             du.concat_all_gather(attention_mask), idx_all)
+        else:
+            image_pool, feats = image_tokens, (image_feat, text_feat)
+            ids_pool, mask_pool, idx_pool = input_ids, attention_mask, idx
+        neg_img, neg_txt, valid_img, valid_txt = sample_hard_negatives(
+            image_feat.detach(), text_feat.detach(), feats[0].detach(), feats[1].detach(), idx, idx_pool,
+            self.temp.detach(), generator)
+        ids = torch.cat([input_ids, input_ids, ids_pool[neg_txt]])
+        mask = torch.cat([attention_mask, attention_mask, mask_pool[neg_txt]])
+        images = torch.cat([image_tokens, image_pool[neg_img], image_tokens])
+        logits = self.itm_logits(ids, mask, image_tokens=images)
+        return itm_loss(logits, torch.cat([valid_img, valid_txt]))
+
+
+def build_blip_retrieval(cfg, tokenizer) -> BLIPRetrieval:
+    """Build from a config with the model keys (``vit``, ``image_size``, ``med_config``, ...)."""
+    vit = build_vit(cfg.vit, cfg.image_size, getattr(cfg, "vit_drop_path_rate", None),
+                    getattr(cfg, "vit_grad_ckpt", False), getattr(cfg, "vit_ckpt_layer", 0))
+    med = MedConfig.from_json(cfg.med_config, encoder_width=vit.width)
+    if med.vocab_size is None:
+        med.vocab_size = len(tokenizer)
+    elif med.vocab_size < len(tokenizer):
+        raise ValueError(f"med_config {cfg.med_config}: vocab_size {med.vocab_size} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} tokens (incl. [DEC] and [ENC])")
+    return BLIPRetrieval(vit, med, embed_dim=cfg.embed_dim, queue_size=getattr(cfg, "queue_size", 57600),
+                         momentum=getattr(cfg, "momentum", 0.995),
+                         negative_all_rank=getattr(cfg, "negative_all_rank", False),
+                         enc_token_id=tokenizer.enc_token_id,
+                         itc_all_rank_keys=getattr(cfg, "itc_all_rank_keys", True))
+
+
+# Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
+# `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
+PRETRAIN_EXTRAS = ("text_decoder.",)
+PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
+
+
+def load_blip_weights(model: nn.Module, source, strict: bool = False, cache_dir=None):
+    """Load an official BLIP checkpoint (or ours) into ``model`` and return the load report.
+
+    ``visual_encoder(_m).pos_embed`` is resized to the model's patch grid first, so a checkpoint
+    trained at 384 px loads into a 224 px model and vice versa.
+    """
+    from utils.checkpoint import extract_state_dict, interpolate_pos_embed, load_checkpoint, \
+        load_state_dict_with_report
+
+    state = extract_state_dict(load_checkpoint(source, cache_dir=cache_dir))
+    own = model.state_dict()
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    pretrain_layout = any(k.startswith(PRETRAIN_EXTRAS) for k in state) or "queue_ptr" in state
+    ignore_missing = ("idx_queue", "ptr_queue") if pretrain_layout else ()
+    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=PRETRAIN_EXTRAS,
+                                         expected_extra_keys=PRETRAIN_EXTRA_KEYS,
+                                         ignore_missing_prefixes=ignore_missing)
+    logger.info("loaded %s", source)
+    return report

@@ -1,0 +1,290 @@
+"""BLIP's text transformer: BERT with a cross-attention block in every layer ("MED").
+
+State-dict names follow BLIP's checkpoints (``embeddings.*``, ``encoder.layer.N.attention.self.query``
+...), which is why a submodule is called ``self``. One module serves three modes:
+
+- ``text``: self-attention only (unimodal text features for ITC);
+- ``multimodal``: self-attention, then cross-attention to image tokens (ITM);
+- ``decoder``: causal self-attention plus cross-attention (captioning / LM).
+
+Cross-attention keys/values depend only on the image, so :meth:`MedEncoder.project_cross_kv`
+computes them once per image and ``forward(cross_kv=..., cross_index=...)`` reuses them for any
+number of texts. Re-projecting them per (image, text) pair is where the original evaluation spends
+most of its time.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# BLIP's masks are additive with -10000 (not -inf): identical after softmax in fp32, and it keeps
+# rows that are fully masked finite.
+MASK_VALUE = -10000.0
+
+KV = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class MedConfig:
+    """The fields of BLIP's ``med_config.json`` that the model uses (other BERT keys are ignored)."""
+
+    vocab_size: Optional[int]  # None: take it from the tokenizer
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    encoder_width: int = 768
+    add_cross_attention: bool = True
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_json(cls, path, **overrides) -> "MedConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"med_config: no such file {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"med_config {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        kwargs.update(overrides)
+        if "vocab_size" not in kwargs:
+            raise ValueError(f"med_config {path}: missing 'vocab_size' (use null to take it from the tokenizer)")
+        cfg = cls(**kwargs)
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"med_config {path}: hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_attention_heads}")
+        if cfg.hidden_act != "gelu":
+            raise ValueError(f"med_config {path}: hidden_act {cfg.hidden_act!r} is not supported (BLIP uses 'gelu')")
+        return cfg
+
+
+class TextOutput(NamedTuple):
+    last_hidden_state: torch.Tensor  # [B, T, D] ([B, 1, D] with first_token_only)
+    cross_attentions: Optional[List[torch.Tensor]]  # per layer [B, H, T, N] when requested
+
+
+class Embeddings(nn.Module):
+    """Word + absolute position embeddings, LayerNorm, dropout (no token types in BLIP)."""
+
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        # Persistent because BLIP's checkpoints carry it; loading strictly needs the key.
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T] -> [B, T, D]``."""
+        T = input_ids.shape[1]
+        if T > self.position_ids.shape[1]:
+            raise ValueError(f"text of {T} tokens exceeds max_position_embeddings {self.position_ids.shape[1]}")
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :T])
+        return self.dropout(self.LayerNorm(x))
+
+
+class HeadProjections(nn.Module):
+    """Query/key/value projections of one attention block (``<block>.self.*``)."""
+
+    def __init__(self, cfg: MedConfig, kv_width: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, states: torch.Tensor) -> KV:
+        """``[B, N, W] -> (k, v)``, each ``[B, H, N, d]``."""
+        return self._heads(self.key(states)), self._heads(self.value(states))
+
+    def forward(self, hidden: torch.Tensor, kv: KV, mask: Optional[torch.Tensor],
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attend ``hidden`` ``[B, T, D]`` to ``kv``; ``mask`` is additive, broadcastable to
+        ``[B, H, T, N]``. Returns the context ``[B, T, D]`` and, if asked, the probabilities."""
+        q = self._heads(self.query(hidden))
+        k, v = kv
+        if mask is not None:
+            mask = mask.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
+        p = self.dropout_p if self.training else 0.0
+        if need_weights:
+            # SDPA does not return probabilities; ContextBLIP's text-guided mask needs them.
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(dim=-1)
+            ctx = F.dropout(probs, p, self.training) @ v
+        else:
+            probs = None
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        B, H, T, d = ctx.shape
+        return ctx.transpose(1, 2).reshape(B, T, H * d), probs
+
+
+class ResidualOutput(nn.Module):
+    """``LayerNorm(dropout(dense(x)) + residual)`` (BERT's ``*.output``)."""
+
+    def __init__(self, in_width: int, cfg: MedConfig):
+        super().__init__()
+        self.dense = nn.Linear(in_width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, cfg: MedConfig, kv_width: int):
+        super().__init__()
+        self.self = HeadProjections(cfg, kv_width)
+        self.output = ResidualOutput(cfg.hidden_size, cfg)
+
+    def forward(self, hidden, kv, mask, need_weights=False):
+        ctx, probs = self.self(hidden, kv, mask, need_weights)
+        return self.output(ctx, hidden), probs
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as BERT's "gelu"
+
+
+class MedLayer(nn.Module):
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        self.attention = AttentionBlock(cfg, cfg.hidden_size)
+        if cfg.add_cross_attention:
+            self.crossattention = AttentionBlock(cfg, cfg.encoder_width)
+        self.intermediate = Intermediate(cfg)
+        self.output = ResidualOutput(cfg.intermediate_size, cfg)
+
+    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, cross_kv: Optional[KV] = None,
+                cross_mask: Optional[torch.Tensor] = None, first_token_only: bool = False,
+                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``x`` ``[B, T, D]``. With ``first_token_only`` only position 0 is computed past the
+        self-attention keys/values (all a classifier on [CLS]/[ENC] needs from the last layer)."""
+        self_kv = self.attention.self.project_kv(x)
+        if first_token_only:
+            x = x[:, :1]
+            self_mask = self_mask[:, :, :1] if self_mask.shape[2] > 1 else self_mask
+        h, _ = self.attention(x, self_kv, self_mask)
+        probs = None
+        if cross_kv is not None:
+            h, probs = self.crossattention(h, cross_kv, cross_mask, need_weights)
+        return self.output(self.intermediate(h), h), probs
+
+
+class _LayerStack(nn.Module):
+    """Holds ``layer.N`` so keys read ``encoder.layer.N.*`` as in BLIP's checkpoints."""
+
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(MedLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+def additive_mask(attention_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """``[B, T]`` 1/0 padding mask -> additive ``[B, 1, 1, T]`` (or ``[B, 1, T, T]`` if causal)."""
+    m = attention_mask[:, None, None, :].float()
+    if causal:
+        T = attention_mask.shape[1]
+        m = m * torch.ones(T, T, device=m.device).tril()[None, None]
+    return (1.0 - m) * MASK_VALUE
+
+
+class MedEncoder(nn.Module):
+    """BLIP's ``text_encoder`` (BERT with cross-attention, no pooler)."""
+
+    MODES = ("text", "multimodal", "decoder")
+
+    def __init__(self, cfg: MedConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("MedConfig.vocab_size must be set (from the tokenizer) before building")
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = _LayerStack(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.data.normal_(0.0, self.config.initializer_range)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data.zero_()
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.data.fill_(1.0)
+            m.bias.data.zero_()
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layer
+
+    def project_cross_kv(self, image_embeds: torch.Tensor) -> List[KV]:
+        """Every layer's cross-attention keys/values for ``image_embeds`` ``[B, N, W]``:
+        a list (one per layer) of ``(k, v)``, each ``[B, H, N, d]``."""
+        return [layer.crossattention.self.project_kv(image_embeds) for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "text",
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None,
+                cross_kv: Optional[Sequence[KV]] = None, cross_index: Optional[torch.Tensor] = None,
+                first_token_only: bool = False, output_cross_attentions: bool = False) -> TextOutput:
+        """Encode ``input_ids`` ``[B, T]`` (``attention_mask`` ``[B, T]`` of 1/0).
+
+        For ``multimodal``/``decoder`` give either ``encoder_hidden_states`` ``[B, N, W]`` or
+        precomputed ``cross_kv`` from :meth:`project_cross_kv` of ``M`` images plus ``cross_index``
+        ``[B]`` (row b attends to image ``cross_index[b]``; omit it when ``M == B``).
+        ``encoder_attention_mask`` ``[B, N]`` defaults to all-visible.
+        """
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        x = self.embeddings(input_ids)
+        self_mask = additive_mask(attention_mask, causal=mode == "decoder")
+        use_cross = mode != "text"
+        if use_cross and encoder_hidden_states is None and cross_kv is None:
+            raise ValueError(f"mode {mode!r} needs encoder_hidden_states or cross_kv")
+        if use_cross and not self.config.add_cross_attention:
+            raise ValueError("this text encoder was built without cross-attention")
+        cross_mask = None
+        if use_cross and encoder_attention_mask is not None:
+            cross_mask = additive_mask(encoder_attention_mask)
+        attentions = [] if output_cross_attentions else None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            kv = None
+            if use_cross:
+                if cross_kv is not None:
+                    k, v = cross_kv[i]
+                    # Gather per layer so only one layer's expanded K/V is alive at a time.
+                    kv = (k[cross_index], v[cross_index]) if cross_index is not None else (k, v)
+                else:
+                    kv = layer.crossattention.self.project_kv(encoder_hidden_states)
+            x, probs = layer(x, self_mask, kv, cross_mask, first_token_only=first_token_only and i == last,
+                             need_weights=output_cross_attentions)
+            if attentions is not None and probs is not None:
+                attentions.append(probs)
+        return TextOutput(x, attentions)

@@ -1,0 +1,61 @@
+"""Shared test helpers: paths, the fixture config, and launching entry points like a user does."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"
+sys.path.insert(0, str(REPO))
+
+
+def fixture_config(tmp_path: Path, **overrides) -> Path:
+    """A retrieval config that evaluates the official-layout fixture checkpoint."""
+    cfg = {
+        "dataset": "custom", "image_root": str(FIXTURE), "ann_root": str(FIXTURE), "test_file": "test.json",
+        "pretrained": str(FIXTURE / "checkpoint.pth"), "strict_load": True,
+        "vit": "{width: 64, depth: 2, heads: 4, patch_size: 16}", "image_size": 64,
+        "med_config": str(FIXTURE / "med_config.json"), "tokenizer": str(FIXTURE / "tokenizer"),
+        "embed_dim": 32, "queue_size": 64, "k_test": 3, "batch_size_test": 4, "rerank_batch_size": 5,
+        "num_workers": 0, "device": "cpu",
+    }
+    cfg.update(overrides)
+    path = tmp_path / "fixture.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N script args`` on CPU (gloo), from the repo root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(REPO / script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def run_script(script: str, args, timeout: float = 900, env=None, check=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    return FIXTURE

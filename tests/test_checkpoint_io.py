@@ -1,0 +1,351 @@
+"""Checkpoint I/O: local files and URLs, safe loading, pos-embed resizing, load reports, saving."""
+from __future__ import annotations
+
+import functools
+import http.server
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.checkpoint import (CheckpointDownloadError, CheckpointError, CheckpointMismatchError,
+                              UnsafeCheckpointError, extract_state_dict, interpolate_pos_embed,
+                              load_checkpoint, load_state_dict_with_report, resolve_checkpoint,
+                              save_checkpoint_atomic)
+
+RAN_ON_UNPICKLE: list[str] = []
+
+
+def _record_unpickle() -> str:
+    RAN_ON_UNPICKLE.append("ran")
+    return "payload"
+
+
+class Payload:
+    """Unpickling this runs `_record_unpickle`: a stand-in for arbitrary code in a pickle."""
+
+    def __reduce__(self):
+        return (_record_unpickle, ())
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # A proxy from the environment would intercept requests meant for 127.0.0.1.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve `tmp_path / 'www'` on 127.0.0.1:<ephemeral>; yields (root dir, base url, server)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+def _tiny_sd() -> dict[str, torch.Tensor]:
+    return {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+
+
+# --------------------------------------------------------------------------- local files
+
+def test_load_official_layout_and_raw_dict(tmp_path):
+    sd = _tiny_sd()
+    official = tmp_path / "model_base.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}}, "config": {"lr": 1e-5}, "epoch": 3},
+               official)
+    raw = tmp_path / "raw.pth"
+    torch.save(sd, raw)
+
+    for path in (official, str(raw)):
+        got = extract_state_dict(load_checkpoint(path))
+        assert got.keys() == sd.keys()
+        for key in sd:
+            assert torch.equal(got[key], sd[key])
+    assert extract_state_dict({"state_dict": sd}).keys() == sd.keys()
+
+
+def test_ddp_module_prefix_is_stripped():
+    sd = {f"module.{k}": v for k, v in _tiny_sd().items()}
+    assert sorted(extract_state_dict({"model": sd})) == ["fc.bias", "fc.weight"]
+    # Only a prefix on every key is DDP's; a submodule named `module` keeps its name.
+    mixed = {"module.w": torch.zeros(1), "head.w": torch.zeros(1)}
+    assert sorted(extract_state_dict(mixed)) == ["head.w", "module.w"]
+
+
+def test_unrecognised_layout_lists_top_level_keys():
+    with pytest.raises(CheckpointError, match=r"top-level keys: \['epoch', 'weights'\]"):
+        extract_state_dict({"weights": [1, 2], "epoch": 1})
+
+
+def test_missing_path_names_it(tmp_path):
+    missing = tmp_path / "nope" / "model_base.pth"
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint(missing)
+    assert str(missing) in str(info.value) and "http" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="model_base.pth"):
+        load_checkpoint(str(missing))
+
+
+def test_pickle_with_custom_object_is_refused_and_not_run(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _tiny_sd(), "extra": Payload()}, path)
+    RAN_ON_UNPICKLE.clear()
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(path)
+    assert "for safety" in str(info.value) and str(path) in str(info.value)
+    assert RAN_ON_UNPICKLE == []
+
+
+@pytest.mark.parametrize("damage", ["cut_early", "cut_half", "cut_last_byte", "html", "empty"])
+def test_corrupt_file_is_named(tmp_path, damage):
+    path = tmp_path / "model.pth"
+    torch.save({"model": {"w": torch.randn(64, 64)}}, path)
+    data = path.read_bytes()
+    damaged = {"cut_early": data[:100], "cut_half": data[: len(data) // 2],
+               "cut_last_byte": data[:-1], "html": b"<html>404</html>", "empty": b""}
+    path.write_bytes(damaged[damage])
+    with pytest.raises(CheckpointError, match="corrupt") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+# --------------------------------------------------------------------------- URLs
+
+def test_url_downloads_once_then_uses_cache(tmp_path, http_server):
+    root, base, server = http_server
+    sd = _tiny_sd()
+    (root / "coco").mkdir()
+    (root / "flickr").mkdir()
+    torch.save({"model": sd}, root / "coco" / "model.pth")
+    torch.save({"model": {"other": torch.ones(1)}}, root / "flickr" / "model.pth")
+    cache = tmp_path / "cache"
+
+    first = resolve_checkpoint(f"{base}/coco/model.pth", cache_dir=cache, timeout=5)
+    assert first.parent == cache and first.name.endswith("_model.pth")
+    assert first.read_bytes() == (root / "coco" / "model.pth").read_bytes()
+    # Same basename, different URL: a different cache entry.
+    other = resolve_checkpoint(f"{base}/flickr/model.pth", cache_dir=cache, timeout=5)
+    assert other != first and "other" in extract_state_dict(torch.load(other, weights_only=True))
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+    server.shutdown()
+    server.server_close()
+    again = load_checkpoint(f"{base}/coco/model.pth", cache_dir=cache, timeout=1)
+    assert torch.equal(extract_state_dict(again)["fc.weight"], sd["fc.weight"])
+
+
+def test_default_cache_dir_from_env(tmp_path, http_server, monkeypatch):
+    root, base, _ = http_server
+    torch.save(_tiny_sd(), root / "m.pth")
+    monkeypatch.setenv("CONTEXTBLIP_CACHE", str(tmp_path / "envcache"))
+    assert resolve_checkpoint(f"{base}/m.pth", timeout=5).parent == tmp_path / "envcache"
+
+
+def test_http_404_is_clear(tmp_path, http_server):
+    _, base, _ = http_server
+    url = f"{base}/missing.pth"
+    with pytest.raises(CheckpointDownloadError) as info:
+        resolve_checkpoint(url, cache_dir=tmp_path / "cache", timeout=5)
+    msg = str(info.value)
+    assert url in msg and "404" in msg and "manually" in msg
+    assert not any((tmp_path / "cache").glob("*"))  # nothing half-written left in the cache
+
+
+def test_interrupted_download_leaves_no_file(tmp_path):
+    # A server that promises 1000 bytes, sends 10 and hangs up.
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+
+    def serve_once():
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/model.pth"
+    try:
+        with pytest.raises(CheckpointDownloadError, match="10 of 1000 bytes") as info:
+            resolve_checkpoint(url, cache_dir=tmp_path, timeout=5)
+    finally:
+        thread.join(timeout=5)
+        sock.close()
+    assert url in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_closed_port_fails_fast(tmp_path):
+    with socket.socket() as sock:  # bind, then close: nothing listens on this port afterwards
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/model.pth"
+    start = time.monotonic()
+    with pytest.raises(CheckpointDownloadError) as info:
+        resolve_checkpoint(url, cache_dir=tmp_path, timeout=10)
+    assert time.monotonic() - start < 5
+    assert url in str(info.value) and "manually" in str(info.value)
+
+
+def test_silent_server_times_out(tmp_path):
+    # A listening socket nobody accepts from: the kernel completes the handshake, then silence.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/model.pth"
+        start = time.monotonic()
+        with pytest.raises(CheckpointDownloadError, match="timeout") as info:
+            resolve_checkpoint(url, cache_dir=tmp_path, timeout=1)
+        assert time.monotonic() - start < 10
+    assert url in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- position embeddings
+
+def test_interpolate_pos_embed_identity_and_resize(caplog):
+    dim = 8
+    pos = torch.randn(1, 1 + 16, dim)
+    assert interpolate_pos_embed(pos, num_patches=16) is pos
+
+    with caplog.at_level(logging.INFO, logger="utils.checkpoint"):
+        out = interpolate_pos_embed(pos, num_patches=36)
+    assert out.shape == (1, 1 + 36, dim)
+    assert torch.equal(out[:, 0], pos[:, 0])
+    assert "from 16 to 36" in caplog.text
+
+    # Independent route: rows -> [D, 4, 4] by transposing, resize, then back to rows.
+    grid = pos[0, 1:].t().reshape(dim, 4, 4).unsqueeze(0)
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    expected = resized[0].reshape(dim, 36).t()
+    torch.testing.assert_close(out[0, 1:], expected)
+
+
+def test_interpolate_pos_embed_rejects_non_square():
+    with pytest.raises(ValueError, match="square"):
+        interpolate_pos_embed(torch.randn(1, 1 + 12, 4), num_patches=16)
+    with pytest.raises(ValueError, match="square"):
+        interpolate_pos_embed(torch.randn(1, 1 + 16, 4), num_patches=20)
+
+
+# --------------------------------------------------------------------------- load reports
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 2)
+        self.new_head = nn.Linear(2, 2)
+        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+
+def _report_checkpoint():
+    return {
+        "encoder.weight": torch.full((4, 4), 2.0),
+        "encoder.bias": torch.full((4,), 2.0),
+        "proj.weight": torch.ones(3, 4),            # model has [2, 4]: mismatched
+        "ptr_queue": torch.tensor([5]),
+        "text_decoder.bert.w": torch.ones(1),      # known extra of pretraining checkpoints
+        "text_decoder.cls.b": torch.ones(1),
+        "stray.weight": torch.ones(1),              # unexpected
+    }                                               # proj.bias missing; new_head.* ignored
+
+
+def test_load_report_categories_and_partial_load(caplog):
+    model = Tiny()
+    proj_before = model.proj.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="utils.checkpoint"):
+        report = load_state_dict_with_report(
+            model, _report_checkpoint(), expected_extra_prefixes=("text_decoder.",),
+            ignore_missing_prefixes=("new_head.",))
+    assert report.missing == ["proj.bias"]
+    assert report.unexpected == ["stray.weight"]
+    assert report.mismatched == [("proj.weight", (3, 4), (2, 4))]
+    assert sorted(report.expected_extra) == ["text_decoder.bert.w", "text_decoder.cls.b"]
+    assert report.num_loaded == 3 and not report.is_clean
+    assert torch.equal(model.encoder.weight, torch.full((4, 4), 2.0))
+    assert model.ptr_queue.item() == 5
+    assert torch.equal(model.proj.weight, proj_before)  # mismatched: reported, not loaded
+    assert "proj.weight: (3, 4) vs (2, 4)" in caplog.text and "stray.weight" in caplog.text
+    assert str(report) == report.summary()
+
+
+def test_strict_raises_with_summary_and_leaves_model_untouched():
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_state_dict_with_report(model, _report_checkpoint(), strict=True,
+                                    expected_extra_prefixes=("text_decoder.",))
+    msg = str(info.value)
+    assert "proj.weight" in msg and "stray.weight" in msg and "proj.bias" in msg
+    assert "new_head.weight" in msg  # not ignored this time
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_strict_accepts_expected_extras_only():
+    model = Tiny()
+    sd = dict(model.state_dict())
+    sd["text_decoder.bert.w"] = torch.ones(1)
+    sd["idx_queue"] = torch.ones(1, 4)
+    report = load_state_dict_with_report(model, sd, strict=True, expected_extra_keys=("idx_queue",),
+                                         expected_extra_prefixes=("text_decoder.",))
+    assert report.is_clean and report.expected_extra == ["text_decoder.bert.w", "idx_queue"]
+
+
+def test_summary_collapses_long_lists_by_prefix():
+    model = nn.Linear(1, 1)
+    sd = {f"text_decoder.bert.encoder.layer.{i}.w": torch.ones(1) for i in range(50)}
+    summary = load_state_dict_with_report(model, sd).summary(max_items=5)
+    assert "50 unexpected" in summary
+    assert "text_decoder.bert.encoder.* (50 keys)" in summary
+    assert len(summary.splitlines()) < 12
+
+
+# --------------------------------------------------------------------------- atomic save
+
+def test_save_checkpoint_atomic_roundtrip(tmp_path):
+    path = tmp_path / "run" / "nested" / "checkpoint.pth"
+    sd = _tiny_sd()
+    assert save_checkpoint_atomic({"model": sd, "epoch": 1}, path) == path
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["fc.bias"], sd["fc.bias"])
+    assert os.listdir(path.parent) == ["checkpoint.pth"]
+
+
+def test_failed_save_keeps_old_file_and_removes_temp(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint_atomic({"model": _tiny_sd(), "epoch": 1}, path)
+    old_bytes = path.read_bytes()
+    with pytest.raises(Exception, match="cannot pickle this"):
+        save_checkpoint_atomic({"model": _tiny_sd(), "epoch": 2, "bad": Unpicklable()}, path)
+    assert path.read_bytes() == old_bytes
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]

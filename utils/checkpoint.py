@@ -1,0 +1,368 @@
+"""Checkpoint I/O: find a file (local or URL), load it safely, map it onto a model with a report.
+
+The official BLIP files are `{'model': state_dict, 'optimizer': ..., 'config': ..., 'epoch': ...}`.
+Unlike the original loader, which silently drops shape-mismatched weights, every missing,
+unexpected and mismatched key is reported (`LoadReport`) and `strict=True` turns them into errors.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import math
+import os
+import pickle
+import secrets
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be obtained, read or interpreted."""
+
+
+class CheckpointDownloadError(CheckpointError):
+    """A checkpoint URL could not be downloaded."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle needs more than `torch.load(weights_only=True)` allows."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """`strict=True` loading found missing, unexpected or shape-mismatched keys."""
+
+
+# --------------------------------------------------------------------------- files and URLs
+
+def default_cache_dir() -> Path:
+    """`$CONTEXTBLIP_CACHE`, else `~/.cache/contextblip/checkpoints`."""
+    env = os.environ.get("CONTEXTBLIP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "contextblip" / "checkpoints"
+
+
+def _is_url(source: str | Path) -> bool:
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def _cache_path(url: str, cache_dir: Path) -> Path:
+    # The URL hash prefix keeps `.../coco/model.pth` and `.../flickr/model.pth` apart.
+    basename = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "checkpoint.pth"
+    digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:12]
+    return cache_dir / f"{digest}_{basename}"
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Run `write(f)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`.
+
+    A failure (or a kill) part-way never leaves a half-written file under `path`, and any previous
+    file there stays intact; on an exception the temp file is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # make the rename itself durable across a power loss
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def _copy_response(response: Any, f: IO[bytes], url: str, progress: bool) -> None:
+    total = response.headers.get("Content-Length")
+    total = int(total) if total and total.isdigit() else None
+    bar = None
+    if progress and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name)
+        except ImportError:
+            pass
+    written = 0
+    try:
+        while chunk := response.read(_CHUNK):
+            f.write(chunk)
+            written += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    if total is not None and written != total:
+        raise CheckpointDownloadError(f"connection closed after {written} of {total} bytes")
+
+
+def _describe(err: BaseException, timeout: float) -> str:
+    if isinstance(err, CheckpointDownloadError):
+        return str(err)
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, TimeoutError):
+        return f"no answer within the {timeout:g} s timeout"
+    return f"{type(reason).__name__}: {reason}"
+
+
+def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
+                       timeout: float = 30.0, progress: bool = True) -> Path:
+    """Return a local path for `source`: an existing file, or an http(s) URL downloaded once.
+
+    URLs are cached as `<cache_dir>/<sha256(url)[:12]>_<basename>` and reused without network.
+    `timeout` (seconds) bounds the connect and every single read, so a dead server never hangs us.
+    Raises FileNotFoundError for a missing local path and CheckpointDownloadError (a RuntimeError)
+    naming the URL and the cause for any network failure.
+    """
+    if not _is_url(source):
+        if isinstance(source, str) and "://" in source:
+            raise ValueError(f"unsupported checkpoint location {source!r}: give a local path "
+                             "or an http(s):// URL")
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {str(path)!r} (local path; URLs must "
+                                    "start with http:// or https://)")
+        if path.is_dir():
+            raise IsADirectoryError(f"checkpoint path {str(path)!r} is a directory, not a file")
+        return path
+
+    url = str(source)
+    dest = _cache_path(url, Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+    if dest.is_file():
+        logger.info("using cached checkpoint %s for %s", dest, url)
+        return dest
+    logger.info("downloading %s to %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            _atomic_write(dest, lambda f: _copy_response(response, f, url, progress))
+    # HTTPError < URLError < OSError, and TimeoutError / ConnectionResetError are OSErrors too;
+    # HTTPException covers malformed answers (BadStatusLine, IncompleteRead).
+    except (OSError, http.client.HTTPException, CheckpointDownloadError) as err:
+        raise CheckpointDownloadError(
+            f"could not download checkpoint {url}: {_describe(err, timeout)}. You can download the "
+            "file manually and pass its local path instead.") from err
+    return dest
+
+
+# --------------------------------------------------------------------------- reading
+
+def load_checkpoint(source: str | Path, map_location: Any = "cpu", **resolve_kwargs: Any) -> dict:
+    """Resolve `source` and `torch.load` it with `weights_only=True` (never anything less safe).
+
+    `resolve_kwargs` go to `resolve_checkpoint` (cache_dir, timeout, progress).
+    """
+    path = resolve_checkpoint(source, **resolve_kwargs)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch reports both "needs a forbidden global" and "this is not a pickle" this way;
+        # only the first is a safety refusal.
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        forbidden = next((ln for ln in lines if "GLOBAL" in ln), None)
+        if forbidden is not None:
+            raise UnsafeCheckpointError(
+                f"refusing to load {str(path)!r} for safety: it contains Python objects beyond "
+                f"tensors and plain containers, and unpickling those can run arbitrary code "
+                f"({forbidden}). Re-save it as a plain state dict from a trusted environment."
+            ) from None  # torch's own message recommends weights_only=False, which we never do
+        # Not torch's first line: it advises weights_only=False, the wrong advice for a bad file.
+        marker = "WeightsUnpickler error:"
+        detail = next((b for a, b in zip(lines, lines[1:]) if a.endswith(marker)),
+                      "not a valid pickle")
+        raise _corrupt(path, f"UnpicklingError: {detail}") from err
+    except EOFError as err:
+        raise _corrupt(path, "EOFError: file ends early") from err
+    except RuntimeError as err:
+        # Only the zip reader's errors mean a damaged file; others (e.g. a CUDA map_location on a
+        # CPU-only machine) are passed on unchanged.
+        if "PytorchStreamReader" not in str(err):
+            raise
+        raise _corrupt(path, f"RuntimeError: {str(err).split('. ')[0]}") from err
+    except OSError as err:
+        # The zip reader raises EINVAL when the central directory points past a truncated end.
+        if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError)):
+            raise
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from err
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    size = path.stat().st_size
+    return CheckpointError(f"cannot read checkpoint {str(path)!r} ({size} bytes): it is corrupt, "
+                           f"truncated or not a torch.save file ({why})")
+
+
+def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Find the state dict in a loaded checkpoint and strip a DDP `module.` prefix.
+
+    Accepts `{'model': sd, ...}` (official BLIP and ours), `{'state_dict': sd, ...}` and a raw
+    state dict whose values are all tensors.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a checkpoint dict, got {type(obj).__name__}")
+    if isinstance(obj.get("model"), Mapping):
+        sd = obj["model"]
+    elif isinstance(obj.get("state_dict"), Mapping):
+        sd = obj["state_dict"]
+    elif obj and all(isinstance(v, Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        raise CheckpointError("no state dict found in checkpoint: expected a 'model' or "
+                              "'state_dict' entry or a dict of tensors; top-level keys: "
+                              f"{sorted(map(str, obj))}")
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"state dict has non-tensor entries: {bad[:10]}")
+    # DDP prefixes every key; only strip when all have it, so a submodule named `module` survives.
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def interpolate_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens: int = 1) -> Tensor:
+    """Resize ViT position embeddings to a new square patch grid.
+
+    pos_embed [1, extra + g*g, D] -> [1, extra + g'*g', D] with g'*g' = `num_patches`. The extra
+    (CLS) rows are kept as they are; the patch rows are treated as a [D, g, g] image and resized
+    bicubically (align_corners=False), as the original BLIP loader does.
+    """
+    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
+    old_n = patches.shape[1]
+    old_g, new_g = math.isqrt(old_n), math.isqrt(num_patches)
+    if old_g * old_g != old_n or new_g * new_g != num_patches:
+        raise ValueError(f"position embedding grids must be square: checkpoint has {old_n} patch "
+                         f"positions, model wants {num_patches}")
+    if old_n == num_patches:
+        return pos_embed
+    b, _, dim = patches.shape
+    grid = patches.reshape(b, old_g, old_g, dim).permute(0, 3, 1, 2)
+    # bicubic is not implemented for half precision on CPU; interpolate in float32.
+    grid = F.interpolate(grid.float(), size=(new_g, new_g), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(b, new_g * new_g, dim).to(pos_embed.dtype)
+    logger.info("reshape position embedding from %d to %d", old_n, num_patches)
+    return torch.cat([extra, patches], dim=1)
+
+
+# --------------------------------------------------------------------------- mapping onto a model
+
+def _collapse(keys: list[str], max_items: int) -> list[str]:
+    """Up to `max_items` lines: the keys if they fit, else the deepest prefix grouping that fits."""
+    if len(keys) <= max_items:
+        return list(keys)
+    for depth in (3, 2, 1):
+        groups: dict[str, int] = {}
+        for k in keys:
+            parts = k.split(".")
+            prefix = ".".join(parts[:depth]) + ".*" if len(parts) > depth else k
+            groups[prefix] = groups.get(prefix, 0) + 1
+        if len(groups) <= max_items:
+            break
+    lines = [p if n == 1 else f"{p} ({n} keys)" for p, n in groups.items()]
+    if len(lines) > max_items:
+        lines = lines[:max_items] + [f"... and {len(lines) - max_items} more groups"]
+    return lines
+
+
+@dataclass
+class LoadReport:
+    """What happened when a state dict was mapped onto a model."""
+
+    missing: list[str] = field(default_factory=list)      # model keys the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)   # checkpoint keys the model lacks
+    # (key, checkpoint shape, model shape); these keys were not loaded
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    expected_extra: list[str] = field(default_factory=list)  # known unused checkpoint keys
+    num_loaded: int = 0
+
+    @property
+    def is_clean(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, max_items: int = 10) -> str:
+        lines = [f"checkpoint load: {self.num_loaded} loaded, {len(self.missing)} missing, "
+                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched "
+                 f"(not loaded), {len(self.expected_extra)} expected extra (unused)"]
+        for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                            ("expected extra", self.expected_extra)):
+            if keys:
+                lines.append(f"  {title}:")
+                lines += [f"    {k}" for k in _collapse(keys, max_items)]
+        if self.mismatched:
+            lines.append("  shape-mismatched (checkpoint vs model):")
+            lines += [f"    {k}: {tuple(a)} vs {tuple(b)}"
+                      for k, a, b in self.mismatched[:max_items]]
+            if len(self.mismatched) > max_items:
+                lines.append(f"    ... and {len(self.mismatched) - max_items} more")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def load_state_dict_with_report(model: nn.Module, state_dict: Mapping[str, Tensor], *,
+                                strict: bool = False,
+                                expected_extra_prefixes: tuple[str, ...] = (),
+                                expected_extra_keys: tuple[str, ...] = (),
+                                ignore_missing_prefixes: tuple[str, ...] = ()) -> LoadReport:
+    """Load every key whose name and shape match `model.state_dict()` and report the rest.
+
+    Shape-mismatched keys are not loaded but are reported. Checkpoint keys matching
+    `expected_extra_*` (e.g. a pretraining file's `text_decoder.*` when building a retrieval model)
+    go to `expected_extra`; model keys under `ignore_missing_prefixes` (deliberately new modules)
+    are not reported missing. With `strict=True` anything missing, unexpected or mismatched raises
+    `CheckpointMismatchError` before the model is touched.
+    """
+    model_sd = model.state_dict()  # parameters and persistent buffers
+    report = LoadReport()
+    to_load: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in model_sd:
+            if value.shape == model_sd[key].shape:
+                to_load[key] = value
+            else:
+                report.mismatched.append((key, tuple(value.shape), tuple(model_sd[key].shape)))
+        elif key in expected_extra_keys or key.startswith(expected_extra_prefixes):
+            report.expected_extra.append(key)
+        else:
+            report.unexpected.append(key)
+    report.missing = [k for k in model_sd
+                      if k not in state_dict and not k.startswith(ignore_missing_prefixes)]
+    report.num_loaded = len(to_load)
+
+    if strict and not report.is_clean:
+        raise CheckpointMismatchError(report.summary())
+    model.load_state_dict(to_load, strict=False)  # to_load holds only model keys of model shapes
+    (logger.info if report.is_clean else logger.warning)("%s", report.summary())
+    return report
+
+
+def save_checkpoint_atomic(obj: Any, path: str | Path) -> Path:
+    """`torch.save(obj)` to `path` atomically: a failure or kill mid-save keeps any old file intact.
+
+    Parent directories are created. A hard kill can leave a `.<name>.<pid>.<rand>.tmp` file next to
+    `path`, never a half-written `path`.
+    """
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f))

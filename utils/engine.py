@@ -1,0 +1,295 @@
+"""The shared training engine: one loop for every entry script.
+
+What it guarantees:
+- the same code runs single-process, and under torchrun on CPU (gloo) or GPUs (NCCL);
+- mixed precision (bf16/fp16 autocast; GradScaler for fp16 on CUDA), gradient accumulation,
+  clipping, a stop with a clear message on a non-finite loss (the last good checkpoint stays);
+- exact resume: checkpoints hold model, optimiser, scaler, epoch, step, the position inside the
+  epoch, RNG states and the negative-sampling generator, and every sample's augmentation is seeded by
+  (seed, epoch, index) — so a resumed run computes the same losses and weights as an uninterrupted
+  one, whatever the number of DataLoader workers;
+- checkpoints are written atomically (temp file, fsync, rename).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from utils import dist as du
+from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.logging import append_json_line
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from a tuple of ints (stable across processes and runs)."""
+    return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``i`` in epoch ``e`` draws its augmentation from a seed of
+    ``(seed, e, i)``: resume and worker count cannot change what a sample looks like. The global
+    RNGs are restored afterwards, so the main process's dropout stream is untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # expose the wrapped dataset's attributes (text, img2txt, ...)
+        if name in ("dataset", "seed", "epoch"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        s = _mix(self.seed, self.epoch, index)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            torch.manual_seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+
+
+class ResumableSampler(Sampler[int]):
+    """A distributed sampler (shuffle per epoch, each rank a strided share, padded to equal length)
+    that can start part-way through an epoch."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = n // world_size if drop_last else -(-n // world_size)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.num_samples * self.world_size
+        order = (order * (-(-total // max(1, len(order)))))[:total]
+        return order[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0            # the epoch being trained (or next to train)
+    step: int = 0             # optimiser steps taken so far
+    batch_in_epoch: int = 0   # batches of `epoch` already consumed (mid-epoch checkpoints)
+    best: float = -math.inf
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Owns model (DDP-wrapped when distributed), optimiser, schedule, scaler, RNG and state.
+
+    ``loss_fn(model, batch, ctx) -> dict[str, Tensor]`` returns named losses; their sum is
+    optimised. ``ctx`` carries ``epoch``, ``batch_index``, ``batches_per_epoch`` and ``generator``.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int, int], float],
+                 info: du.DistInfo, output_dir: Path, *, precision: str = "fp32", grad_accum_steps: int = 1,
+                 clip_grad_norm: Optional[float] = None, log_every: int = 50, seed: int = 42,
+                 ckpt_every_steps: int = 0, config: Optional[dict] = None, progress: bool = True):
+        self.raw_model = model
+        self.model = model
+        if info.distributed:
+            ddp_kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
+            # Buffers (queues) are kept identical by the models' own all-gathers; no broadcast needed.
+            self.model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **ddp_kwargs)
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.info = info
+        self.output_dir = Path(output_dir)
+        self.precision = precision
+        if precision == "fp16" and info.device.type != "cuda":
+            raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        self.accum = grad_accum_steps
+        self.clip = clip_grad_norm
+        self.log_every = log_every
+        self.ckpt_every_steps = ckpt_every_steps
+        self.config = config or {}
+        self.progress = progress and info.is_main
+        self.generator = torch.Generator(device=info.device).manual_seed(_mix(seed, info.rank, 7))
+        self.seed = seed
+        self.state = LoopState()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict:
+        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "loop": asdict(self.state), "config": self.config,
+                "rng": _rng_state(), "generator": self.generator.get_state(),
+                "epoch": self.state.epoch, "step": self.state.step}
+
+    def save(self, name: str) -> Optional[Path]:
+        """Write ``output_dir/name`` atomically from rank 0 (a collective: all ranks must call)."""
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint_atomic(self.checkpoint_state(), self.output_dir / name)
+            logger.info("saved %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
+        du.barrier()
+        return path
+
+    def resume(self, source: str) -> bool:
+        """``'auto'`` resumes from ``checkpoint_last.pth`` if present; a path must exist."""
+        path = self.output_dir / "checkpoint_last.pth" if source == "auto" else Path(source)
+        if source == "auto" and not path.is_file():
+            logger.info("resume=auto: no %s, starting fresh", path)
+            return False
+        ckpt = load_checkpoint(path)
+        self.raw_model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = LoopState(**ckpt["loop"])
+        _set_rng_state(ckpt["rng"])
+        self.generator.set_state(ckpt["generator"])
+        logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
+                    self.state.batch_in_epoch, self.state.step)
+        return True
+
+    # ------------------------------------------------------------------ data
+    def loader(self, dataset: Dataset, batch_size: int, collate_fn, num_workers: int = 0, shuffle: bool = True,
+               drop_last: bool = True) -> DataLoader:
+        """A training loader whose order and augmentation are functions of (seed, epoch, index)."""
+        wrapped = SeededItems(dataset, self.seed)
+        sampler = ResumableSampler(len(dataset), shuffle, self.seed, self.info.rank, self.info.world_size)
+        return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                          num_workers=num_workers, drop_last=drop_last, pin_memory=self.info.device.type == "cuda",
+                          persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, loader: DataLoader, loss_fn: Callable) -> Dict[str, float]:
+        """Train ``self.state.epoch`` from ``state.batch_in_epoch``; returns epoch-mean losses."""
+        epoch = self.state.epoch
+        loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
+        loader.dataset.epoch = epoch
+        n_batches = self.state.batch_in_epoch + len(loader)
+        self.model.train()
+        sums: Dict[str, torch.Tensor] = {}
+        count = 0
+        it = loader
+        if self.progress:
+            from tqdm import tqdm
+            it = tqdm(loader, desc=f"epoch {epoch}", initial=self.state.batch_in_epoch, total=n_batches,
+                      dynamic_ncols=True, leave=False)
+        t0, seen = time.perf_counter(), 0
+        for batch in it:
+            i = self.state.batch_in_epoch
+            batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            ctx = {"epoch": epoch, "batch_index": i, "batches_per_epoch": n_batches, "generator": self.generator}
+            boundary = (i + 1) % self.accum == 0 or i + 1 == n_batches
+            sync = nullcontext() if boundary or not self.info.distributed else self.model.no_sync()
+            with sync:
+                with autocast(self.info.device, self.precision):
+                    losses = loss_fn(self.model, batch, ctx)
+                total = sum(losses.values())
+                if not torch.isfinite(total.detach()):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at epoch {epoch}, batch {i}, step {self.state.step}: "
+                        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                        + f"; the last good checkpoint in {self.output_dir} is kept")
+                self.scaler.scale(total / self.accum).backward()
+            if boundary:
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.schedule(epoch, self.state.step) * g.get("lr_scale", 1.0)
+                if self.clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            count += 1
+            seen += batch[next(iter(batch))].shape[0] if batch else 0
+            self.state.batch_in_epoch = i + 1
+            if self.progress:
+                rate = seen * self.info.world_size / max(time.perf_counter() - t0, 1e-9)
+                it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
+                                "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
+            if self.log_every and (i + 1) % self.log_every == 0:
+                logger.info("epoch %d batch %d/%d step %d %s", epoch, i + 1, n_batches, self.state.step,
+                            " ".join(f"{k}={v.item():.4f}" for k, v in losses.items()))
+            if self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0 \
+                    and i + 1 < n_batches:
+                self.save("checkpoint_last.pth")
+        means = {}
+        for k, v in sums.items():
+            t = torch.stack([v, torch.tensor(float(count), device=v.device)])
+            du.all_reduce_sum(t)
+            means[k] = (t[0] / t[1].clamp_min(1)).item()
+        return means
+
+    def end_epoch(self, record: dict, metric: Optional[float] = None) -> bool:
+        """Log the epoch's record, advance the state; returns True if ``metric`` is a new best."""
+        is_best = metric is not None and metric > self.state.best
+        if is_best:
+            self.state.best, self.state.best_epoch = metric, self.state.epoch
+        record = {**record, "epoch": self.state.epoch, "best_epoch": self.state.best_epoch}
+        self.state.history.append(record)
+        if self.info.is_main:
+            append_json_line(self.output_dir / "log.txt", record)
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        return is_best

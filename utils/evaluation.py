@@ -1,0 +1,224 @@
+"""BLIP's retrieval evaluation protocol, computed image-major.
+
+Protocol (BLIP.md): cosine ITC similarities of all images and texts; for each image its top
+``k_test`` texts and for each text its top ``k_test`` images are re-scored with ``ITM logit[:, 1] +
+sim``; every other entry is -100; recall@K from the ranks.
+
+How we compute it: the (image, text) pairs that either direction needs are collected into one set,
+grouped by image, and each image's cross-attention keys/values are projected once for all of its
+texts (the original projects them again for every pair and scores shared pairs twice). Texts are
+sorted by length and each batch is cut to its longest text: padding receives exactly zero attention
+weight (additive -10000 underflows to 0 in the softmax), so the real tokens' states do not change.
+Under torchrun each rank embeds a contiguous shard of texts and images and scores the pairs of its
+own images; scores are summed across ranks, each pair having been scored by exactly one rank.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from data.collate import tokenize
+from utils import dist as du
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOutput:
+    metrics: Dict[str, float]
+    score_i2t: np.ndarray  # [n_img, n_txt]
+    score_t2i: np.ndarray  # [n_txt, n_img]
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision as a config option; fp32 means no autocast."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _shard(n: int) -> range:
+    """This rank's contiguous slice of ``range(n)``."""
+    world, rank = du.get_world_size(), du.get_rank()
+    step = -(-n // world)
+    return range(min(n, rank * step), min(n, (rank + 1) * step))
+
+
+@torch.no_grad()
+def embed_texts(model, input_ids, attention_mask, batch_size, device, precision="fp32") -> torch.Tensor:
+    """Normalised text features ``[n, E]`` of the given ids ``[n, T]``."""
+    feats = []
+    for s in range(0, input_ids.shape[0], batch_size):
+        with autocast(device, precision):
+            _, f = model.encode_text(input_ids[s:s + batch_size].to(device), attention_mask[s:s + batch_size].to(device))
+        feats.append(f.float())
+    local = torch.cat(feats) if feats else torch.zeros(0, model.embed_dim, device=device)
+    return local
+
+
+@torch.no_grad()
+def embed_images(model, dataset, indices: Sequence[int], batch_size: int, device, num_workers=0,
+                 precision="fp32", keep_tokens_on: Optional[torch.device] = None):
+    """Image tokens ``[n, 1+N, Dv]`` (kept on ``keep_tokens_on``) and features ``[n, E]`` for ``indices``."""
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    tokens, feats = [], []
+    for images, _ in loader:
+        with autocast(device, precision):
+            t, f = model.encode_image(images.to(device))
+        tokens.append(t.float().to(keep_tokens_on or device))
+        feats.append(f.float())
+    if not feats:
+        N = model.visual_encoder.num_patches + 1
+        return torch.zeros(0, N, model.visual_encoder.width), torch.zeros(0, model.embed_dim, device=device)
+    return torch.cat(tokens), torch.cat(feats)
+
+
+def topk_pairs(sims: torch.Tensor, k_test: int):
+    """Top-``k`` texts per image ``[n_img, k]`` and top-``k`` images per text ``[n_txt, k]``."""
+    k_i2t = min(k_test, sims.shape[1])
+    k_t2i = min(k_test, sims.shape[0])
+    return sims.topk(k_i2t, dim=1).indices, sims.t().topk(k_t2i, dim=1).indices
+
+
+@torch.no_grad()
+def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: torch.Tensor,
+               input_ids, attention_mask, device, batch_size=128, image_chunk=16, precision="fp32",
+               progress=False) -> torch.Tensor:
+    """ITM logit[:, 1] of every needed pair whose image this rank holds.
+
+    ``image_tokens`` ``[m, 1+N, Dv]`` are images ``image_offset .. image_offset+m`` of the full
+    set; ``needed`` ``[n_img, n_txt]`` (bool) marks the pairs to score. Returns a dense
+    ``[n_img, n_txt]`` float tensor, zero where this rank scored nothing.
+    """
+    n_img, n_txt = needed.shape
+    itm = torch.zeros(n_img, n_txt, device=device)
+    lengths = attention_mask.sum(dim=1)
+    chunks = range(0, image_tokens.shape[0], image_chunk)
+    if progress:
+        from tqdm import tqdm
+        chunks = tqdm(chunks, desc="rerank", unit="chunk", dynamic_ncols=True)
+    m = image_tokens.shape[0]
+    for c in chunks:
+        end = min(c + image_chunk, m)  # never past this rank's own images
+        rows = needed[image_offset + c: image_offset + end]
+        img_local, txt = rows.nonzero(as_tuple=True)
+        if img_local.numel() == 0:
+            continue
+        with autocast(device, precision):
+            cross_kv = model.text_encoder.project_cross_kv(image_tokens[c:end].to(device))
+        # Shortest texts together, so each batch is cut to little more than its real tokens.
+        order = torch.argsort(lengths[txt.cpu()].to(txt.device), stable=True)
+        img_local, txt = img_local[order], txt[order]
+        for s in range(0, txt.numel(), batch_size):
+            t = txt[s:s + batch_size]
+            ids, mask = input_ids[t.cpu()], attention_mask[t.cpu()]
+            L = int(mask.sum(dim=1).max())
+            with autocast(device, precision):
+                logits = model.itm_logits(ids[:, :L].to(device), mask[:, :L].to(device),
+                                          cross_kv=cross_kv, cross_index=img_local[s:s + batch_size])
+            itm[image_offset + c + img_local[s:s + batch_size], t] = logits[:, 1].float()
+    return itm
+
+
+def scores_from_itm(sims: torch.Tensor, itm: torch.Tensor, topk_i2t, topk_t2i):
+    """Assemble BLIP's score matrices: itm + sim at the top-k entries, -100 elsewhere."""
+    total = itm + sims
+    score_i2t = torch.full_like(sims, -100.0)
+    score_i2t.scatter_(1, topk_i2t, total.gather(1, topk_i2t))
+    score_t2i = torch.full_like(sims.t(), -100.0)
+    total_t = total.t()
+    score_t2i.scatter_(1, topk_t2i, total_t.gather(1, topk_t2i))
+    return score_i2t, score_t2i
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: int = 35,
+                       batch_size: int = 64, rerank_batch_size: int = 128, device=None,
+                       num_workers: int = 0, precision: str = "fp32", progress: bool = True) -> EvalOutput:
+    """Run the whole protocol on an eval dataset (``text``, ``img2txt``, ``txt2img``, items
+    ``(image, index)``). Every rank must call it; every rank gets the same result."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    input_ids, attention_mask = tokenize(tokenizer, dataset.text, max_tokens)
+    n_txt, n_img = input_ids.shape[0], len(dataset)
+
+    txt_shard, img_shard = _shard(n_txt), _shard(n_img)
+    text_feat = du.gather_variable(embed_texts(model, input_ids[txt_shard.start:txt_shard.stop],
+                                               attention_mask[txt_shard.start:txt_shard.stop],
+                                               batch_size, device, precision))
+    # Image tokens stay with the rank that made them: it scores all pairs of those images.
+    keep_on = torch.device("cpu") if device.type == "cuda" else device
+    image_tokens, image_feat_local = embed_images(model, dataset, img_shard, batch_size, device,
+                                                  num_workers, precision, keep_tokens_on=keep_on)
+    image_feat = du.gather_variable(image_feat_local)
+
+    sims = image_feat @ text_feat.t()  # [n_img, n_txt]
+    topk_i2t, topk_t2i = topk_pairs(sims, k_test)
+    needed = torch.zeros(n_img, n_txt, dtype=torch.bool, device=device)
+    needed.scatter_(1, topk_i2t, True)
+    needed.t().scatter_(1, topk_t2i, True)
+    logger.info("rerank: %d pairs (i2t %d + t2i %d before de-duplication)", int(needed.sum()),
+                topk_i2t.numel(), topk_t2i.numel())
+
+    itm = rerank_itm(model, image_tokens, img_shard.start, needed, input_ids, attention_mask, device,
+                     rerank_batch_size, precision=precision, progress=progress and du.is_main_process())
+    du.all_reduce_sum(itm)
+    score_i2t, score_t2i = scores_from_itm(sims, itm, topk_i2t, topk_t2i)
+    score_i2t, score_t2i = score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
+    metrics = retrieval_metrics(score_i2t, score_t2i, dataset.txt2img)
+    return EvalOutput(metrics, score_i2t, score_t2i)
+
+
+def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> Dict[str, float]:
+    """BLIP's recall metrics (names as in BLIP's logs). Ranks come from a descending
+    ``np.argsort`` like the original, so ties (the -100 entries) resolve the same way."""
+    txt2img = np.asarray([txt2img[t] for t in range(len(txt2img))], dtype=np.int64)
+    n_img, n_txt = score_i2t.shape
+    order = np.argsort(score_i2t, axis=1)[:, ::-1]
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.arange(n_txt)[None, :].repeat(n_img, 0), axis=1)
+    ranks_i2t = np.full(n_img, np.iinfo(np.int64).max)
+    np.minimum.at(ranks_i2t, txt2img, position[txt2img, np.arange(n_txt)])
+
+    order_t = np.argsort(score_t2i, axis=1)[:, ::-1]
+    ranks_t2i = np.argmax(order_t == txt2img[:, None], axis=1)
+
+    def recall(ranks, k):
+        return 100.0 * float(np.mean(ranks < k))
+
+    m = {"txt_r1": recall(ranks_i2t, 1), "txt_r5": recall(ranks_i2t, 5), "txt_r10": recall(ranks_i2t, 10),
+         "img_r1": recall(ranks_t2i, 1), "img_r5": recall(ranks_t2i, 5), "img_r10": recall(ranks_t2i, 10)}
+    m["txt_r_mean"] = (m["txt_r1"] + m["txt_r5"] + m["txt_r10"]) / 3
+    m["img_r_mean"] = (m["img_r1"] + m["img_r5"] + m["img_r10"]) / 3
+    m["r_mean"] = (m["txt_r_mean"] + m["img_r_mean"]) / 2
+    return m
+
+
+@torch.no_grad()
+def reference_rerank(model, image_tokens, input_ids, attention_mask, sims, k_test):
+    """The original algorithm, kept as the reference our fast path is checked against (tests and
+    ``bench/bench_eval.py``): one query at a time, every pair's cross K/V projected again, texts
+    padded to full length, shared pairs scored twice. Single process."""
+    n_img, n_txt = sims.shape
+    ids = model.itm_input_ids(input_ids)
+    score_i2t = torch.full((n_img, n_txt), -100.0)
+    score_t2i = torch.full((n_txt, n_img), -100.0)
+    for i in range(n_img):
+        top_sim, top = sims[i].topk(min(k_test, n_txt))
+        enc = image_tokens[i].unsqueeze(0).repeat(top.numel(), 1, 1)
+        out = model.text_encoder(ids[top], attention_mask[top], mode="multimodal", encoder_hidden_states=enc)
+        score_i2t[i, top] = model.itm_head(out.last_hidden_state[:, 0])[:, 1] + top_sim
+    for t in range(n_txt):
+        top_sim, top = sims[:, t].topk(min(k_test, n_img))
+        out = model.text_encoder(ids[t].repeat(top.numel(), 1), attention_mask[t].repeat(top.numel(), 1),
+                                 mode="multimodal", encoder_hidden_states=image_tokens[top])
+        score_t2i[t, top] = model.itm_head(out.last_hidden_state[:, 0])[:, 1] + top_sim
+    return score_i2t, score_t2i
