@@ -97,4 +97,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.engine import NonFiniteLossError
+    try:
+        main()
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        raise SystemExit(1)

@@ -6,10 +6,14 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BLIP's text input: pad/truncate to ``max_tokens`` -> (``input_ids``, ``attention_mask``) ``[B, T]``."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_tokens,
-                    return_tensors="pt")
+def tokenize(tokenizer, texts: Sequence[str], max_tokens: int, dynamic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BLIP's text input: truncate to ``max_tokens`` and pad to it (or, ``dynamic``, only to the
+    longest text) -> (``input_ids``, ``attention_mask``) ``[B, T]``.
+
+    Dynamic padding changes no result: padding gets exactly zero attention weight (BLIP's additive
+    -10000 underflows to 0), so real tokens see the same keys; it only skips wasted compute."""
+    enc = tokenizer(list(texts), padding="longest" if dynamic else "max_length", truncation=True,
+                    max_length=max_tokens, return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -17,12 +21,13 @@ class RetrievalCollator:
     """``[(image [3,H,W], caption, idx), ...]`` -> dict of ``pixel_values`` ``[B,3,H,W]``,
     ``input_ids`` / ``attention_mask`` ``[B,T]`` and ``idx`` ``[B]``."""
 
-    def __init__(self, tokenizer, max_tokens: int = 35):
+    def __init__(self, tokenizer, max_tokens: int = 35, dynamic_padding: bool = True):
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
+        self.dynamic_padding = dynamic_padding
 
     def __call__(self, batch: List[tuple]) -> Dict[str, torch.Tensor]:
         images, captions, idx = zip(*batch)
-        input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_tokens)
+        input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_tokens, self.dynamic_padding)
         return {"pixel_values": torch.stack(images), "input_ids": input_ids,
                 "attention_mask": attention_mask, "idx": torch.as_tensor(idx, dtype=torch.long)}

@@ -66,3 +66,18 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch():
         assert "queue_size 64 must be a multiple of the global batch 24" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_dynamic_padding_gives_the_same_losses_as_full_padding():
+    model, tok, _ = fixture_model()
+    full = tokenize(tok, REF["captions"], 35)
+    short = tokenize(tok, REF["captions"], 35, dynamic=True)
+    assert short[0].shape[1] < 35
+    results = []
+    for ids, mask in (full, short):
+        m, _, _ = fixture_model()
+        with torch.no_grad():
+            results.append(m(REF["pixel_values"], ids, mask, REF["idx"], alpha=0.4,
+                             generator=torch.Generator().manual_seed(0)))
+    for k in ("loss_ita", "loss_itm"):
+        assert abs(results[0][k].item() - results[1][k].item()) < 1e-5, k

@@ -137,6 +137,8 @@ class LoopState:
     best: float = -math.inf
     best_epoch: int = -1
     history: list = field(default_factory=list)
+    epoch_sums: dict = field(default_factory=dict)  # running loss sums of the current epoch
+    epoch_count: int = 0
 
 
 class Trainer:
@@ -225,8 +227,10 @@ class Trainer:
         loader.dataset.epoch = epoch
         n_batches = self.state.batch_in_epoch + len(loader)
         self.model.train()
-        sums: Dict[str, torch.Tensor] = {}
-        count = 0
+        # Running sums survive a mid-epoch checkpoint so the epoch means are those of a straight run.
+        sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.info.device)
+                                         for k, v in self.state.epoch_sums.items()}
+        count = self.state.epoch_count
         it = loader
         if self.progress:
             from tqdm import tqdm
@@ -262,6 +266,7 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += 1
+            self.state.epoch_count = count
             seen += batch[next(iter(batch))].shape[0] if batch else 0
             self.state.batch_in_epoch = i + 1
             if self.progress:
@@ -273,6 +278,7 @@ class Trainer:
                             " ".join(f"{k}={v.item():.4f}" for k, v in losses.items()))
             if self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0 \
                     and i + 1 < n_batches:
+                self.state.epoch_sums = {k: float(v) for k, v in sums.items()}
                 self.save("checkpoint_last.pth")
         means = {}
         for k, v in sums.items():
@@ -292,4 +298,5 @@ class Trainer:
             append_json_line(self.output_dir / "log.txt", record)
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
+        self.state.epoch_sums, self.state.epoch_count = {}, 0
         return is_best

@@ -54,7 +54,10 @@ def train(args, cfg, model, tokenizer, info: du.DistInfo, output_dir: Path) -> d
                       progress=not args.no_progress)
     if args.resume:
         trainer.resume(args.resume)
-    loader = trainer.loader(datasets["train"], cfg.batch_size_train, RetrievalCollator(tokenizer, cfg.max_tokens),
+    # Gathering token ids across ranks (negative_all_rank) needs one fixed length on every rank.
+    dynamic = not (cfg.negative_all_rank and info.distributed)
+    loader = trainer.loader(datasets["train"], cfg.batch_size_train,
+                            RetrievalCollator(tokenizer, cfg.max_tokens, dynamic_padding=dynamic),
                             num_workers=cfg.num_workers)
     logger.info("training: %d captions of %d images, %d batches per epoch per rank", len(datasets["train"]),
                 datasets["train"].num_images, len(loader))

@@ -1,0 +1,79 @@
+"""Training-step throughput and peak memory of BLIP retrieval fine-tuning (ITC + ITM, momentum
+encoders, queue, hard negatives), at the mid size of bench_eval.py by default:
+
+    python bench/bench_train.py [--batch 16 --steps 5 --precision fp32|bf16 --grad_ckpt 0]
+
+Peak memory is torch.cuda.max_memory_allocated on CUDA, and the process's peak resident set size on
+CPU (which includes the Python/torch runtime itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_eval import build, captions  # noqa: E402
+from utils.engine import autocast  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--depth", type=int, default=6)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--grad_ckpt", type=int, default=0, help="checkpoint the last N ViT blocks")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(args.width, args.depth, args.image_size).to(device).train()
+    model.queue_size = 4 * args.batch
+    for name in ("image_queue", "text_queue"):
+        setattr(model, name, getattr(model, name)[:, :model.queue_size].contiguous())
+    model.idx_queue = model.idx_queue[:, :model.queue_size].contiguous()
+    model.visual_encoder.ckpt_layer = args.grad_ckpt
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    g = torch.Generator().manual_seed(0)
+    ids, mask = captions(args.batch, 30524, False, g)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
+    batch = [t.to(device) for t in (pixels, ids, mask, torch.arange(args.batch))]
+    gen = torch.Generator(device=device).manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        with autocast(device, args.precision):
+            losses = model(*batch[:3], batch[3], alpha=0.4, generator=gen)
+        scaler.scale(losses["loss_ita"] + losses["loss_itm"]).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = sum(times) / len(times)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
+                      "batch": args.batch, "width": args.width, "depth": args.depth, "image_size": args.image_size,
+                      "grad_ckpt_blocks": args.grad_ckpt, "step_s": round(step_s, 3),
+                      "samples_per_s": round(args.batch / step_s, 2), "peak_memory_gib": round(peak / 2**30, 2)},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Retrieval fine-tuning through the entry point: learning, exact resume, kill-and-resume,
+distributed equivalence, non-finite loss handling."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, run_torchrun
+
+sys.path.insert(0, str(REPO / "tests" / "scripts"))
+
+
+@pytest.mark.dist
+def test_itc_loss_and_gradients_two_ranks_equal_one_process_on_the_double_batch(tmp_path):
+    from itc_case import itc_case
+    loss, grads = itc_case(0, 1)
+    out = tmp_path / "dist.pt"
+    run_torchrun("tests/scripts/dist_itc.py", [out])
+    dist = torch.load(out, weights_only=True)
+    assert abs(dist["loss"].item() - loss.item()) < 1e-5
+    for name, g in grads.items():
+        assert torch.allclose(dist["grads"][name], g, atol=1e-6, rtol=1e-4), name
+
+
+from conftest import tiny_train_config  # noqa: E402
+
+
+def _train(cfg, out, *extra, check=True):
+    return run_script("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
+                      check=check)
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _losses(out):
+    return [{k: v for k, v in json.loads(l).items() if k.startswith("train_")}
+            for l in (out / "log.txt").read_text().splitlines()]
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, synthetic_small):
+    cfg = tiny_train_config(tmp_path, synthetic_small)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _train(cfg, straight)
+    # Epoch 0's cosine lr does not depend on max_epoch, so a 1-epoch run is the first half.
+    _train(cfg, split, "--opts", "max_epoch=1")
+    _train(cfg, split, "--resume", "auto")
+    assert _losses(straight) == _losses(split)
+    assert len(_losses(split)) == 2
+    _assert_same_weights(straight / "checkpoint_last.pth", split / "checkpoint_last.pth")
+    ckpt = torch.load(split / "checkpoint_last.pth", weights_only=True)
+    assert {"model", "optimizer", "scaler", "loop", "config", "rng", "generator", "epoch", "step"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 * 3 // 16)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic_small):
+    cfg = tiny_train_config(tmp_path, synthetic_small, ckpt_every_steps=4)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _train(cfg, straight)
+    cmd = [sys.executable, str(REPO / "train_retrieval.py"), "--config", str(cfg), "--output_dir", str(killed),
+           "--no_progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    ckpt = killed / "checkpoint_last.pth"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            state = torch.load(ckpt, weights_only=True)["loop"]
+            if state["step"] >= 8:  # well inside epoch 0 (18 steps per epoch)
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(ckpt, weights_only=True)["loop"]["batch_in_epoch"] > 0  # a mid-epoch checkpoint
+    assert not list(killed.glob(".*.tmp")), "a temp file was left next to the checkpoint"
+    _train(cfg, killed, "--resume", "auto")
+    assert _losses(straight) == _losses(killed)
+    _assert_same_weights(straight / "checkpoint_last.pth", killed / "checkpoint_last.pth")
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, synthetic_small, monkeypatch):
+    import train_retrieval
+    import utils.retrieval_train as rt
+    from utils.engine import NonFiniteLossError
+
+    original = rt.retrieval_loss
+
+    def poisoned(cfg):
+        fn = original(cfg)
+
+        def loss_fn(model, batch, ctx):
+            losses = fn(model, batch, ctx)
+            if ctx["epoch"] == 1 and ctx["batch_index"] == 2:
+                losses["loss_ita"] = losses["loss_ita"] * float("nan")
+            return losses
+        return loss_fn
+
+    monkeypatch.setattr(rt, "retrieval_loss", poisoned)
+    out = tmp_path / "nan"
+    cfg = tiny_train_config(tmp_path, synthetic_small)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, batch 2, step 20"):
+        train_retrieval.main(["--config", str(cfg), "--output_dir", str(out), "--no_progress"])
+    kept = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert kept["epoch"] == 1 and kept["loop"]["step"] == 18
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_training_from_scratch_learns_far_above_chance(tmp_path, synthetic_small):
+    """A few hundred steps through the entry point: R@1 on the synthetic test split (16 images,
+    32 captions; chance is 1/16 = 6.25%) must rise far above chance."""
+    cfg = tiny_train_config(tmp_path, synthetic_small, max_epoch=24, eval_every=24, k_test=8,
+                            **{"vit": "{width: 64, depth: 2, heads: 4, patch_size: 16}", "embed_dim": 32})
+    out = tmp_path / "learn"
+    _train(cfg, out)
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert last["train_loss_ita"] < _losses(out)[0]["train_loss_ita"]
+    assert last["val_img_r1"] >= 25.0 and last["val_txt_r1"] >= 25.0, last
