@@ -82,7 +82,7 @@ def tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
         "tokenizer": str(data / "tokenizer"), "med_config": str(med), "pretrained": "''",
         "vit": "{width: 32, depth: 1, heads: 2, patch_size: 16}", "image_size": 32, "embed_dim": 16,
         "queue_size": 64, "k_test": 4, "batch_size_train": 16, "batch_size_test": 16, "init_lr": 1e-3,
-        "min_lr": 1e-4, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 3, "log_every": 0,
+        "min_lr": 1e-4, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 3, "log_every": 1000,
         "train_resize_only": True,
     }
     cfg.update(overrides)
