@@ -15,7 +15,6 @@ own images; scores are summed across ranks, each pair having been scored by exac
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from data.collate import tokenize
 from utils import dist as du
+from utils.engine import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ class EvalOutput:
     metrics: Dict[str, float]
     score_i2t: np.ndarray  # [n_img, n_txt]
     score_t2i: np.ndarray  # [n_txt, n_img]
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision as a config option; fp32 means no autocast."""
-    if precision == "fp32":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _shard(n: int) -> range:
