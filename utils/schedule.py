@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
@@ -61,9 +61,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def build_adamw(params: Iterable, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                fused: Optional[bool] = None) -> torch.optim.AdamW:
-    """AdamW over all trainable parameters, weight decay on all of them (as BLIP does)."""
-    params = [p for p in params if p.requires_grad] if not isinstance(params, list) or \
-        not params or not isinstance(params[0], dict) else params
+def build_adamw(params: Iterable, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on all of them (as BLIP does).
+    ``params`` is an iterable of parameters or a list of param-group dicts (two-rate recipes)."""
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
