@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 class BLIPRetrieval(nn.Module):
     def __init__(self, visual_encoder: BlipViT, med_config: MedConfig, embed_dim: int = 256,
                  queue_size: int = 57600, momentum: float = 0.995, negative_all_rank: bool = False,
-                 enc_token_id: int = 30523, itc_all_rank_keys: bool = True):
+                 enc_token_id: int = 30523, itc_all_rank_keys: bool = True, with_momentum: bool = True):
+        """``with_momentum=False`` builds no momentum encoders and no queues: enough for ITM and
+        features (ContextBLIP keeps BLIP frozen and never runs ITC), at half the memory."""
         super().__init__()
         if med_config.encoder_width != visual_encoder.width:
             # BLIP sets encoder_width from the ViT; a mismatch would only surface as a shape error.
@@ -39,17 +41,19 @@ class BLIPRetrieval(nn.Module):
         self.itm_head = nn.Linear(text_width, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
 
-        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
-        self.vision_proj_m = copy.deepcopy(self.vision_proj)
-        self.text_encoder_m = copy.deepcopy(self.text_encoder)
-        self.text_proj_m = copy.deepcopy(self.text_proj)
-        for m in self._momentum_modules():
-            m.requires_grad_(False)
+        self.with_momentum = with_momentum
+        if with_momentum:
+            self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+            self.vision_proj_m = copy.deepcopy(self.vision_proj)
+            self.text_encoder_m = copy.deepcopy(self.text_encoder)
+            self.text_proj_m = copy.deepcopy(self.text_proj)
+            for m in self._momentum_modules():
+                m.requires_grad_(False)
 
-        self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
-        self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
-        self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+            self.register_buffer("image_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+            self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
+            self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
+            self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
         self.embed_dim = embed_dim
         self.queue_size = queue_size
         self.momentum = momentum
@@ -58,6 +62,8 @@ class BLIPRetrieval(nn.Module):
         self.itc_all_rank_keys = itc_all_rank_keys
 
     def _momentum_modules(self) -> List[nn.Module]:
+        if not self.with_momentum:
+            return []
         return [self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m, self.text_proj_m]
 
     def _online_modules(self) -> List[nn.Module]:
@@ -131,6 +137,9 @@ class BLIPRetrieval(nn.Module):
                 idx: torch.Tensor, alpha: float, use_queue: bool = True,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """BLIP's retrieval fine-tuning losses for a batch. Returns ``loss_ita`` and ``loss_itm``."""
+        if not self.with_momentum:
+            raise RuntimeError("this BLIPRetrieval was built with with_momentum=False: ITC training "
+                               "needs the momentum encoders and queues")
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_tokens, image_feat = self.encode_image(pixel_values)
@@ -182,7 +191,7 @@ class BLIPRetrieval(nn.Module):
         return itm_loss(logits, torch.cat([valid_img, valid_txt]))
 
 
-def build_blip_retrieval(cfg, tokenizer) -> BLIPRetrieval:
+def build_blip_retrieval(cfg, tokenizer, with_momentum: bool = True) -> BLIPRetrieval:
     """Build from a config with the model keys (``vit``, ``image_size``, ``med_config``, ...)."""
     vit = build_vit(cfg.vit, cfg.image_size, getattr(cfg, "vit_drop_path_rate", None),
                     getattr(cfg, "vit_grad_ckpt", False), getattr(cfg, "vit_ckpt_layer", 0))
@@ -196,33 +205,40 @@ def build_blip_retrieval(cfg, tokenizer) -> BLIPRetrieval:
                          momentum=getattr(cfg, "momentum", 0.995),
                          negative_all_rank=getattr(cfg, "negative_all_rank", False),
                          enc_token_id=tokenizer.enc_token_id,
-                         itc_all_rank_keys=getattr(cfg, "itc_all_rank_keys", True))
+                         itc_all_rank_keys=getattr(cfg, "itc_all_rank_keys", True), with_momentum=with_momentum)
 
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
 PRETRAIN_EXTRAS = ("text_decoder.",)
 PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
+# What a model built with_momentum=False leaves unused in any BLIP checkpoint.
+MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
 
 
 def load_blip_weights(model: nn.Module, source, strict: bool = False, cache_dir=None):
     """Load an official BLIP checkpoint (or ours) into ``model`` and return the load report.
 
-    ``visual_encoder(_m).pos_embed`` is resized to the model's patch grid first, so a checkpoint
-    trained at 384 px loads into a 224 px model and vice versa.
+    ``source`` is a path/URL, or an already-extracted state dict. ``visual_encoder(_m).pos_embed`` is
+    resized to the model's patch grid first, so a checkpoint trained at 384 px loads into a 224 px
+    model and vice versa. A model built ``with_momentum=False`` reports the checkpoint's momentum
+    encoders and queues as expected extras.
     """
     from utils.checkpoint import extract_state_dict, interpolate_pos_embed, load_checkpoint, \
         load_state_dict_with_report
 
-    state = extract_state_dict(load_checkpoint(source, cache_dir=cache_dir))
+    state = dict(source) if isinstance(source, dict) else extract_state_dict(load_checkpoint(source, cache_dir=cache_dir))
     own = model.state_dict()
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
         if key in state and key in own and state[key].shape != own[key].shape:
             state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
     pretrain_layout = any(k.startswith(PRETRAIN_EXTRAS) for k in state) or "queue_ptr" in state
     ignore_missing = ("idx_queue", "ptr_queue") if pretrain_layout else ()
-    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=PRETRAIN_EXTRAS,
-                                         expected_extra_keys=PRETRAIN_EXTRA_KEYS,
-                                         ignore_missing_prefixes=ignore_missing)
-    logger.info("loaded %s", source)
+    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS
+    if not getattr(model, "with_momentum", True):
+        extra_prefixes, extra_keys = extra_prefixes + MOMENTUM_PREFIXES, extra_keys + QUEUE_KEYS
+    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=extra_prefixes,
+                                         expected_extra_keys=extra_keys, ignore_missing_prefixes=ignore_missing)
+    logger.info("loaded %s", "a state dict" if isinstance(source, dict) else source)
     return report

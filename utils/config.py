@@ -36,7 +36,8 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    'ConfigError', 'ViTSpec', 'ModelConfig', 'RetrievalConfig', 'VIT_PRESETS', 'load_config',
+    'ConfigError', 'ViTSpec', 'ModelConfig', 'RetrievalConfig', 'ContextBLIPConfig',
+    'PretrainConfig', 'VIT_PRESETS', 'load_config',
     'save_config', 'config_to_dict', 'add_config_args', 'parse_config',
 ]
 
@@ -169,6 +170,109 @@ class RetrievalConfig(ModelConfig):
             yield 'init_lr', f'must be > 0, got {self.init_lr}'
         elif self.min_lr > self.init_lr:
             yield 'min_lr', f'must be <= init_lr {self.init_lr}, got {self.min_lr}'
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            yield 'clip_grad_norm', f'must be > 0 or null, got {self.clip_grad_norm}'
+
+
+@dataclass
+class ContextBLIPConfig(ModelConfig):
+    """ContextBLIP's architecture on top of BLIP (models/contextblip.py; CONTEXTBLIP.md).
+    Schemas of every stage that builds a ContextBLIP inherit it."""
+    use_adapter: bool = True                    # false: image_embeds are plain BLIP's (zero-shot BLIP)
+    adapter_taps: Optional[List[int]] = None    # 1-based ViT blocks; None -> 4 evenly spaced up to the last (3,6,9,12 for ViT-B)
+    adapter_reduction: int = 2                  # r: each tap goes width -> width / r
+    text_adapter_reduction: int = 2             # TMIM text adapter: text width -> width / r -> width
+    decoder_depth: int = 4                      # TMIM decoder layers (width = the ViT's)
+    decoder_heads: int = 8
+    decoder_mlp_ratio: float = 4.0              # FFN = ratio x width (3072 for ViT-B)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapter_taps is None and self.vit_spec_ok():
+            depth = self.vit_spec().depth
+            # Record the resolved taps so checkpoints and saved configs say what was used.
+            self.adapter_taps = sorted({-(-depth * k // 4) for k in range(1, 5)})
+
+    def vit_spec_ok(self) -> bool:
+        return not isinstance(self.vit, str) or self.vit in VIT_PRESETS
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from super().validate()
+        if not self.vit_spec_ok():
+            return
+        depth, width = self.vit_spec().depth, self.vit_spec().width
+        taps = self.adapter_taps or []
+        if not taps or any(not 1 <= t <= depth for t in taps) or len(set(taps)) != len(taps):
+            yield 'adapter_taps', f'must be distinct block numbers in [1, {depth}], got {self.adapter_taps}'
+        yield from _at_least(self, ('adapter_reduction', 'text_adapter_reduction', 'decoder_depth',
+                                    'decoder_heads'), 1)
+        if self.adapter_reduction >= 1 and width % self.adapter_reduction:
+            yield 'adapter_reduction', f'must divide the ViT width {width}, got {self.adapter_reduction}'
+        if self.decoder_heads >= 1 and width % self.decoder_heads:
+            yield 'decoder_heads', f'must divide the ViT width {width}, got {self.decoder_heads}'
+        if self.decoder_mlp_ratio <= 0:
+            yield 'decoder_mlp_ratio', f'must be > 0, got {self.decoder_mlp_ratio}'
+
+
+@dataclass
+class PretrainConfig(ContextBLIPConfig):
+    """ContextBLIP adapter pretraining: ITM + text-guided masked image modelling (pretrain.py).
+    Defaults are the released recipe (configs/pretrain.yaml); BLIP stays frozen."""
+    image_size: int = 224
+    max_tokens: int = 30                        # released: padded/truncated to 30 tokens
+    train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (FORMATS.md 2)
+    image_root: str = ''                        # prefix for relative image paths ('' = as written)
+    skip_bad_images: bool = False               # log and skip unreadable images instead of failing
+    mask_strategy: Literal['text', 'random'] = 'text'  # text-guided (the method) or random (ablation)
+    mask_rate: float = 0.25                     # masked share of patches: int(mask_rate * N)
+    guide_token: Literal['words', 'any'] = 'words'  # 'any': released (any of the padded positions)
+    mask_noise: float = 0.02                    # uniform noise added to the normalised attention row
+    tmim_condition: Literal['unmasked', 'masked'] = 'unmasked'  # image the text condition h attends to
+    tmim_norm_pix: bool = False                 # targets normalised per patch (MAE) instead of the input
+    itm_neg_temp: float = 1.0                   # hard negatives ~ softmax(sim / T); released: 1 (none)
+    itm_weight: float = 1.0
+    tmim_weight: float = 1.0
+    batch_size_train: int = 256                 # per GPU (released: 4 GPUs x 256)
+    init_lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000                    # linear per-step warm-up in epoch 0
+    lr_decay_rate: float = 0.9                  # then lr = max(min_lr, init_lr * rate ** epoch)
+    weight_decay: float = 0.05
+    max_epoch: int = 20
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    num_workers: int = 4
+    log_every: int = 50
+    ckpt_every_steps: int = 0                   # also save checkpoint_last.pth every N steps
+    train_crop_min_scale: float = 0.2           # RandomResizedCrop scale=(min, 1)
+    train_hflip: bool = True
+    train_randaug: bool = True
+    train_resize_only: bool = False             # train transform = the test transform
+    visualize_samples: int = 4                  # images in the per-epoch mask grid (0: none)
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from super().validate()
+        if not self.train_file:
+            yield 'train_file', 'must name at least one pretraining json file'
+        if not 0.0 < self.mask_rate < 1.0:
+            yield 'mask_rate', f'must be in (0, 1), got {self.mask_rate}'
+        elif self.vit_spec_ok() and self.image_size % self.vit_spec().patch_size == 0:
+            n = (self.image_size // self.vit_spec().patch_size) ** 2
+            if not 1 <= int(self.mask_rate * n) < n:
+                yield 'mask_rate', f'masks int({self.mask_rate} * {n}) patches; need 1 to {n - 1}'
+        if not 0.0 < self.train_crop_min_scale <= 1.0:
+            yield 'train_crop_min_scale', f'must be in (0, 1], got {self.train_crop_min_scale}'
+        yield from _at_least(self, ('batch_size_train', 'grad_accum_steps', 'log_every'), 1)
+        yield from _at_least(self, ('max_epoch', 'warmup_steps', 'num_workers', 'min_lr', 'warmup_lr',
+                                    'weight_decay', 'ckpt_every_steps', 'mask_noise', 'itm_weight',
+                                    'tmim_weight', 'visualize_samples'), 0)
+        if self.itm_neg_temp <= 0:
+            yield 'itm_neg_temp', f'must be > 0, got {self.itm_neg_temp}'
+        if self.init_lr <= 0:
+            yield 'init_lr', f'must be > 0, got {self.init_lr}'
+        if not 0.0 < self.lr_decay_rate <= 1.0:
+            yield 'lr_decay_rate', f'must be in (0, 1], got {self.lr_decay_rate}'
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             yield 'clip_grad_norm', f'must be > 0 or null, got {self.clip_grad_norm}'
 

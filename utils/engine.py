@@ -151,6 +151,10 @@ class Trainer:
 
     ``loss_fn(model, batch, ctx) -> dict[str, Tensor]`` returns named losses; their sum is
     optimised. ``ctx`` carries ``epoch``, ``batch_index``, ``batches_per_epoch`` and ``generator``.
+
+    A model that trains only part of itself (adapters on a frozen backbone) may define
+    ``checkpoint_state_dict()`` and ``load_checkpoint_state_dict(sd)``: checkpoints then hold what
+    those return instead of the full ``state_dict()``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int, int], float],
@@ -183,7 +187,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        model_state = getattr(self.raw_model, "checkpoint_state_dict", self.raw_model.state_dict)()
+        return {"model": model_state, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "loop": asdict(self.state), "config": self.config,
                 "rng": _rng_state(), "generator": self.generator.get_state(),
                 "epoch": self.state.epoch, "step": self.state.step}
@@ -204,7 +209,7 @@ class Trainer:
             logger.info("resume=auto: no %s, starting fresh", path)
             return False
         ckpt = load_checkpoint(path)
-        self.raw_model.load_state_dict(ckpt["model"])
+        getattr(self.raw_model, "load_checkpoint_state_dict", self.raw_model.load_state_dict)(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState(**ckpt["loop"])
