@@ -68,6 +68,19 @@ def _require_image(entry: dict, ann_file: PathLike, index: int) -> str:
     return image
 
 
+def _require_captions(entry: dict, ann_file: PathLike, index: int) -> list[str]:
+    """The entry's ``caption``, a string or a non-empty list of strings, as a list."""
+    captions = _require_field(entry, "caption", ann_file, index)
+    if isinstance(captions, str):
+        return [captions]
+    if (not isinstance(captions, list) or not captions
+            or not all(isinstance(c, str) for c in captions)):
+        # An image without captions has no image->text rank: reject rather than skew recall.
+        raise ValueError(f"{_where(ann_file, index)}: invalid field 'caption': expected a "
+                         f"string or a non-empty list of strings, got {captions!r}")
+    return captions
+
+
 def _join(image_root: PathLike | None, image: str) -> str:
     # os.path.join keeps an absolute `image` as is, so absolute entries work with any root.
     return image if image_root is None else os.path.join(image_root, image)
@@ -233,15 +246,7 @@ class RetrievalEvalDataset(Dataset):
     def _validate(self, entry: Any, index: int) -> tuple[str, list[str]]:
         _require_dict(entry, self.ann_file, index)
         image = _require_image(entry, self.ann_file, index)
-        captions = _require_field(entry, "caption", self.ann_file, index)
-        if isinstance(captions, str):
-            captions = [captions]
-        if (not isinstance(captions, list) or not captions
-                or not all(isinstance(c, str) for c in captions)):
-            # An image without captions has no image->text rank: reject rather than skew recall.
-            raise ValueError(f"{_where(self.ann_file, index)}: invalid field 'caption': expected a "
-                             f"string or a non-empty list of strings, got {captions!r}")
-        return image, captions
+        return image, _require_captions(entry, self.ann_file, index)
 
     def _image_ok(self, image: str, index: int) -> bool:
         try:

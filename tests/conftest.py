@@ -37,9 +37,11 @@ def free_port() -> int:
 
 
 def run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N script args`` on CPU (gloo), from the repo root."""
+    """``torchrun --nproc_per_node N script args`` on CPU (gloo), from the repo root. ``script`` is a
+    file (``train_retrieval.py``) or, without ``.py``, a module run like ``python -m`` (``tools``)."""
+    target = [str(REPO / script)] if script.endswith(".py") else ["--module", script]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--master_addr=127.0.0.1", str(REPO / script), *map(str, args)]
+           f"--master_port={free_port()}", "--master_addr=127.0.0.1", *target, *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:

@@ -94,6 +94,12 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file atomically through `write(binary_file)`: readers see the old file or the whole
+    new one, never a part (used for every output a restarted job trusts, not only checkpoints)."""
+    return _atomic_write(Path(path), write)
+
+
 def _copy_response(response: Any, f: IO[bytes], url: str, progress: bool) -> None:
     total = response.headers.get("Content-Length")
     total = int(total) if total and total.isdigit() else None

@@ -583,12 +583,15 @@ def add_config_args(parser: argparse.ArgumentParser,
 
 def parse_config(schema: type, argv: Optional[List[str]] = None, description: Optional[str] = None,
                  extra_args: Optional[Callable[[argparse.ArgumentParser], Any]] = None,
-                 default_config: Optional[str] = None) -> tuple[argparse.Namespace, Any, CommentedMap]:
+                 default_config: Optional[str] = None,
+                 prog: Optional[str] = None) -> tuple[argparse.Namespace, Any, CommentedMap]:
     """Parse the command line of an entry script: ``(args, cfg, doc)``.
+
+    ``prog`` names the command in usage lines (e.g. ``python -m tools score``).
 
     A bad config exits through ``parser.error`` (usage + message, status 2) rather than a traceback.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     add_config_args(parser, default_config)
     if extra_args is not None:
         extra_args(parser)

@@ -145,3 +145,10 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shard_range(n: int) -> range:
+    """This rank's contiguous slice of ``range(n)`` (ranks in order tile it; the last may be short)."""
+    world, rank = get_world_size(), get_rank()
+    step = -(-n // world)
+    return range(min(n, rank * step), min(n, (rank + 1) * step))

@@ -1,0 +1,270 @@
+"""Flat tables of (image, caption) pairs, read from the annotation files users already have.
+
+Formats (FORMATS.md sections 1 and 2):
+- BLIP-json, train layout ``[{"image", "caption": str, "image_id"}, ...]``: one pair per entry;
+- BLIP-json val/test layout and pretraining json ``[{"image", "caption": str | [str, ...]}]``: one
+  pair per caption (a list holds several captions of one image);
+- CSV with a header row: the image and caption columns are chosen by name.
+
+Every pair remembers where it came from (file, entry or row, position in a caption list), so a
+message names the exact line a user must fix, and a filtered copy of a file is written in the file's
+own format (``write_filtered``). Image paths are joined to ``image_root`` unless absolute.
+
+``PairBatches`` loads batches of pairs for the tools: each distinct image of a batch is decoded once,
+and an image that is missing or unreadable is reported for its rows instead of failing the batch.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .retrieval import _join, _require_captions, _require_dict, _require_image, _where
+from .utils import BadImageError, load_image, pre_caption, read_json
+
+PathLike = str | os.PathLike
+FORMATS = ("auto", "json", "csv")
+
+
+def _file_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "csv" if path.lower().endswith((".csv", ".tsv")) else "json"
+
+
+def _csv_dialect(path: str) -> dict:
+    return {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
+
+
+@dataclass
+class PairTable:
+    """Parallel per-pair lists; pair ``r`` is ``(image[r], caption[r])``."""
+    files: list[str]
+    formats: list[str]                                         # per file: 'json' | 'csv'
+    image: list[str] = field(default_factory=list)            # path as written in the file
+    caption: list[str] = field(default_factory=list)          # raw caption (cleaned when tokenized)
+    source: list[str] = field(default_factory=list)           # file label, or the source column/field
+    file_index: list[int] = field(default_factory=list)
+    entry: list[int] = field(default_factory=list)            # json entry / csv data row, 0-based
+    caption_index: list[int] = field(default_factory=list)    # position in a caption list, -1: a string
+
+    @classmethod
+    def from_images(cls, paths: Sequence[str]) -> "PairTable":
+        """A table of bare image files (empty captions), e.g. query images."""
+        table = cls(files=["<image files>"], formats=["json"])
+        for i, path in enumerate(paths):
+            table._add(str(path), "", "", 0, i, -1)
+        return table
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def where(self, row: int) -> str:
+        """``"entry 3 of a.json (caption 1)"`` or ``"row 3 (line 5) of a.csv"`` for pair ``row``."""
+        f, e = self.file_index[row], self.entry[row]
+        if self.formats[f] == "csv":
+            return f"row {e} (line {e + 2}) of {self.files[f]}"
+        k = self.caption_index[row]
+        return _where(self.files[f], e) + (f" (caption {k})" if k >= 0 else "")
+
+    def fingerprint(self) -> str:
+        """A hash of every pair's image and caption, to recognise the same inputs on a restart."""
+        h = hashlib.sha1()
+        for image, caption in zip(self.image, self.caption):
+            h.update(f"{image}\t{caption}\n".encode("utf-8"))
+        return h.hexdigest()
+
+    def first_rows_of_images(self) -> list[int]:
+        """The first pair of each distinct image path, in first-seen order."""
+        seen: dict[str, int] = {}
+        for r, image in enumerate(self.image):
+            seen.setdefault(image, r)
+        return list(seen.values())
+
+    def _add(self, image: str, caption: str, source: str, f: int, entry: int, k: int) -> None:
+        self.image.append(image)
+        self.caption.append(caption)
+        self.source.append(source)
+        self.file_index.append(f)
+        self.entry.append(entry)
+        self.caption_index.append(k)
+
+
+def _source_labels(files: Sequence[str]) -> list[str]:
+    # The file name is enough unless two inputs share it (coco/train.json, vg/train.json).
+    names = [Path(f).name for f in files]
+    return [n if names.count(n) == 1 else f for n, f in zip(names, files)]
+
+
+def _source_of(record: dict, source_key: Optional[str], default: str, where: str) -> str:
+    if not source_key:
+        return default
+    if source_key not in record:
+        raise ValueError(f"{where}: missing field '{source_key}' (the source key; has {sorted(record)})")
+    return str(record[source_key])
+
+
+def _read_json_pairs(table: PairTable, path: str, f: int, label: str, source_key: Optional[str]) -> None:
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a json list of entries, got {type(entries).__name__}")
+    for index, entry in enumerate(entries):
+        _require_dict(entry, path, index)
+        image = _require_image(entry, path, index)
+        captions = _require_captions(entry, path, index)
+        source = _source_of(entry, source_key, label, _where(path, index))
+        single = isinstance(entry["caption"], str)  # written back as a string, not a list
+        for k, caption in enumerate(captions):
+            table._add(image, caption, source, f, index, -1 if single else k)
+
+
+def _read_csv_pairs(table: PairTable, path: str, f: int, label: str, image_col: str, caption_col: str,
+                    source_key: Optional[str]) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"csv file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh, **_csv_dialect(path))
+        columns = reader.fieldnames or []
+        for col in (image_col, caption_col) + ((source_key,) if source_key else ()):
+            if col not in columns:
+                raise ValueError(f"{path}: no column {col!r} (columns: {columns}); choose the image and "
+                                 "caption columns with --image_col / --caption_col")
+        for index, row in enumerate(reader):
+            where = f"row {index} (line {reader.line_num}) of {path}"
+            image, caption = row[image_col], row[caption_col]
+            for name, value in ((image_col, image), (caption_col, caption)):
+                if value is None or not value.strip():
+                    raise ValueError(f"{where}: empty field {name!r}")
+            table._add(image, caption, _source_of(row, source_key, label, where), f, index, -1)
+
+
+def read_pairs(files: Sequence[PathLike] | PathLike, fmt: str = "auto", image_col: str = "image",
+               caption_col: str = "caption", source_key: Optional[str] = None) -> PairTable:
+    """Read every (image, caption) pair of the given files, in file order.
+
+    Args:
+        files: BLIP-json / pretraining-json / CSV (or TSV) files.
+        fmt: 'auto' (by extension: .csv/.tsv are CSV, anything else json), 'json' or 'csv'.
+        image_col, caption_col: CSV column names.
+        source_key: json field / CSV column naming each pair's source (default: the file name).
+    Raises:
+        ValueError naming the file, entry (or row and line) and field of the first bad record.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown annotation format {fmt!r}; valid: {FORMATS}")
+    files = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
+    if not files:
+        raise ValueError("no annotation files given")
+    formats = [_file_format(f, fmt) for f in files]
+    table = PairTable(files=files, formats=formats)
+    for f, (path, kind, label) in enumerate(zip(files, formats, _source_labels(files))):
+        if kind == "csv":
+            _read_csv_pairs(table, path, f, label, image_col, caption_col, source_key)
+        else:
+            _read_json_pairs(table, path, f, label, source_key)
+    return table
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _filtered_json(entries: list, kept: dict[int, set[int]]) -> list:
+    out = []
+    for index, entry in enumerate(entries):
+        ks = kept.get(index)
+        if not ks:
+            continue
+        if isinstance(entry["caption"], str):
+            out.append(entry)
+        else:
+            out.append({**entry, "caption": [c for k, c in enumerate(entry["caption"]) if k in ks]})
+    return out
+
+
+def write_filtered(table: PairTable, keep: np.ndarray, out_dir: PathLike) -> list[Path]:
+    """Write each input file with only the kept pairs to ``out_dir/<file name>``, same format.
+
+    A json entry with a caption list keeps the kept captions (in order) and is dropped when none is
+    left; every other field of an entry, and every CSV column, is written unchanged.
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (len(table),):
+        raise ValueError(f"keep mask has shape {keep.shape}, expected ({len(table)},)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept: list[dict[int, set[int]]] = [{} for _ in table.files]
+    for r in np.flatnonzero(keep):
+        kept[table.file_index[r]].setdefault(table.entry[r], set()).add(table.caption_index[r])
+    written = []
+    names = [Path(f).name for f in table.files]
+    for f, (path, kind) in enumerate(zip(table.files, table.formats)):
+        # Two inputs with one name (coco/train.json, vg/train.json) get their position as a prefix.
+        dest = out_dir / (names[f] if names.count(names[f]) == 1 else f"{f}_{names[f]}")
+        if kind == "csv":
+            with open(path, newline="", encoding="utf-8-sig") as src, open(dest, "w", newline="",
+                                                                               encoding="utf-8") as dst:
+                reader = csv.reader(src, **_csv_dialect(path))
+                writer = csv.writer(dst, **_csv_dialect(path))
+                writer.writerow(next(reader))
+                for index, row in enumerate(reader):
+                    if index in kept[f]:
+                        writer.writerow(row)
+        else:
+            dest.write_text(json.dumps(_filtered_json(read_json(path), kept[f]), ensure_ascii=False))
+        written.append(dest)
+    return written
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class PairBatches(Dataset):
+    """Item ``i`` is batch ``batches[i]`` (a list of pair rows), loaded for a model.
+
+    Returns a dict: ``rows`` [n], ``captions`` [n] (``pre_caption`` applied), ``pixel_values``
+    ``[U, 3, H, W]`` of the batch's U distinct loadable images (None when U == 0), ``image_index``
+    ``[n]`` (row -> its image in ``pixel_values``; -1 when the image could not be loaded) and
+    ``errors`` {row: message naming the row, the file entry and the image path}. Use with
+    ``DataLoader(batch_size=None)``: the batches are formed here.
+    """
+
+    def __init__(self, table: PairTable, batches: Sequence[Sequence[int]], image_root: Optional[PathLike],
+                 transform: Callable[[Any], torch.Tensor], max_words: int = 30):
+        self.table = table
+        self.batches = [list(b) for b in batches]
+        self.image_root = str(image_root) if image_root else None
+        self.transform = transform
+        self.max_words = max_words
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        rows = self.batches[i]
+        images: list[torch.Tensor] = []
+        slot: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        index, errors = [], {}
+        for r in rows:
+            path = _join(self.image_root, self.table.image[r])
+            if path not in slot and path not in failed:
+                try:
+                    images.append(self.transform(load_image(path)))
+                    slot[path] = len(images) - 1
+                except (FileNotFoundError, BadImageError) as exc:
+                    failed[path] = str(exc)
+            if path in failed:
+                errors[r] = f"pair {r} ({self.table.where(r)}): {failed[path]}"
+            index.append(slot.get(path, -1))
+        return {"rows": rows, "captions": [pre_caption(self.table.caption[r], self.max_words) for r in rows],
+                "pixel_values": torch.stack(images) if images else None,
+                "image_index": torch.tensor(index, dtype=torch.long), "errors": errors}

@@ -1,0 +1,185 @@
+"""What the tools share: start-up (process group, logging, model), pair-file arguments, and the
+sharded, resumable output engine.
+
+Sharding: rows ``0..n-1`` are cut into shards of ``shard_size`` consecutive rows and shard ``i``
+belongs to rank ``i % world_size``. Each shard is one output file, renamed into place only when
+complete, so a restarted run (with any number of ranks) skips finished shards. Line-oriented shards
+also grow a ``.partial`` file, one flushed line per row, so a restart skips the rows it holds too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional
+
+import torch
+
+from data.pairs import FORMATS, PairTable, read_pairs
+from utils import dist as du
+from utils.checkpoint import atomic_write
+from utils.config import RetrievalConfig, parse_config, save_config
+from utils.logging import setup_logging
+
+logger = logging.getLogger("tools")
+
+# The config keys that decide what a model computes: a restart must not mix two models' outputs.
+MODEL_KEYS = ("vit", "image_size", "med_config", "tokenizer", "embed_dim", "pretrained", "max_tokens",
+              "max_words", "precision")
+
+
+def add_pair_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    g = parser.add_argument_group("pairs")
+    g.add_argument("--input", nargs="+", required=required, metavar="FILE",
+                   help="annotation files: BLIP-json, pretraining json or CSV/TSV (image paths are "
+                        "relative to the config's image_root unless absolute)")
+    g.add_argument("--format", default="auto", choices=FORMATS, help="input format (auto: by extension)")
+    g.add_argument("--image_col", default="image", help="CSV column with the image path")
+    g.add_argument("--caption_col", default="caption", help="CSV column with the caption")
+    g.add_argument("--source_key", default=None,
+                   help="json field / CSV column naming each pair's source (default: the file name)")
+
+
+def read_pair_args(args) -> PairTable:
+    return read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
+
+
+@dataclass
+class ToolRun:
+    args: argparse.Namespace
+    cfg: RetrievalConfig
+    info: du.DistInfo
+    output_dir: Path
+
+
+def start(argv, prog: str, description: str, extra_args) -> ToolRun:
+    """Parse ``--config/--output_dir/--opts`` plus the tool's flags, join the process group, set up
+    logging, and (rank 0) save the resolved config and the command line next to the outputs."""
+    args, cfg, doc = parse_config(RetrievalConfig, argv, description=description, extra_args=extra_args,
+                                  prog=prog)
+    info = du.init_distributed(cfg.device)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(str(output_dir), info.rank)
+    if info.is_main:
+        save_config(doc, output_dir / "config.yaml")
+        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    return ToolRun(args, cfg, info, output_dir)
+
+
+def build_model(cfg, device, pretrained: Optional[str] = None):
+    """The config's model (``pretrained`` overrides the config's checkpoint), in eval mode.
+
+    Random init is seeded with ``cfg.seed`` on every rank, so an untrained model is the same model
+    everywhere (tests use that; real use loads a checkpoint).
+    """
+    from train_retrieval import build_model as build  # the entry scripts' one builder
+
+    if pretrained is not None:
+        cfg = dataclasses.replace(cfg, pretrained=pretrained)
+    if not cfg.pretrained:
+        logger.warning("config has no 'pretrained' checkpoint: using a randomly initialised model")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build(cfg, device)
+    return model.eval(), tokenizer
+
+
+def model_signature(cfg) -> dict:
+    return {k: str(getattr(cfg, k)) for k in MODEL_KEYS}
+
+
+# ----------------------------------------------------------------------------- shards
+
+@dataclass(frozen=True)
+class ShardPlan:
+    n_rows: int
+    shard_size: int
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_size)
+
+    def rows(self, shard: int) -> range:
+        return range(shard * self.shard_size, min(self.n_rows, (shard + 1) * self.shard_size))
+
+    def owned(self, rank: int, world_size: int) -> List[int]:
+        """Round-robin, so every rank gets a similar share whatever the world size."""
+        return list(range(rank, self.n_shards, world_size))
+
+
+def check_run_plan(output_dir: Path, plan: dict, main: bool) -> None:
+    """Rank 0 writes ``plan.json`` on the first run; a restart must find the same plan, so outputs
+    of different inputs, models or settings are never mixed. A collective: all ranks must call."""
+    path = output_dir / "plan.json"
+    error = None
+    if main:
+        if path.exists():
+            old = json.loads(path.read_text())
+            changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            if changed:
+                error = (f"{output_dir} holds a run with different {', '.join(changed)} "
+                         f"(see {path}); use a new --output_dir, or delete it to start over")
+        else:
+            atomic_write(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+    error = du.broadcast_object(error)
+    if error:
+        raise SystemExit(f"error: {error}")
+
+
+class JsonlShard:
+    """One shard's rows as JSON lines: ``<name>.jsonl`` when complete, ``<name>.partial`` while
+    being written. A torn last line (a kill mid-write) is dropped when the partial file is reopened."""
+
+    def __init__(self, folder: Path, index: int):
+        self.final = folder / f"shard_{index:06d}.jsonl"
+        self.partial = folder / f"shard_{index:06d}.partial"
+
+    @property
+    def complete(self) -> bool:
+        return self.final.exists()
+
+    def done_rows(self) -> set:
+        """Rows already in the partial file; truncates it to its last complete line."""
+        if not self.partial.exists():
+            return set()
+        data = self.partial.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with open(self.partial, "r+b") as f:
+                f.truncate(end)
+        return {json.loads(line)["row"] for line in data[:end].splitlines() if line.strip()}
+
+    def open_append(self):
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.partial, "a", encoding="utf-8")
+
+    def finish(self) -> None:
+        """Sort the partial file's lines by row and move them into place as the final file."""
+        records = sorted(read_jsonl(self.partial), key=lambda r: r["row"])
+        atomic_write(self.final, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+        self.partial.unlink()
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def write_lines_atomic(path: Path, lines: Iterable[str]) -> None:
+    def write(f: io.BufferedWriter) -> None:
+        for line in lines:
+            f.write(line.encode("utf-8"))
+    atomic_write(path, write)
+
+
+def batches_of(rows: List[int], size: int) -> List[List[int]]:
+    return [rows[s:s + size] for s in range(0, len(rows), size)]

@@ -1,0 +1,181 @@
+"""Write the image and text embeddings of a dataset (with their ids) to ``.npy`` or ``.safetensors`` shards.
+
+    python -m tools embed --config outputs/coco_ft/config.yaml --input data/coco/annotation/coco_karpathy_test.json \\
+        --output_dir outputs/coco_test_embeds [--array_format safetensors] [--shard_size 50000]
+    torchrun --nproc_per_node 8 -m tools embed --config ... --input gallery.csv --output_dir ...
+
+Images: every distinct image path of the inputs, in first-seen order; texts: every caption (pair),
+in input order. ``output_dir`` holds, per kind and shard, ``<kind>_<shard>.npy`` (float32 ``[n, E]``,
+L2-normalised ITC features; in ``.safetensors`` the tensor is ``embeds``) and ``<kind>_<shard>.json``
+with ``ids`` (one record per embedded row: ``id``, ``image``, ``caption`` for texts, ``image_id``
+= the image's id, ``row`` = its first pair) and ``errors`` (images that could not be read, skipped).
+``manifest.json`` describes the whole set. Shards are written atomically: a restart skips
+finished ones. Read them back with ``load_embeddings``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.collate import tokenize
+from data.pairs import PairBatches, PairTable
+from data.transforms import build_test_transform
+from data.utils import pre_caption
+from tools.common import (ShardPlan, add_pair_args, batches_of, build_model, check_run_plan, model_signature,
+                          read_pair_args, start)
+from utils import dist as du
+from utils.checkpoint import atomic_write
+from utils.engine import autocast
+from utils.evaluation import embed_texts
+
+logger = logging.getLogger("tools.embed")
+KINDS = ("image", "text")
+
+
+def _extra_args(parser) -> None:
+    add_pair_args(parser)
+    parser.add_argument("--array_format", default="npy", choices=("npy", "safetensors"),
+                        help="embedding file format")
+    parser.add_argument("--what", default="both", choices=("both", "image", "text"), help="which embeddings")
+    parser.add_argument("--shard_size", type=int, default=50000, help="rows per shard file")
+
+
+# ----------------------------------------------------------------------------- files
+
+def _array_bytes(array: np.ndarray, fmt: str) -> bytes:
+    if fmt == "safetensors":
+        from safetensors.numpy import save
+        return save({"embeds": np.ascontiguousarray(array)})
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _read_array(path: Path) -> np.ndarray:
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+        return load_file(str(path))["embeds"]
+    return np.load(path)
+
+
+def shard_paths(folder: Path, kind: str, shard: int, fmt: str) -> Tuple[Path, Path]:
+    """(array file, ids json); the json is written last and marks the shard complete."""
+    stem = folder / f"{kind}_{shard:06d}"
+    return stem.with_suffix(".npy" if fmt == "npy" else ".safetensors"), stem.with_suffix(".json")
+
+
+def write_shard(folder: Path, kind: str, shard: int, fmt: str, embeds: np.ndarray, ids: list, errors: list) -> None:
+    array_path, ids_path = shard_paths(folder, kind, shard, fmt)
+    atomic_write(array_path, lambda f: f.write(_array_bytes(embeds.astype(np.float32), fmt)))
+    atomic_write(ids_path, lambda f: f.write(json.dumps({"ids": ids, "errors": errors}, ensure_ascii=False).encode()))
+
+
+def load_embeddings(folder, kind: str) -> Tuple[np.ndarray, List[dict]]:
+    """All shards of ``kind`` ('image' | 'text') of an ``embed`` output: (``[n, E]`` float32, id records)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if kind not in manifest["kinds"]:
+        raise ValueError(f"{folder} has no {kind} embeddings (it has {manifest['kinds']})")
+    arrays, ids = [], []
+    for shard in range(manifest["kinds"][kind]["shards"]):
+        array_path, ids_path = shard_paths(folder, kind, shard, manifest["format"])
+        arrays.append(_read_array(array_path))
+        ids.extend(json.loads(ids_path.read_text())["ids"])
+    embeds = np.concatenate(arrays) if arrays else np.zeros((0, manifest["embed_dim"]), np.float32)
+    if embeds.shape[0] != len(ids):
+        raise ValueError(f"{folder}: {embeds.shape[0]} {kind} embeddings but {len(ids)} ids")
+    return embeds, ids
+
+
+def read_manifest(folder) -> dict:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {folder} an `embed` output folder?")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- computing
+
+@torch.no_grad()
+def embed_image_rows(model, table: PairTable, rows: List[int], image_root, transform, cfg, device):
+    """Features ``[m, E]`` of the images of ``rows`` that load, their rows, and error messages."""
+    loader = DataLoader(PairBatches(table, batches_of(rows, cfg.batch_size_test), image_root, transform,
+                                    cfg.max_words), batch_size=None, num_workers=cfg.num_workers)
+    feats, kept, errors = [], [], []
+    for batch in loader:
+        errors.extend(batch["errors"][r] for r in batch["rows"] if r in batch["errors"])
+        if batch["pixel_values"] is None:
+            continue
+        with autocast(device, cfg.precision):
+            _, f = model.encode_image(batch["pixel_values"].to(device))
+        index = batch["image_index"]
+        ok = (index >= 0).nonzero().squeeze(1)
+        feats.append(f.float()[index[ok].to(device)].cpu())
+        kept.extend(batch["rows"][i] for i in ok.tolist())
+    return (torch.cat(feats).numpy() if feats else np.zeros((0, model.embed_dim), np.float32)), kept, errors
+
+
+def embed_captions(model, tokenizer, captions: List[str], cfg, device) -> np.ndarray:
+    """Normalised text features ``[n, E]`` of raw captions (``pre_caption`` applied)."""
+    ids, mask = tokenize(tokenizer, [pre_caption(c, cfg.max_words) for c in captions], cfg.max_tokens)
+    return embed_texts(model, ids, mask, cfg.batch_size_test, device, cfg.precision).cpu().numpy()
+
+
+def _image_ids(table: PairTable) -> Tuple[List[int], dict]:
+    first_rows = table.first_rows_of_images()
+    return first_rows, {table.image[r]: i for i, r in enumerate(first_rows)}
+
+
+def main(argv=None, prog: str = "python -m tools embed") -> dict:
+    run = start(argv, prog, __doc__.splitlines()[0], _extra_args)
+    args, cfg, info = run.args, run.cfg, run.info
+    try:
+        table = read_pair_args(args)
+        first_rows, image_id = _image_ids(table)
+        kinds = KINDS if args.what == "both" else (args.what,)
+        plans = {"image": ShardPlan(len(first_rows), args.shard_size), "text": ShardPlan(len(table), args.shard_size)}
+        check_run_plan(run.output_dir, {"inputs": table.files, "pairs": len(table), "fingerprint": table.fingerprint(),
+                                        "shard_size": args.shard_size, "kinds": list(kinds), "format": args.array_format,
+                                        "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main)
+        jobs = [(k, s) for k in kinds for s in range(plans[k].n_shards)]
+        mine = [j for n, j in enumerate(jobs) if n % info.world_size == info.rank
+                and not shard_paths(run.output_dir, *j, args.array_format)[1].exists()]
+        logger.info("%d images, %d texts; this rank: %d shards to write", len(first_rows), len(table), len(mine))
+        if mine:
+            model, tokenizer = build_model(cfg, info.device)
+            transform = build_test_transform(cfg.image_size)
+        for kind, s in mine:
+            rows = plans[kind].rows(s)
+            if kind == "image":
+                feats, kept, errors = embed_image_rows(model, table, [first_rows[i] for i in rows],
+                                                       cfg.image_root or None, transform, cfg, info.device)
+                for e in errors:
+                    logger.warning("not embedded: %s", e)
+                ids = [{"id": image_id[table.image[r]], "image": table.image[r], "row": r} for r in kept]
+            else:
+                feats, errors = embed_captions(model, tokenizer, [table.caption[r] for r in rows], cfg, info.device), []
+                ids = [{"id": r, "caption": table.caption[r], "image": table.image[r],
+                        "image_id": image_id[table.image[r]], "row": r} for r in rows]
+            write_shard(run.output_dir, kind, s, args.array_format, feats, ids, errors)
+        du.barrier()
+        manifest = {}
+        if info.is_main:
+            manifest = {"format": args.array_format, "embed_dim": cfg.embed_dim, "inputs": table.files,
+                        "image_root": cfg.image_root, "model": model_signature(cfg),
+                        "kinds": {k: {"shards": plans[k].n_shards, "rows": plans[k].n_rows} for k in kinds}}
+            atomic_write(run.output_dir / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+            logger.info("wrote %s", run.output_dir / "manifest.json")
+        return manifest
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    main()
