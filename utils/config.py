@@ -36,7 +36,7 @@ from ruamel.yaml.scalarbool import ScalarBoolean
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    'ConfigError', 'ViTSpec', 'ModelConfig', 'RetrievalConfig', 'ContextBLIPConfig',
+    'ConfigError', 'ViTSpec', 'ModelConfig', 'RetrievalConfig', 'MMVPConfig', 'ContextBLIPConfig',
     'PretrainConfig', 'VIT_PRESETS', 'load_config',
     'save_config', 'config_to_dict', 'add_config_args', 'parse_config',
 ]
@@ -275,6 +275,25 @@ class PretrainConfig(ContextBLIPConfig):
             yield 'lr_decay_rate', f'must be in (0, 1], got {self.lr_decay_rate}'
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             yield 'clip_grad_norm', f'must be > 0 or null, got {self.clip_grad_norm}'
+
+
+@dataclass
+class MMVPConfig(ContextBLIPConfig):
+    """MMVP-VLM evaluation (eval_mmvp.py): nine visual patterns, pairs of images and statements."""
+    data_root: str = 'data/mmvp'                # holds Questions.csv and 'MLLM_VLM Images/'
+    model_type: Literal['zero_shot', 'finetuned'] = 'zero_shot'  # zero_shot: a BLIP or ContextBLIP
+                                                # pretraining checkpoint, scored with `score`; finetuned: a
+                                                # finetune_imagecode.py stage-1/2 checkpoint (its own config)
+    score: Literal['itm', 'itc', 'itm+itc'] = 'itm'  # itm: softmax(itm_head)[:, 1]; itc: cosine;
+                                                # itm+itc: ITM logit[:, 1] + cosine (BLIP's rerank score)
+    prompt_prefix: str = 'a photo of '          # the official prompt: prefix + statement
+    clean_text: bool = True                     # BLIP's pre_caption on the prompt (lowercase, no . ! ...)
+    pairs_per_pattern: int = 15                 # pattern of pair p = PATTERNS[p // pairs_per_pattern]
+    batch_size: int = 16                        # pairs per forward pass (4 image-text matches each)
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from super().validate()
+        yield from _at_least(self, ('pairs_per_pattern', 'batch_size'), 1)
 
 
 def _at_least(obj: Any, names: tuple[str, ...], low: float) -> Iterator[tuple[str, str]]:
