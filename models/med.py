@@ -122,8 +122,10 @@ class HeadProjections(nn.Module):
                 need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Attend ``hidden`` ``[B, T, D]`` to ``kv``; ``mask`` is additive, broadcastable to
         ``[B, H, T, N]``. Returns the context ``[B, T, D]`` and, if asked, the probabilities."""
-        q = self._heads(self.query(hidden))
         k, v = kv
+        if k.shape[0] == 1 < hidden.shape[0] and not need_weights and (mask is None or mask.shape[0] == 1):
+            return self._attend_shared(hidden, k, v, mask), None
+        q = self._heads(self.query(hidden))
         if mask is not None:
             mask = mask.to(q.dtype)  # SDPA wants the mask in the query's dtype (autocast)
         p = self.dropout_p if self.training else 0.0
@@ -139,6 +141,21 @@ class HeadProjections(nn.Module):
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         B, H, T, d = ctx.shape
         return ctx.transpose(1, 2).reshape(B, T, H * d), probs
+
+    def _attend_shared(self, hidden: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """All ``B`` rows attend to the same keys/values (``[1, H, N, d]``): fold the rows into one
+        query sequence ``[1, H, B*T, d]`` — one large attention product instead of ``B`` small ones
+        and no ``B``-fold copy of the keys/values. Identical results: a query row's attention does
+        not depend on the other rows."""
+        B, T, D = hidden.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.query(hidden).view(B * T, H, d).transpose(0, 1).unsqueeze(0)
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        p = self.dropout_p if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # [1, H, B*T, d]
+        return ctx[0].transpose(0, 1).reshape(B, T, D)
 
 
 class ResidualOutput(nn.Module):
@@ -257,7 +274,8 @@ class MedEncoder(nn.Module):
 
         For ``multimodal``/``decoder`` give either ``encoder_hidden_states`` ``[B, N, W]`` or
         precomputed ``cross_kv`` from :meth:`project_cross_kv` of ``M`` images plus ``cross_index``
-        ``[B]`` (row b attends to image ``cross_index[b]``; omit it when ``M == B``).
+        ``[B]`` (row b attends to image ``cross_index[b]``; omit it when ``M == B``, or when
+        ``M == 1``: every row attends to that one image, computed as one folded attention).
         ``encoder_attention_mask`` ``[B, N]`` defaults to all-visible.
         """
         if mode not in self.MODES:

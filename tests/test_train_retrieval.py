@@ -123,3 +123,25 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert kept["epoch"] == 1 and kept["loop"]["step"] == 18
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
+
+
+@pytest.mark.dist
+def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small):
+    """2 ranks (gloo, CPU), hard negatives mined across ranks: training runs, val and test are
+    evaluated, checkpoints are written once (by rank 0) and resume works under torchrun too."""
+    # Global batch 2 x 16 = 32; queue 64 is a multiple of it.
+    cfg = tiny_train_config(tmp_path, synthetic_small, negative_all_rank=True, max_epoch=1)
+    out = tmp_path / "ddp"
+    run_torchrun("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress"])
+    rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 0
+    assert all(torch.isfinite(torch.tensor(rows[0][k])) for k in ("train_loss_ita", "train_loss_itm"))
+    assert {"val_txt_r1", "val_img_r1", "test_txt_r1", "test_img_r1", "test_r_mean"} <= set(rows[0])
+    ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    # 288 captions / (2 ranks x 16) = 9 steps per epoch: each rank saw half of the data.
+    assert ckpt["step"] == 96 * 3 // 32
+    run_torchrun("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress", "--resume", "auto",
+                                        "--opts", "max_epoch=2"])
+    rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert torch.load(out / "checkpoint_last.pth", weights_only=True)["step"] == 2 * (96 * 3 // 32)

@@ -6,7 +6,8 @@ sim``; every other entry is -100; recall@K from the ranks.
 
 How we compute it: the (image, text) pairs that either direction needs are collected into one set,
 grouped by image, and each image's cross-attention keys/values are projected once for all of its
-texts (the original projects them again for every pair and scores shared pairs twice). Texts are
+texts (the original projects them again for every pair and scores shared pairs twice); the texts of
+one image attend to it as one folded query sequence, a single large attention product per layer. Texts are
 sorted by length and each batch is cut to its longest text: padding receives exactly zero attention
 weight (additive -10000 underflows to 0 in the softmax), so the real tokens' states do not change.
 Under torchrun each rank embeds a contiguous shard of texts and images and scores the pairs of its
@@ -89,10 +90,16 @@ def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: tor
     ``image_tokens`` ``[m, 1+N, Dv]`` are images ``image_offset .. image_offset+m`` of the full
     set; ``needed`` ``[n_img, n_txt]`` (bool) marks the pairs to score. Returns a dense
     ``[n_img, n_txt]`` float tensor, zero where this rank scored nothing.
+
+    Cross-attention keys/values are projected for ``image_chunk`` images at a time; then each
+    image's texts, shortest first, go through the text encoder in batches of ``batch_size`` that
+    all attend to that one image (one folded attention product per layer, no per-pair copy of the
+    keys/values), each batch cut to its longest text.
     """
     n_img, n_txt = needed.shape
     itm = torch.zeros(n_img, n_txt, device=device)
-    lengths = attention_mask.sum(dim=1)
+    lengths = attention_mask.sum(dim=1).cpu()
+    needed_cpu = needed.cpu()
     chunks = range(0, image_tokens.shape[0], image_chunk)
     if progress:
         from tqdm import tqdm
@@ -100,23 +107,24 @@ def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: tor
     m = image_tokens.shape[0]
     for c in chunks:
         end = min(c + image_chunk, m)  # never past this rank's own images
-        rows = needed[image_offset + c: image_offset + end]
-        img_local, txt = rows.nonzero(as_tuple=True)
-        if img_local.numel() == 0:
+        if not needed_cpu[image_offset + c: image_offset + end].any():
             continue
         with autocast(device, precision):
             cross_kv = model.text_encoder.project_cross_kv(image_tokens[c:end].to(device))
-        # Shortest texts together, so each batch is cut to little more than its real tokens.
-        order = torch.argsort(lengths[txt.cpu()].to(txt.device), stable=True)
-        img_local, txt = img_local[order], txt[order]
-        for s in range(0, txt.numel(), batch_size):
-            t = txt[s:s + batch_size]
-            ids, mask = input_ids[t.cpu()], attention_mask[t.cpu()]
-            L = int(mask.sum(dim=1).max())
-            with autocast(device, precision):
-                logits = model.itm_logits(ids[:, :L].to(device), mask[:, :L].to(device),
-                                          cross_kv=cross_kv, cross_index=img_local[s:s + batch_size])
-            itm[image_offset + c + img_local[s:s + batch_size], t] = logits[:, 1].float()
+        for j in range(end - c):
+            row = image_offset + c + j
+            txt = needed_cpu[row].nonzero(as_tuple=True)[0]
+            if txt.numel() == 0:
+                continue
+            txt = txt[torch.argsort(lengths[txt], stable=True)]  # shortest together: little padding
+            kv_j = [(k[j:j + 1], v[j:j + 1]) for k, v in cross_kv]
+            for s in range(0, txt.numel(), batch_size):
+                t = txt[s:s + batch_size]
+                L = int(lengths[t].max())
+                with autocast(device, precision):
+                    logits = model.itm_logits(input_ids[t, :L].to(device), attention_mask[t, :L].to(device),
+                                              cross_kv=kv_j)
+                itm[row, t.to(device)] = logits[:, 1].float()
     return itm
 
 
