@@ -38,9 +38,11 @@ def _extra_args(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
 
 
-def build_model(cfg, device):
+def build_model(cfg, device, with_momentum: bool = True):
+    """Tokenizer and model (with the config's checkpoint loaded); ``with_momentum=False`` for
+    inference only: no momentum encoders or queues, half the memory."""
     tokenizer = build_tokenizer(cfg.tokenizer)
-    model = build_blip_retrieval(cfg, tokenizer)
+    model = build_blip_retrieval(cfg, tokenizer, with_momentum=with_momentum)
     if cfg.pretrained:
         load_blip_weights(model, cfg.pretrained, strict=cfg.strict_load)  # logs its report
     return model.to(device), tokenizer

@@ -83,7 +83,7 @@ def build_model(cfg, device, pretrained: Optional[str] = None):
     if not cfg.pretrained:
         logger.warning("config has no 'pretrained' checkpoint: using a randomly initialised model")
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build(cfg, device)
+    model, tokenizer = build(cfg, device, with_momentum=False)
     return model.eval(), tokenizer
 
 
