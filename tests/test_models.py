@@ -144,3 +144,21 @@ def test_tokenizer_unreachable_hub_fails_fast_with_a_clear_message(tmp_path):
     assert "ERR could not load tokenizer 'bert-base-uncased'" in out.stdout, out.stderr[-2000:]
     assert "set the config key 'tokenizer'" in out.stdout
     assert time.time() - start < 60
+
+
+def test_shared_image_cross_kv_equals_per_row_image_tokens(tmp_path):
+    """One image's projected K/V (batch 1) attended by many texts at once (the folded attention)
+    equals giving every row its own copy of the image tokens, in every text-encoder layer."""
+    model, tok = tiny_model(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    ids, mask = random_texts(7, len(tok), g)
+    image_tokens = torch.randn(1, 17, 32, generator=g)
+    with torch.no_grad():
+        kv = model.text_encoder.project_cross_kv(image_tokens)
+        folded = model.text_encoder(ids, mask, mode="multimodal", cross_kv=kv).last_hidden_state
+        copied = model.text_encoder(ids, mask, mode="multimodal",
+                                    encoder_hidden_states=image_tokens.expand(7, -1, -1)).last_hidden_state
+        assert torch.allclose(folded, copied, atol=1e-5)
+        itm_folded = model.itm_logits(ids, mask, cross_kv=kv)
+        itm_copied = model.itm_logits(ids, mask, image_tokens=image_tokens.expand(7, -1, -1).contiguous())
+    assert torch.allclose(itm_folded, itm_copied, atol=1e-5)
