@@ -6,10 +6,14 @@
   captions in ``text`` and the ``img2txt`` / ``txt2img`` maps the retrieval metrics need.
 - ``build_retrieval_datasets``: config-like object -> ``{split: dataset}``. Nothing is downloaded:
   the annotation json files must already be in ``ann_root``.
+
+A ``.csv`` / ``.tsv`` annotation file (columns ``image``, ``caption``, optional ``image_id``; one row
+per caption) is read as the equivalent BLIP-json entries, for ``dataset: custom``.
 """
 from __future__ import annotations
 
 import bisect
+import csv
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -40,11 +44,35 @@ def _where(ann_file: PathLike, index: int) -> str:
     return f"entry {index} of {ann_file}"
 
 
-def _read_entries(ann_file: PathLike) -> list:
+def _read_entries(ann_file: PathLike, one_per_image: bool = False) -> list:
+    if str(ann_file).lower().endswith((".csv", ".tsv")):
+        return _csv_entries(ann_file, one_per_image)
     data = read_json(ann_file)
     if not isinstance(data, list):
         raise ValueError(f"{ann_file}: expected a json list of entries, got {type(data).__name__}")
     return data
+
+
+def _csv_entries(ann_file: PathLike, one_per_image: bool) -> list:
+    """BLIP-json entries from a CSV (TSV: ``.tsv``) with a header row and the columns ``image``,
+    ``caption`` and optionally ``image_id`` (default: the image path). One entry per row for
+    training; with ``one_per_image`` (evaluation) one per distinct image, its captions in row order."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    with open(ann_file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter="\t" if str(ann_file).lower().endswith(".tsv") else ",")
+        missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{ann_file}: no column {missing} (columns: {reader.fieldnames}); a retrieval "
+                             "CSV needs 'image' and 'caption', and may have 'image_id'")
+        rows = [{"image": r["image"], "caption": r["caption"], "image_id": r.get("image_id") or r["image"]}
+                for r in reader]
+    if not one_per_image:
+        return rows
+    images: dict[str, dict] = {}
+    for r in rows:
+        images.setdefault(r["image"], {"image": r["image"], "caption": []})["caption"].append(r["caption"])
+    return list(images.values())
 
 
 def _require_dict(entry: Any, ann_file: PathLike, index: int) -> None:
@@ -229,7 +257,7 @@ class RetrievalEvalDataset(Dataset):
         self._entry_index: list[int] = []  # kept item -> its index in the file, for messages
         self.num_skipped = 0
 
-        for index, entry in enumerate(_read_entries(self.ann_file)):
+        for index, entry in enumerate(_read_entries(self.ann_file, one_per_image=True)):
             image, captions = self._validate(entry, index)
             if skip_bad_images and not self._image_ok(image, index):
                 continue
