@@ -1,9 +1,9 @@
 """What the tools share: start-up (process group, logging, model), pair-file arguments, and the
 sharded, resumable output engine.
 
-Sharding: rows ``0..n-1`` are cut into shards of ``shard_size`` consecutive rows and shard ``i``
-belongs to rank ``i % world_size``. Each shard is one output file, renamed into place only when
-complete, so a restarted run (with any number of ranks) skips finished shards. Line-oriented shards
+Sharding: rows ``0..n-1`` are cut into shards of ``shard_size`` consecutive rows; the unfinished
+shards are dealt to the ranks round-robin. Each shard is one output file, renamed into place only
+when complete, so a restarted run (with any number of ranks) skips finished shards. Line-oriented shards
 also grow a ``.partial`` file, one flushed line per row, so a restart skips the rows it holds too.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -45,7 +45,11 @@ def add_pair_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def read_pair_args(args) -> PairTable:
-    return read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
+    """The pairs of ``--input``; a bad file ends the command with its message (file, entry, field)."""
+    try:
+        return read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 @dataclass
@@ -109,9 +113,16 @@ class ShardPlan:
     def rows(self, shard: int) -> range:
         return range(shard * self.shard_size, min(self.n_rows, (shard + 1) * self.shard_size))
 
-    def owned(self, rank: int, world_size: int) -> List[int]:
-        """Round-robin, so every rank gets a similar share whatever the world size."""
-        return list(range(rank, self.n_shards, world_size))
+
+
+def split_pending(jobs: List, done: Callable[[object], bool], info: du.DistInfo) -> List:
+    """This rank's share of the unfinished ``jobs``, dealt round-robin so that the ranks finish
+    together even after a resume (they then wait for each other at a barrier). Rank 0 decides and
+    broadcasts, so every rank sees the same list. A collective: all ranks must call."""
+    pending = du.broadcast_object([j for j in jobs if not done(j)] if info.is_main else None)
+    logger.info("%d of %d shards to write (%d already complete); this rank: %d", len(pending), len(jobs),
+                len(jobs) - len(pending), len(pending[info.rank::info.world_size]))
+    return pending[info.rank::info.world_size]
 
 
 def check_run_plan(output_dir: Path, plan: dict, main: bool) -> None:

@@ -29,7 +29,7 @@ from data.pairs import PairBatches, PairTable
 from data.transforms import build_test_transform
 from data.utils import pre_caption
 from tools.common import (ShardPlan, add_pair_args, batches_of, build_model, check_run_plan, model_signature,
-                          read_pair_args, start)
+                          read_pair_args, split_pending, start)
 from utils import dist as du
 from utils.checkpoint import atomic_write
 from utils.engine import autocast
@@ -145,9 +145,8 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
                                         "shard_size": args.shard_size, "kinds": list(kinds), "format": args.array_format,
                                         "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main)
         jobs = [(k, s) for k in kinds for s in range(plans[k].n_shards)]
-        mine = [j for n, j in enumerate(jobs) if n % info.world_size == info.rank
-                and not shard_paths(run.output_dir, *j, args.array_format)[1].exists()]
-        logger.info("%d images, %d texts; this rank: %d shards to write", len(first_rows), len(table), len(mine))
+        logger.info("%d images, %d texts", len(first_rows), len(table))
+        mine = split_pending(jobs, lambda j: shard_paths(run.output_dir, *j, args.array_format)[1].exists(), info)
         if mine:
             model, tokenizer = build_model(cfg, info.device)
             transform = build_test_transform(cfg.image_size)

@@ -96,7 +96,10 @@ def main(argv=None, prog: str = "python -m tools filter") -> dict:
     args = _args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     table = read_pair_args(args)
-    values = read_scores(Path(args.scores), args.key, table)
+    try:
+        values = read_scores(Path(args.scores), args.key, table)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     keep = keep_mask(values, args.threshold, args.top_fraction)
     written = write_filtered(table, keep, args.out_dir)
     counts = per_source_counts(table, keep, values)

@@ -31,7 +31,8 @@ from data.collate import tokenize
 from data.pairs import PairBatches, PairTable
 from data.transforms import build_test_transform
 from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, build_model, check_run_plan,
-                          model_signature, read_jsonl, read_pair_args, start, write_lines_atomic)
+                          model_signature, read_jsonl, read_pair_args, split_pending, start,
+                          write_lines_atomic)
 from utils import dist as du
 from utils.engine import autocast
 
@@ -187,9 +188,8 @@ def main(argv=None, prog: str = "python -m tools score") -> dict:
         check_run_plan(run.output_dir, {"inputs": table.files, "pairs": len(table), "fingerprint": table.fingerprint(),
                                         "shard_size": args.shard_size, "scores": list(kinds),
                                         "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main)
-        todo = [s for s in plan.owned(info.rank, info.world_size) if not JsonlShard(parts, s).complete]
-        logger.info("%d pairs in %d shards; this rank: %d shards to score (%d already done)", len(table),
-                    plan.n_shards, len(todo), len(plan.owned(info.rank, info.world_size)) - len(todo))
+        logger.info("%d pairs from %d files in shards of %d", len(table), len(table.files), args.shard_size)
+        todo = split_pending(list(range(plan.n_shards)), lambda s: JsonlShard(parts, s).complete, info)
         if todo:
             model, tokenizer = build_model(cfg, info.device)
             transform = build_test_transform(cfg.image_size)
