@@ -3,6 +3,10 @@
 #   bash run.sh demo                          the whole demo on the embedded synthetic benchmark
 #   bash run.sh retrieval CONFIG [args...]    train_retrieval.py under torchrun (NPROC processes)
 #   bash run.sh eval CONFIG [args...]         evaluation only (--evaluate)
+#   bash run.sh pretrain [CONFIG] [args...]   ContextBLIP adapter pretraining (default configs/pretrain.yaml)
+#   bash run.sh sweep-mask "0.1 0.25 0.5 0.75" [CONFIG] [args...]
+#                                             one pretraining per mask rate (+ random) into SWEEP_DIR
+#                                             (default outputs/sweep_mask), then summary.csv/summary.md
 # NPROC defaults to the number of visible GPUs, or 1 process on CPU.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -49,5 +53,14 @@ PY
     ;;
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
-  *) sed -n '2,7p' "$0"; exit 1 ;;
+  pretrain)
+    cfg=configs/pretrain.yaml
+    if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
+    launch pretrain.py --config "$cfg" "$@" ;;
+  sweep-mask)
+    items=${1:?usage: bash run.sh sweep-mask "RATE ..." [CONFIG] [args...]}; shift
+    cfg=configs/pretrain.yaml
+    if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
+    "$PYTHON" -m utils.sweep --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
+  *) sed -n '2,10p' "$0"; exit 1 ;;
 esac

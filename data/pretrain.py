@@ -1,0 +1,75 @@
+"""Pretraining image-text pairs (FORMATS.md 2): COCO + Visual Genome, CC3M, SBU, ... as json lists.
+
+Each file is a json list of ``{"image": path, "caption": str | [str, ...]}``; other keys (such as a
+BLIP train file's ``image_id``) are ignored, so BLIP retrieval train files are valid lists too. A
+caption list means: pick one at random each time the pair is drawn. Paths are absolute or relative
+to ``image_root`` (or, with no root, to the working directory). Several files are concatenated.
+
+``PretrainDataset[i]`` -> ``(image [3, H, W], caption, idx)`` with ``idx`` a contiguous id per
+distinct image file, so two captions of one picture are never drawn as each other's ITM negative.
+Loading, error messages and ``skip_bad_images`` are those of the retrieval training set.
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from .retrieval import (PathLike, RetrievalTrainDataset, Transform, _join, _require_dict, _require_field,
+                        _require_image, _where)
+from .utils import BadImageError, load_image, pre_caption
+
+
+class PretrainDataset(RetrievalTrainDataset):
+    """Pairs from one or more pretraining json lists.
+
+    Attributes (besides the retrieval set's): ``captions[i]`` is the tuple of cleaned captions of
+    entry ``i``; ``img_ids`` maps each resolved image path to its idx.
+    """
+
+    def __init__(self, files: Sequence[PathLike] | PathLike, image_root: PathLike | None,
+                 transform: Transform | None, max_words: int = 30, skip_bad_images: bool = False) -> None:
+        super().__init__(files, image_root or None, transform, max_words=max_words,
+                         skip_bad_images=skip_bad_images)
+
+    def _add(self, entry: Any, ann_file: str, index: int) -> None:
+        _require_dict(entry, ann_file, index)
+        image = _require_image(entry, ann_file, index)
+        caption = _require_field(entry, "caption", ann_file, index)
+        captions = [caption] if isinstance(caption, str) else caption
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise ValueError(f"{_where(ann_file, index)}: invalid field 'caption': expected a string or a "
+                             f"non-empty list of strings, got {caption!r}"[:400])
+        self.annotation.append(entry)
+        self.captions.append(tuple(pre_caption(c, self.max_words) for c in captions))
+        path = os.path.normpath(_join(self.image_root, image))
+        self._idx.append(self.img_ids.setdefault(path, len(self.img_ids)))
+
+    def image_path(self, index: int) -> str:
+        return _join(self.image_root, self.annotation[index]["image"])
+
+    def image_idx(self, index: int) -> int:
+        return self._idx[index]
+
+    def _load(self, index: int) -> tuple[Any, str, int]:
+        path = self.image_path(index)
+        if path in self._bad_images:
+            raise BadImageError(f"known bad image: {path} ({self.source(index)})")
+        image = load_image(path, context=self.source(index))
+        if self.transform is not None:
+            image = self.transform(image)
+        captions = self.captions[index]
+        # Python's `random` is seeded per (seed, epoch, index) by the engine: exact resume holds.
+        caption = captions[0] if len(captions) == 1 else random.choice(captions)
+        return image, caption, self._idx[index]
+
+
+def build_pretrain_dataset(cfg_like: Any, transform: Transform | None) -> PretrainDataset:
+    """From a config with ``train_file`` (str or list), ``image_root``, ``max_words``,
+    ``skip_bad_images``."""
+    files = cfg_like.train_file
+    files = [files] if isinstance(files, str) else list(files)
+    return PretrainDataset(files, getattr(cfg_like, "image_root", "") or None, transform,
+                           max_words=getattr(cfg_like, "max_words", 30),
+                           skip_bad_images=getattr(cfg_like, "skip_bad_images", False))

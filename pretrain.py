@@ -1,0 +1,120 @@
+"""ContextBLIP adapter pretraining: ITM + text-guided masked image modelling on a frozen BLIP.
+
+    python pretrain.py --config configs/pretrain.yaml --output_dir outputs/pretrain
+    torchrun --nproc_per_node 4 pretrain.py --config configs/pretrain.yaml     # the released setup
+    bash run.sh pretrain configs/pretrain.yaml --opts mask_rate=0.5           # NPROC processes
+    python pretrain.py --config configs/pretrain.yaml --resume auto           # continue exactly
+
+Base weights come from ``pretrained`` (BLIP's ``model_base.pth`` layout: its ``text_decoder.*``,
+momentum encoders and queues are reported as expected extras and ignored). Pairs are FORMATS.md 2
+json lists (``train_file``: one file or a list; paths absolute or relative to ``image_root``).
+
+Outputs in ``output_dir``: ``config.yaml``, ``log.txt`` (one JSON line per epoch), ``run.log``,
+``checkpoint_last.pth`` every epoch (written atomically; the adapter + TMIM decoder, optimiser,
+RNG and the full config, whose ``pretrained`` names the base BLIP), and ``masks/epoch_NN.png``:
+images with their caption, the [guide] token and the masked patches in red.
+
+On demand:
+
+    python pretrain.py --config CFG --visualize [--resume CKPT]    # -> output_dir/masks/ondemand.png
+    python pretrain.py --export outputs/pretrain/checkpoint_last.pth [--export_to merged.pth]
+
+``--export`` writes a full merged checkpoint (``blip.*``, ``adapter.*``, ``decoder.*`` and the
+config; default ``contextblip_merged.pth`` next to the input) that ``models.contextblip.load_contextblip``
+reads with no base BLIP at hand: the starting point of the ImageCoDe and MMVP stages.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from models.blip import load_blip_weights
+from models.contextblip import build_contextblip, load_contextblip
+from models.tokenizer import build_tokenizer
+from utils import dist as du
+from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.config import PretrainConfig, config_to_dict, load_config, parse_config, save_config
+from utils.logging import setup_logging
+
+logger = logging.getLogger("pretrain")
+
+
+def _extra_args(parser) -> None:
+    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
+    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
+    parser.add_argument("--visualize", action="store_true",
+                        help="only draw the mask grid (of --resume's checkpoint, else of output_dir's last)")
+    parser.add_argument("--export", metavar="CKPT", default=None,
+                        help="write a full merged checkpoint from pretraining checkpoint CKPT and exit")
+    parser.add_argument("--export_to", metavar="PATH", default=None,
+                        help="where --export writes (default: contextblip_merged.pth next to CKPT)")
+
+
+def build_model(cfg, device):
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    model = build_contextblip(cfg, tokenizer, with_decoder=True)
+    if cfg.pretrained:
+        load_blip_weights(model.blip, cfg.pretrained, strict=cfg.strict_load)  # logs its report
+    else:
+        logger.warning("pretrained is empty: the frozen BLIP is randomly initialised")
+    return model.to(device), tokenizer
+
+
+def export_merged(source: str, target: str | None = None) -> Path:
+    """Pretraining checkpoint -> one file with every weight and the config it was trained with."""
+    ckpt = load_checkpoint(source)
+    cfg, _ = load_config(None, PretrainConfig, defaults_from=ckpt.get("config") or {})
+    model = build_contextblip(cfg, build_tokenizer(cfg.tokenizer), with_decoder=True)
+    load_contextblip(model, source, strict=True)
+    target = Path(target) if target else Path(source).with_name("contextblip_merged.pth")
+    save_checkpoint_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
+                            "epoch": ckpt.get("epoch"), "format": "contextblip-merged"}, target)
+    logger.info("exported merged ContextBLIP (epoch %s) to %s", ckpt.get("epoch"), target)
+    return target
+
+
+def visualize(args, cfg, model, tokenizer, output_dir: Path) -> Path:
+    from data.pretrain import build_pretrain_dataset
+    from utils.pretrain_train import collator, draw_masks, visual_batch
+    source = args.resume if args.resume not in (None, "auto") else output_dir / "checkpoint_last.pth"
+    if Path(source).is_file():
+        load_contextblip(model, source, base=None)  # BLIP itself came from `pretrained`
+    else:
+        logger.warning("no checkpoint %s: drawing the masks of the untrained adapter", source)
+    collate = collator(cfg, tokenizer)
+    batch = visual_batch(build_pretrain_dataset(cfg, None), max(1, cfg.visualize_samples), cfg.image_size, collate)
+    return draw_masks(model, tokenizer, batch, output_dir / "masks" / "ondemand.png",
+                      f"{Path(source).name}: {cfg.mask_strategy} mask, rate {cfg.mask_rate}", cfg.precision)
+
+
+def main(argv=None) -> dict:
+    args, cfg, doc = parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0],
+                                  extra_args=_extra_args, default_config="configs/pretrain.yaml")
+    if args.export:
+        setup_logging()
+        return {"export": str(export_merged(args.export, args.export_to))}
+    info = du.init_distributed(cfg.device)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(str(output_dir), info.rank)
+    if info.is_main:
+        save_config(doc, output_dir / "config.yaml")
+    torch.manual_seed(cfg.seed + info.rank)
+    model, tokenizer = build_model(cfg, info.device)
+    try:
+        if args.visualize:
+            return {"picture": str(visualize(args, cfg, model, tokenizer, output_dir))} if info.is_main else {}
+        from utils.pretrain_train import train
+        return train(args, cfg, model, tokenizer, info, output_dir)
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    from utils.engine import NonFiniteLossError
+    try:
+        main()
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        raise SystemExit(1)
