@@ -31,3 +31,20 @@ class RetrievalCollator:
         input_ids, attention_mask = tokenize(self.tokenizer, captions, self.max_tokens, self.dynamic_padding)
         return {"pixel_values": torch.stack(images), "input_ids": input_ids,
                 "attention_mask": attention_mask, "idx": torch.as_tensor(idx, dtype=torch.long)}
+
+
+class ImageSetCollator:
+    """``[(images [K,3,H,W], text, target, index), ...]`` (a text and its K candidate images, e.g.
+    ImageCoDe's 10) -> dict of ``pixel_values`` ``[B,K,3,H,W]``, ``input_ids`` / ``attention_mask``
+    ``[B,T]``, ``target`` ``[B]`` (-1: unknown) and ``index`` ``[B]`` (dataset indices)."""
+
+    def __init__(self, tokenizer, max_tokens: int = 35, dynamic_padding: bool = True):
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.dynamic_padding = dynamic_padding
+
+    def __call__(self, batch: List[tuple]) -> Dict[str, torch.Tensor]:
+        images, texts, target, index = zip(*batch)
+        input_ids, attention_mask = tokenize(self.tokenizer, texts, self.max_tokens, self.dynamic_padding)
+        return {"pixel_values": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask,
+                "target": torch.as_tensor(target, dtype=torch.long), "index": torch.as_tensor(index, dtype=torch.long)}

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     'ConfigError', 'ViTSpec', 'ModelConfig', 'RetrievalConfig', 'MMVPConfig', 'ContextBLIPConfig',
-    'PretrainConfig', 'VIT_PRESETS', 'load_config',
+    'PretrainConfig', 'ImageCodeConfig', 'VIT_PRESETS', 'load_config',
     'save_config', 'config_to_dict', 'add_config_args', 'parse_config',
 ]
 
@@ -295,6 +295,71 @@ class MMVPConfig(ContextBLIPConfig):
         yield from super().validate()
         yield from _at_least(self, ('pairs_per_pattern', 'batch_size'), 1)
 
+
+@dataclass
+class ImageCodeConfig(ContextBLIPConfig):
+    """ImageCoDe: zero-shot scoring (zero_shot.py) and the two fine-tuning stages
+    (finetune_imagecode.py). Defaults are the released stage-1 recipe (CONTEXTBLIP.md)."""
+    image_size: int = 224
+    max_tokens: int = 30                        # released: padded/truncated to 30 tokens
+    image_root: str = ''                        # the image-sets folder: <image_root>/<set>/img<N>.jpg
+    ann_root: str = ''                          # train_data.json, valid_data.json, test_data_unlabeled.json
+    split: Literal['valid', 'test'] = 'valid'   # what is scored; test: the leaderboard submission too
+    tag_file: str = ''                          # phenomenon tags (manual_annotation_valid.yaml), for analysis
+    score: Literal['itm', 'itc', 'itm+itc'] = 'itm'  # zero-shot: match prob | cosine | ITM logit + cosine
+    stage: Literal[1, 2] = 1                    # 1: adapter-BLIP + prediction layer; 2: + inter-context encoder
+    all_pos: bool = False                       # stage 2: candidate position embedding for static sets too
+    context_layers: int = 2                     # stage 2 encoder over the 10 candidate features
+    context_heads: int = 8
+    context_mlp_ratio: float = 4.0              # FFN = ratio x text width (3072 for BERT-base)
+    context_dropout: float = 0.1
+    cache_features: bool = False                # stage 2: compute the frozen stage-1 features once
+    batch_size_train: int = 36                  # descriptions (each with its 10 images) per process and step
+    batch_size_test: int = 8                    # image sets per forward pass at evaluation
+    init_lr: float = 2e-6                       # stage 1: BLIP + adapter; stage 2: the inter-context encoder
+    head_lr: float = 1e-4                       # stage 1: the prediction layer
+    lr_decay_rate: float = 0.95                 # lr = init_lr * rate ** epoch
+    min_lr: float = 0.0
+    optimizer: Literal['adam', 'adamw'] = 'adam'  # released: Adam, weight decay as L2
+    betas: List[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.2
+    max_epoch: int = 40
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    num_workers: int = 4
+    log_every: int = 50
+    eval_every: int = 1                         # epochs between validation runs (best-on-valid)
+    ckpt_every_steps: int = 0                   # also save checkpoint_last.pth every N steps
+    train_crop_min_scale: float = 0.5           # RandomResizedCrop scale=(min, 1)
+    train_hflip: bool = False                   # released: true; descriptions say left and right
+    train_randaug: bool = True
+    train_shared_crop: bool = True              # one augmentation draw for all 10 frames; released: per frame
+    train_resize_only: bool = False             # train transform = the test transform
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from super().validate()
+        yield from _at_least(self, ('context_layers', 'context_heads', 'batch_size_train', 'batch_size_test',
+                                    'grad_accum_steps', 'log_every', 'eval_every'), 1)
+        yield from _at_least(self, ('max_epoch', 'num_workers', 'min_lr', 'weight_decay', 'ckpt_every_steps',
+                                    'head_lr', 'eps'), 0)
+        if self.init_lr <= 0:
+            yield 'init_lr', f'must be > 0, got {self.init_lr}'
+        if not 0.0 < self.lr_decay_rate <= 1.0:
+            yield 'lr_decay_rate', f'must be in (0, 1], got {self.lr_decay_rate}'
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            yield 'betas', f'must be two numbers in [0, 1), got {self.betas}'
+        if not 0.0 <= self.context_dropout < 1.0:
+            yield 'context_dropout', f'must be in [0, 1), got {self.context_dropout}'
+        if self.context_mlp_ratio <= 0:
+            yield 'context_mlp_ratio', f'must be > 0, got {self.context_mlp_ratio}'
+        if not 0.0 < self.train_crop_min_scale <= 1.0:
+            yield 'train_crop_min_scale', f'must be in (0, 1], got {self.train_crop_min_scale}'
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            yield 'clip_grad_norm', f'must be > 0 or null, got {self.clip_grad_norm}'
+        if self.cache_features and not (self.stage == 2 and self.train_resize_only):
+            yield 'cache_features', ('needs stage: 2 and train_resize_only: true (augmented images give '
+                                     'new features every epoch)')
 
 def _at_least(obj: Any, names: tuple[str, ...], low: float) -> Iterator[tuple[str, str]]:
     for name in names:

@@ -9,8 +9,8 @@ so the real dataset code paths run on them; a BERT tokenizer folder is built fro
 The output is a pure function of the arguments (same json bytes, same pixels); a stamp
 `DIR/.complete` holding the arguments, written last, makes a repeated call return at once.
 
-Parts: `retrieval` (BLIP retrieval json, FORMATS.md section 1). ImageCoDe- and MMVP-style parts
-are meant to be added to `PARTS` as further (spec, writer, paths) entries built on `scenes`.
+Parts: `retrieval` (BLIP retrieval json, FORMATS.md section 1), `imagecode` (ImageCoDe sets,
+FORMATS.md section 3). Further parts are (spec, writer, paths) entries of `PARTS` built on `scenes`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .imagecode import ImageCodeSpec, imagecode_paths, write_imagecode
 from .retrieval import PartOutput, RetrievalSpec, retrieval_paths, write_retrieval
 from .vocab import N_ADDED_TOKENS, write_tokenizer
 
@@ -44,6 +45,7 @@ class Part:
 
 PARTS: dict[str, Part] = {
     "retrieval": Part(RetrievalSpec, write_retrieval, retrieval_paths),
+    "imagecode": Part(ImageCodeSpec, write_imagecode, imagecode_paths),
 }
 
 
@@ -119,6 +121,13 @@ def _readme(args: dict, part_meta: dict[str, dict], n_tokens: int) -> str:
         for split, c in part_meta["retrieval"]["splits"].items():
             lines.append(f"  - {split}: {c['images']} images, {c['captions']} captions")
         lines.append("  Val/test signatures are unique per split and captions name every attribute.")
+    if "imagecode" in part_meta:
+        lines.append("- `imagecode/`: ImageCoDe layout (`image-sets/<set>/img<N>.jpg`, `data/*_data*.json`,")
+        lines.append("  `data/analysis/manual_annotation_valid.yaml`); video sets = frames of moving shapes")
+        lines.append("  (non-contiguous frame numbers), static (`open-images-`) sets = 10 near-identical scenes.")
+        for split, c in part_meta["imagecode"]["splits"].items():
+            lines.append(f"  - {split}: {c['sets']} sets ({c['video_sets']} video, {c['static_sets']} static), "
+                         f"{c['descriptions']} descriptions")
     lines += [
         f"- `tokenizer/`: BERT WordPiece vocab of {n_tokens} tokens built from the captions",
         f"  (model vocab_size = {n_tokens + N_ADDED_TOKENS} with [DEC] and [ENC]).",

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="retrieval", help="comma-separated parts (available: retrieval)")
+    ap.add_argument("--parts", default="retrieval", help="comma-separated parts (available: retrieval, imagecode)")
     ap.add_argument("--image_size", type=int, default=64)
     ap.add_argument("--force", action="store_true", help="regenerate even when the stamp matches")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary line")
@@ -32,12 +32,17 @@ def main(argv: list[str] | None = None) -> dict:
     retrieval.add_argument("--train_captions", type=int, help="captions per train image (default 3)")
     retrieval.add_argument("--eval_captions", type=int, help="captions per val/test image (default 2)")
     retrieval.add_argument("--partial_frac", type=float, help="share of partial train captions (0.2)")
+    imagecode = ap.add_argument_group("imagecode part")
+    imagecode.add_argument("--n_train_sets", type=int, help="train sets of 10 images (default 500)")
+    imagecode.add_argument("--n_valid_sets", type=int, help="valid sets (default 80)")
+    imagecode.add_argument("--n_test_sets", type=int, help="unlabelled test sets (default 80)")
+    imagecode.add_argument("--static_frac", type=float, help="share of static (open-images) sets (0.3)")
     args = ap.parse_args(argv)
 
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Unset part flags fall back to the part's own defaults (one place to change them).
-    options = {a.dest: getattr(args, a.dest) for a in retrieval._group_actions}
+    options = {a.dest: getattr(args, a.dest) for g in (retrieval, imagecode) for a in g._group_actions}
     options = {k: v for k, v in options.items() if v is not None}
     result = generate(
         args.out, seed=args.seed, parts=args.parts, image_size=args.image_size, force=args.force, **options

@@ -137,26 +137,65 @@ def render_scene(scene: Scene, image_size: int, rng: random.Random) -> Image.Ima
     `rng` only adds small jitter (background tint, fill colour, exact centre); the attribute
     words stay true for every draw.
     """
-    side = image_size * _SUPERSAMPLE
-    shade = rng.randint(-BACKGROUND_JITTER, BACKGROUND_JITTER)
-    img = Image.new("RGB", (side, side), tuple(c + shade for c in BACKGROUND))
-    draw = ImageDraw.Draw(img)
+    img, draw = _canvas(image_size, rng)
+    side = img.size[0]
     # Big shapes first: should regions ever touch, the small one stays fully visible.
     for s in sorted(scene, key=lambda s: s.size != "big"):
         cx, cy = _CENTRES[s.position]
         j = _CENTRE_JITTER[s.size]
         cx = (cx + rng.uniform(-j, j)) * side
         cy = (cy + rng.uniform(-j, j)) * side
-        h = _HALF_EXTENT[s.size] * side
-        fill = _jitter(rng, COLOURS[s.colour], COLOUR_JITTER)
-        if s.shape == "circle":
-            draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
-        elif s.shape == "square":
-            # A square of the same half extent looks bigger than the circle; shrink it a bit.
-            q = 0.9 * h
-            draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
-        elif s.shape == "triangle":
-            draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {s.shape!r}")
+        _draw_shape(draw, s.shape, cx, cy, _HALF_EXTENT[s.size] * side, _jitter(rng, COLOURS[s.colour], COLOUR_JITTER))
     return img.reduce(_SUPERSAMPLE)
+
+
+@dataclass(frozen=True)
+class PlacedShape:
+    """A shape at an explicit centre (fractions of the image side): frames of moving shapes."""
+
+    colour: str
+    shape: str
+    size: str
+    x: float
+    y: float
+
+
+def render_placed(shapes: Sequence[PlacedShape], image_size: int, rng: random.Random,
+                  centre_jitter: float = 0.0) -> Image.Image:
+    """Draw shapes at given centres (big ones first), with the same jitter of tint and colour as
+    `render_scene` plus up to `centre_jitter` (fraction of the side) on each centre."""
+    img, draw = _canvas(image_size, rng)
+    side = img.size[0]
+    for s in sorted(shapes, key=lambda s: s.size != "big"):
+        cx = (s.x + rng.uniform(-centre_jitter, centre_jitter)) * side
+        cy = (s.y + rng.uniform(-centre_jitter, centre_jitter)) * side
+        _draw_shape(draw, s.shape, cx, cy, _HALF_EXTENT[s.size] * side, _jitter(rng, COLOURS[s.colour], COLOUR_JITTER))
+    return img.reduce(_SUPERSAMPLE)
+
+
+def half_extent(size: str) -> float:
+    """Half the drawn extent of a shape of `size`, as a fraction of the image side."""
+    return _HALF_EXTENT[size]
+
+
+def _canvas(image_size: int, rng: random.Random) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A supersampled grey canvas with this image's background tint."""
+    side = image_size * _SUPERSAMPLE
+    shade = rng.randint(-BACKGROUND_JITTER, BACKGROUND_JITTER)
+    img = Image.new("RGB", (side, side), tuple(c + shade for c in BACKGROUND))
+    return img, ImageDraw.Draw(img)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, h: float,
+                fill: tuple[int, ...]) -> None:
+    """One filled shape of half extent `h` centred at (cx, cy), in canvas pixels."""
+    if shape == "circle":
+        draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "square":
+        # A square of the same half extent looks bigger than the circle; shrink it a bit.
+        q = 0.9 * h
+        draw.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")

@@ -1,0 +1,94 @@
+"""ImageCoDe zero-shot: score each description's 10 candidates with a BLIP or ContextBLIP checkpoint.
+
+    python zero_shot.py --config configs/imagecode_zeroshot.yaml --opts pretrained=model_base.pth
+    python zero_shot.py --config configs/imagecode_zeroshot.yaml --score itc
+    python zero_shot.py --config configs/imagecode_zeroshot.yaml --opts split=test   # + submission.json
+    torchrun --nproc_per_node 8 zero_shot.py --config configs/imagecode_zeroshot.yaml
+
+Scores (``--score``): ``itm`` softmax(itm_head)[:, 1] (default, as released), ``itc`` cosine of the
+ITC projections, ``itm+itc`` ITM logit + cosine. A plain BLIP checkpoint is scored as BLIP (no
+adapter); a ContextBLIP pretraining checkpoint or merged export with its adapter. Writes
+``predictions.json``, ``evaluate.txt`` (accuracy overall / video / static) and, on the unlabelled
+test file, the leaderboard ``submission.json``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from data.imagecode import build_imagecode_dataset
+from data.transforms import build_test_transform
+from models.contextblip import build_contextblip, checkpoint_kind, load_contextblip
+from models.imagecode import ZERO_SHOT_SCORES, candidate_tokens, zero_shot_scores
+from models.tokenizer import build_tokenizer
+from utils import dist as du
+from utils.checkpoint import extract_state_dict, load_checkpoint
+from utils.config import ImageCodeConfig, parse_config, save_config
+from utils.imagecode_eval import format_accuracy, map_over_sets, write_outputs
+from utils.logging import append_json_line, setup_logging
+
+logger = logging.getLogger("zero_shot")
+
+
+def _extra_args(parser) -> None:
+    parser.add_argument("--score", choices=ZERO_SHOT_SCORES, default=None,
+                        help="candidate score (overrides the config's `score`; default itm)")
+    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
+
+
+def build_model(cfg, device):
+    """A ContextBLIP with the checkpoint's weights; a plain BLIP checkpoint -> no adapter (BLIP)."""
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    state = extract_state_dict(load_checkpoint(cfg.pretrained)) if cfg.pretrained else None
+    plain_blip = state is not None and checkpoint_kind(state) == "blip"
+    if plain_blip and cfg.use_adapter:
+        logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", cfg.pretrained)
+        cfg.use_adapter = False
+    model = build_contextblip(cfg, tokenizer)
+    if plain_blip:
+        from models.blip import load_blip_weights
+        load_blip_weights(model.blip, state, strict=cfg.strict_load)
+    elif state is not None:
+        load_contextblip(model, cfg.pretrained, strict=cfg.strict_load)
+    else:
+        logger.warning("no `pretrained` checkpoint: scoring with random weights")
+    return model.to(device).eval(), tokenizer
+
+
+def main(argv=None) -> dict:
+    args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
+    if args.score:
+        cfg.score = doc["score"] = args.score
+    info = du.init_distributed(cfg.device)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(str(output_dir), info.rank)
+    try:
+        model, tokenizer = build_model(cfg, info.device)
+        doc["use_adapter"] = cfg.use_adapter
+        if info.is_main:
+            save_config(doc, output_dir / "config.yaml")
+        dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
+
+        def score(batch):
+            plain, adapted = candidate_tokens(model, batch["pixel_values"])
+            s = batch["set_index"]
+            return zero_shot_scores(model, plain[s], adapted[s], batch["input_ids"], batch["attention_mask"], cfg.score)
+
+        k = len(dataset.items[0].candidates) if len(dataset) else 10
+        with torch.no_grad():
+            scores = map_over_sets(score, dataset, tokenizer, cfg.max_tokens, (k,), cfg.batch_size_test, info.device,
+                                   cfg.num_workers, cfg.precision, progress=not args.no_progress)
+        metrics = write_outputs(output_dir, dataset, scores)
+        record = {"split": cfg.split, "score": cfg.score, **{f"{cfg.split}_{k}": v for k, v in metrics.items()}}
+        if info.is_main:
+            append_json_line(output_dir / "evaluate.txt", record)
+            print(f"zero-shot ({cfg.score}) on {cfg.split}: {format_accuracy(metrics)}", flush=True)
+        return record
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    main()
