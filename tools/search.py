@@ -116,7 +116,7 @@ def _join_root(root: str, path: str) -> str:
     return path if not root else os.path.join(root, path)
 
 
-def load_queries(args, cfg, gallery_manifest) -> Tuple[List[dict], Optional[np.ndarray]]:
+def load_queries(args, cfg) -> Tuple[List[dict], Optional[np.ndarray]]:
     """Query records (``text`` or ``image`` path) and, when already embedded, their features."""
     t2i = args.direction == "t2i"
     given = [n for n in ("queries", "query_images", "query_embeddings", "input") if getattr(args, n)]
@@ -132,7 +132,11 @@ def load_queries(args, cfg, gallery_manifest) -> Tuple[List[dict], Optional[np.n
         return [{"image": p} for p in args.query_images], None
     if args.query_embeddings:
         feats, ids = load_embeddings(args.query_embeddings, "text" if t2i else "image")
-        root = read_manifest(args.query_embeddings).get("image_root", "")
+        manifest = read_manifest(args.query_embeddings)
+        if manifest["model"] != model_signature(cfg):
+            logger.warning("the queries in %s were embedded with another model config than this one",
+                           args.query_embeddings)
+        root = manifest.get("image_root", "")
         return [({"text": r["caption"], "image": _join_root(root, r["image"])} if t2i
                  else {"image": _join_root(root, r["image"])}) for r in ids], feats
     table = read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
@@ -268,7 +272,7 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
             logger.warning("the gallery was embedded with another model config (%s) than this one (%s)",
                            manifest["model"], model_signature(cfg))
         gallery, gallery_ids = load_embeddings(args.gallery, "image" if t2i else "text")
-        queries, query_feats = load_queries(args, cfg, manifest)
+        queries, query_feats = load_queries(args, cfg)
         model = tokenizer = None
         if query_feats is None or args.rerank:
             model, tokenizer = build_model(cfg, info.device)
