@@ -134,7 +134,12 @@ def ask(sample: Path, answers: Path, client: ChatClient, variant: int = 10, prom
         index_base: int = 1, limit: Optional[int] = None) -> Dict[str, int]:
     """Ask ``client`` about every sample item not yet in ``answers``; returns counts."""
     folder, doc = load_sample(sample)
-    done = {(a.get("id"), a.get("variant")) for a in read_answers(answers)}
+    previous = read_answers(answers)
+    others = sorted({str(a.get("model")) for a in previous} - {client.model})
+    if others:
+        raise ValueError(f"{answers} holds answers of model {', '.join(others)}, not {client.model}: "
+                         "use one answers file per model")
+    done = {(a.get("id"), a.get("variant")) for a in previous}
     todo = [it for it in doc["items"] if (it["id"], variant) not in done]
     logger.info("%d of %d items left to ask (answers in %s)", len(todo), len(doc["items"]), answers)
     todo = todo[:limit]
@@ -293,6 +298,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
             counts = ask(args.sample, args.answers, client, args.variant, prompt, args.index_base, args.limit)
         except ChatError as err:
             raise SystemExit(f"stopped: {err}. Answers so far are in {args.answers}; run again to resume.")
+        except (ValueError, FileNotFoundError) as err:  # a bad sample or answers file
+            raise SystemExit(str(err))
         print(f"asked {counts['asked']} items ({counts['unparsed']} unparseable answers, "
               f"{counts['retries']} retries); answers in {args.answers}")
         return counts

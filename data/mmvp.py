@@ -105,6 +105,16 @@ def _item(root: Path, csv_path: Path, row: int, fields: List[str]) -> MMVPItem:
     return MMVPItem(qid, qtype, statement, root / IMAGE_FOLDER / qtype / f"{qid}.jpg", row)
 
 
+def check_patterns(pairs: Sequence[MMVPPair]) -> Optional[str]:
+    """A warning when a Type does not sit in its pattern's block (e.g. rows in another order)."""
+    for pair in pairs:
+        k = PATTERNS.index(pair.pattern)
+        if pair.first.type in TYPE_FOLDERS and TYPE_FOLDERS.index(pair.first.type) != k:
+            return (f"pair {pair.index} (Question ID {pair.first.qid}) has Type {pair.first.type!r} but "
+                    f"its position makes it {pair.pattern!r}: the protocol goes by position")
+    return None
+
+
 def read_mmvp(data_root, pairs_per_pattern: int = PAIRS_PER_PATTERN, check_images: bool = True) -> List[MMVPPair]:
     """Read ``data_root`` (``Questions.csv`` + ``MLLM_VLM Images/``) into pairs, in file order.
 
@@ -116,6 +126,8 @@ def read_mmvp(data_root, pairs_per_pattern: int = PAIRS_PER_PATTERN, check_image
     root = Path(data_root)
     csv_path = root / QUESTIONS_FILE
     rows = _read_rows(csv_path)
+    if not rows:
+        raise ValueError(f"{csv_path}: no data rows under the header")
     if len(rows) % 2:
         raise ValueError(f"{csv_path}: {len(rows)} data rows, an odd number; rows come in consecutive "
                          f"pairs (2k-1, 2k), so the last row (Question ID {rows[-1][1][0].strip()}) has no partner")
@@ -231,38 +243,36 @@ def markdown_table(accuracy: Dict[str, float], name: str = "ours") -> str:
 
 
 def bar_chart(accuracy: Dict[str, float], path, title: str = "MMVP-VLM") -> Path:
-    """Bar chart of the per-pattern and average accuracy, with chance and the published averages."""
+    """Bar chart of the per-pattern and average accuracy, with chance and, next to the average, the
+    published CLIP-family averages."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [p for p in PATTERNS if p in accuracy] + ["Average"]
     values = [accuracy[n] for n in names]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    colours = ["#4c72b0"] * (len(names) - 1) + ["#dd8452"]
-    ax.bar(range(len(names)), values, color=colours)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    x_avg = len(names) - 1
+    bars = ax.bar(range(len(names)), values, color=["#4c72b0"] * x_avg + ["#dd8452"])
+    ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.axhline(CHANCE, color="grey", linestyle=":", linewidth=1, label=f"chance ({CHANCE:.0f})")
-    for (model, avg), style in zip(PUBLISHED_AVERAGES.items(), ("--", "-.", (0, (5, 1)), (0, (1, 1)))):
-        ax.axhline(avg, color="#55a868", linestyle=style, linewidth=0.8, label=f"{model}: {avg}")
+    y_text = float("-inf")
+    for model, avg in sorted(PUBLISHED_AVERAGES.items(), key=lambda kv: kv[1]):
+        ax.hlines(avg, x_avg - 0.45, x_avg + 0.45, colors="#55a868", linewidth=1.2)
+        y_text = max(avg, y_text + 3.5)  # keep close averages' labels apart
+        ax.text(x_avg + 0.5, y_text, f"{model}: {avg}", fontsize=6, va="center", color="#2d6e3e")
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([n.replace(" and ", " &\n").replace(" of ", " of\n") for n in names], fontsize=7)
-    ax.set_ylim(0, 100)
+    ax.set_xticklabels([textwrap.fill(n, 14, break_long_words=False) for n in names], fontsize=7)
+    ax.set_xlim(-0.6, len(names) + 2.2)
+    ax.set_ylim(0, 105)
     ax.set_ylabel("pair accuracy (%)")
     ax.set_title(title)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def check_patterns(pairs: Sequence[MMVPPair]) -> Optional[str]:
-    """A warning when a Type does not sit in its pattern's block (e.g. rows in another order)."""
-    for pair in pairs:
-        k = PATTERNS.index(pair.pattern)
-        if pair.first.type in TYPE_FOLDERS and TYPE_FOLDERS.index(pair.first.type) != k:
-            return (f"pair {pair.index} (Question ID {pair.first.qid}) has Type {pair.first.type!r} but "
-                    f"its position makes it {pair.pattern!r}: the protocol goes by position")
-    return None

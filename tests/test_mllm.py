@@ -173,6 +173,9 @@ def test_ask_resumes_and_stops_on_a_configuration_error(sample, server_factory, 
     assert [r["id"] for r in read_answers(answers)] == [0, 1, 2, 3]  # the answered item survived the stop
     assert ask(sample, answers, _client(srv.url, []))["asked"] == 3  # only the rest
     assert [r["id"] for r in read_answers(answers)] == list(range(7))
+    other = ChatClient(srv.url, "another-model", min_interval=0.0)
+    with pytest.raises(ValueError, match="answers of model test-model, not another-model"):
+        ask(sample, answers, other)
     down = _client(srv.url, [], max_retries=1)
     srv.close()
     with pytest.raises(ChatError, match="after 1 retries"):
