@@ -1,0 +1,134 @@
+"""pretrain.py through its entry points, as a user runs it: training with the mask pictures, exact
+resume, the merged export, pictures on demand, torchrun, and `run.sh sweep-mask`."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_script, run_torchrun
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, synthetic_small):
+    """A random tiny BLIP in the official layout (momentum encoders, queues) and a config over it."""
+    from models.blip import build_blip_retrieval
+    from models.tokenizer import build_tokenizer
+    from utils.checkpoint import save_checkpoint_atomic
+    from utils.config import RetrievalConfig, load_config
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    med = tmp / "med.json"
+    med.write_text('{"vocab_size": null, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,'
+                   ' "intermediate_size": 64, "max_position_embeddings": 40, "encoder_width": 32}')
+    vit = "{width: 32, depth: 2, heads: 2, patch_size: 8}"
+    blip_cfg = load_config(None, RetrievalConfig, [f"vit={vit}", "image_size=32", f"med_config={med}",
+                                                   "embed_dim=16", "queue_size=32"])[0]
+    torch.manual_seed(0)
+    blip = build_blip_retrieval(blip_cfg, build_tokenizer(str(synthetic_small / "tokenizer")))
+    base = save_checkpoint_atomic({"model": blip.state_dict(), "epoch": 0}, tmp / "blip_base.pth")
+    data = synthetic_small / "retrieval"
+    cfg = {
+        "train_file": f"[{data / 'annotation' / 'synthetic_train.json'}]", "image_root": str(data / "images"),
+        "tokenizer": str(synthetic_small / "tokenizer"), "med_config": str(med), "pretrained": str(base),
+        "strict_load": "false", "vit": vit, "image_size": 32, "embed_dim": 16, "adapter_taps": "[1, 2]",
+        "decoder_depth": 1, "decoder_heads": 2, "mask_rate": 0.25, "batch_size_train": 32, "init_lr": 1e-3,
+        "warmup_steps": 4, "warmup_lr": 1e-5, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 5,
+        "log_every": 1000, "train_resize_only": "true", "visualize_samples": 3, "max_tokens": 30,
+    }
+    path = tmp / "pretrain.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
+    return tmp, path
+
+
+def _pretrain(cfg, out, *extra):
+    return run_script("pretrain.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
+                      env={"OMP_NUM_THREADS": "1"})
+
+
+def _log(out: Path):
+    return [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path):
+    from models.contextblip import build_contextblip, load_contextblip
+    from models.tokenizer import build_tokenizer
+    from utils.config import PretrainConfig, load_config
+
+    _, cfg = setup
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _pretrain(cfg, straight)
+    log = _log(straight)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert all(r["train_loss_itm"] > 0 and r["train_loss_tmim"] > 0 for r in log)
+    for epoch in (0, 1):
+        assert (straight / "masks" / f"epoch_{epoch:02d}.png").read_bytes().startswith(PNG)
+    ckpt = torch.load(straight / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["model"] and all(k.startswith(("adapter.", "decoder.")) for k in ckpt["model"])
+    assert ckpt["config"]["pretrained"] and ckpt["epoch"] == 2
+
+    # Exact resume: one epoch, then --resume auto for the second, equals the straight run.
+    _pretrain(cfg, split, "--opts", "max_epoch=1")
+    _pretrain(cfg, split, "--resume", "auto")
+    assert [{k: v for k, v in r.items()} for r in _log(split)] == log
+    resumed = torch.load(split / "checkpoint_last.pth", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], v) for k, v in ckpt["model"].items())
+
+    # The merged export holds every weight and rebuilds the same model with no base BLIP at hand.
+    run_script("pretrain.py", ["--export", straight / "checkpoint_last.pth", "--export_to", tmp_path / "merged.pth"])
+    merged = torch.load(tmp_path / "merged.pth", weights_only=True)
+    assert any(k.startswith("blip.visual_encoder.") for k in merged["model"]) and merged["config"]
+    c = load_config(None, PretrainConfig, defaults_from=merged["config"])[0]
+    tok = build_tokenizer(c.tokenizer)
+    a, b = build_contextblip(c, tok).eval(), build_contextblip(c, tok).eval()
+    assert load_contextblip(a, tmp_path / "merged.pth", strict=True).kind == "merged"
+    assert load_contextblip(b, straight / "checkpoint_last.pth").kind == "pretrain"
+    px = torch.randn(2, 3, 32, 32)
+    ids, mask = torch.tensor([[101, 5, 6, 102], [101, 7, 102, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        assert torch.equal(a.itm_logits(ids, mask, a.image_embeds(px)), b.itm_logits(ids, mask, b.image_embeds(px)))
+
+    _pretrain(cfg, straight, "--visualize")
+    assert (straight / "masks" / "ondemand.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_pretrain_under_torchrun_two_processes(setup, tmp_path):
+    _, cfg = setup
+    out = tmp_path / "dist"
+    run_torchrun("pretrain.py", ["--config", cfg, "--output_dir", out, "--no_progress", "--opts", "max_epoch=1"])
+    (record,) = _log(out)
+    assert record["epoch"] == 0 and record["train_loss_tmim"] > 0
+    assert torch.load(out / "checkpoint_last.pth", weights_only=True)["step"] == 96 * 3 // (32 * 2)
+
+
+@pytest.mark.slow
+def test_sweep_mask_runs_each_rate_reports_a_failed_run_and_writes_the_table(setup, tmp_path):
+    _, cfg = setup
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "SWEEP_DIR": str(sweep), "NPROC": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    # 0.01 masks int(0.01 * 16) = 0 patches: that run fails at config validation; the others go on.
+    proc = subprocess.run(["bash", "run.sh", "sweep-mask", "0.25 0.01 0.5", str(cfg), "--no_progress",
+                           "--opts", "max_epoch=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["run"] for r in rows] == ["text_0.25", "text_0.01", "text_0.5", "random"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok", "ok"]
+    for r in (rows[0], rows[2], rows[3]):
+        assert float(r["train_loss_itm"]) > 0 and float(r["train_loss_tmim"]) > 0 and r["epochs"] == "1"
+    cfg_used = (sweep / "text_0.5" / "config.yaml").read_text()
+    assert "mask_rate: 0.5" in cfg_used and "max_epoch: 1" in cfg_used
+    assert "mask_strategy: random" in (sweep / "random" / "config.yaml").read_text()
+    md = (sweep / "summary.md").read_text()
+    assert md.count("\n| ") == 5 and "failed" in md and "FAILED: text_0.01" in proc.stdout
