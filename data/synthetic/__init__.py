@@ -10,7 +10,8 @@ The output is a pure function of the arguments (same json bytes, same pixels); a
 `DIR/.complete` holding the arguments, written last, makes a repeated call return at once.
 
 Parts: `retrieval` (BLIP retrieval json, FORMATS.md section 1), `imagecode` (ImageCoDe sets,
-FORMATS.md section 3). Further parts are (spec, writer, paths) entries of `PARTS` built on `scenes`.
+FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, FORMATS.md section 4). Further parts are
+(spec, writer, paths) entries of `PARTS` built on `scenes`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .imagecode import ImageCodeSpec, imagecode_paths, write_imagecode
+from .mmvp import MMVPSpec, mmvp_paths, write_mmvp
 from .retrieval import PartOutput, RetrievalSpec, retrieval_paths, write_retrieval
 from .vocab import N_ADDED_TOKENS, write_tokenizer
 
@@ -46,6 +48,7 @@ class Part:
 PARTS: dict[str, Part] = {
     "retrieval": Part(RetrievalSpec, write_retrieval, retrieval_paths),
     "imagecode": Part(ImageCodeSpec, write_imagecode, imagecode_paths),
+    "mmvp": Part(MMVPSpec, write_mmvp, mmvp_paths),
 }
 
 
@@ -128,6 +131,10 @@ def _readme(args: dict, part_meta: dict[str, dict], n_tokens: int) -> str:
         for split, c in part_meta["imagecode"]["splits"].items():
             lines.append(f"  - {split}: {c['sets']} sets ({c['video_sets']} video, {c['static_sets']} static), "
                          f"{c['descriptions']} descriptions")
+    if "mmvp" in part_meta:
+        m = part_meta["mmvp"]
+        lines.append(f"- `mmvp/`: MMVP-VLM layout (`Questions.csv`, `MLLM_VLM Images/<Type>/<qid>.jpg`): {m['pairs']}")
+        lines.append(f"  pairs, {m['pairs_per_pattern']} per pattern, the two images of a pair differ in that pattern.")
     lines += [
         f"- `tokenizer/`: BERT WordPiece vocab of {n_tokens} tokens built from the captions",
         f"  (model vocab_size = {n_tokens + N_ADDED_TOKENS} with [DEC] and [ENC]).",
@@ -193,4 +200,4 @@ def generate(
     return _result(out_dir, parts, n_tokens, skipped=False)
 
 
-__all__ = ["GENERATOR_VERSION", "PARTS", "RetrievalSpec", "generate"]
+__all__ = ["GENERATOR_VERSION", "MMVPSpec", "PARTS", "RetrievalSpec", "generate"]

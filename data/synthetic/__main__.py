@@ -1,4 +1,4 @@
-"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval] [--image_size 64] ...`."""
+"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval,imagecode,mmvp] [--image_size 64] ...`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from . import generate
+from . import PARTS, generate
 
 
 def _weights(text: str) -> tuple[float, ...]:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m data.synthetic", description=__doc__)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="retrieval", help="comma-separated parts (available: retrieval, imagecode)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts (default: all, {','.join(PARTS)})")
     ap.add_argument("--image_size", type=int, default=64)
     ap.add_argument("--force", action="store_true", help="regenerate even when the stamp matches")
     ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary line")
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     retrieval.add_argument("--train_captions", type=int, help="captions per train image (default 3)")
     retrieval.add_argument("--eval_captions", type=int, help="captions per val/test image (default 2)")
     retrieval.add_argument("--partial_frac", type=float, help="share of partial train captions (0.2)")
+    mmvp = ap.add_argument_group("mmvp part")
+    mmvp.add_argument("--pairs_per_pattern", type=int, help="pairs per pattern (default 15, as released)")
     imagecode = ap.add_argument_group("imagecode part")
     imagecode.add_argument("--n_train_sets", type=int, help="train sets of 10 images (default 500)")
     imagecode.add_argument("--n_valid_sets", type=int, help="valid sets (default 80)")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Unset part flags fall back to the part's own defaults (one place to change them).
-    options = {a.dest: getattr(args, a.dest) for g in (retrieval, imagecode) for a in g._group_actions}
+    options = {a.dest: getattr(args, a.dest) for g in (retrieval, mmvp, imagecode) for a in g._group_actions}
     options = {k: v for k, v in options.items() if v is not None}
     result = generate(
         args.out, seed=args.seed, parts=args.parts, image_size=args.image_size, force=args.force, **options
