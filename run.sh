@@ -37,6 +37,14 @@ case "$cmd" in
     "$PYTHON" -m data.synthetic --out "$DEMO/data" --seed 0
     "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml --output_dir "$DEMO/retrieval" "$@"
     "$PYTHON" train_retrieval.py --config configs/demo/fixture_eval.yaml --output_dir "$DEMO/fixture_eval" --evaluate
+    # ContextBLIP adapter pretraining on the synthetic pairs, over the BLIP just trained; then the
+    # merged export ($DEMO/pretrain/contextblip_merged.pth) the later stages start from.
+    rm -rf "$DEMO/pretrain"
+    "$PYTHON" pretrain.py --config configs/demo/pretrain.yaml --output_dir "$DEMO/pretrain" --no_progress \
+      --opts "train_file=[$DEMO/data/retrieval/annotation/synthetic_train.json]" \
+             "image_root=$DEMO/data/retrieval/images" "tokenizer=$DEMO/data/tokenizer" \
+             "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+    "$PYTHON" pretrain.py --export "$DEMO/pretrain/checkpoint_last.pth"
     "$PYTHON" - "$DEMO" <<'PY'
 import json, sys
 from pathlib import Path
@@ -49,6 +57,10 @@ print(f"  retrieval (synthetic test, best val epoch {best['epoch']}): "
       f"text->image R@1 {best['test_img_r1']:.1f}, image->text R@1 {best['test_txt_r1']:.1f}, r_mean {best['test_r_mean']:.1f}")
 print(f"  official-layout fixture checkpoint: txt_r1 {fx['test_txt_r1']:.1f}, img_r1 {fx['test_img_r1']:.1f} "
       "(the original BLIP code gives 0.0 / 16.7)")
+pt = [json.loads(l) for l in (demo / "pretrain" / "log.txt").read_text().splitlines()]
+print(f"  ContextBLIP pretraining ({len(pt)} epochs, frozen BLIP): ITM loss {pt[0]['train_loss_itm']:.3f} -> "
+      f"{pt[-1]['train_loss_itm']:.3f}, TMIM loss {pt[0]['train_loss_tmim']:.3f} -> {pt[-1]['train_loss_tmim']:.3f} "
+      f"(epoch means); masks in {demo / 'pretrain' / 'masks'}")
 PY
     ;;
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;

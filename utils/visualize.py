@@ -65,7 +65,7 @@ def save_mask_grid(path: str | Path, pixel_values: torch.Tensor, mask: torch.Ten
         axes[r, 2 * c].imshow(images[i], interpolation="nearest")
         axes[r, 2 * c + 1].imshow(overlay_mask(images[i], masks[i], patch_size), interpolation="nearest")
         guide = "random mask" if guides[i] is None else f"guide: {guides[i]}"
-        text = "\n".join(textwrap.wrap(captions[i], 34)[:3])
+        text = "\n".join(textwrap.wrap(captions[i], 38)[:4])
         axes[r, 2 * c].set_title(text, fontsize=6, loc="left")
         axes[r, 2 * c + 1].set_title(f"{guide}\n{int(masks[i].sum())}/{masks[i].size} masked", fontsize=6)
     if title:
