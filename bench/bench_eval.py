@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--rerank_batch_size", type=int, default=128)
     p.add_argument("--fixed_length", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast of our rerank (the original loop always runs fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -80,6 +82,8 @@ def main() -> None:
     text_feat = torch.cat([model.encode_text(ids[s:s + 128].to(device), mask[s:s + 128].to(device))[1]
                            for s in range(0, len(ids), 128)])
     sims = image_feat @ text_feat.t()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t_features = time.perf_counter() - t0
 
     top_i2t, top_t2i = topk_pairs(sims, args.k_test)
@@ -87,7 +91,8 @@ def main() -> None:
     needed.scatter_(1, top_i2t, True)
     needed.t().scatter_(1, top_t2i, True)
     t0 = time.perf_counter()
-    itm = rerank_itm(model, tokens, 0, needed, ids.to(device), mask.to(device), device, args.rerank_batch_size)
+    itm = rerank_itm(model, tokens, 0, needed, ids.to(device), mask.to(device), device, args.rerank_batch_size,
+                     precision=args.precision)
     ours_i2t, ours_t2i = scores_from_itm(sims, itm, top_i2t, top_t2i)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -103,7 +108,7 @@ def main() -> None:
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "n_images": args.n_images, "n_texts": args.n_texts,
         "k_test": args.k_test, "width": args.width, "depth": args.depth, "image_size": args.image_size,
-        "fixed_length": args.fixed_length, "pairs_scored_ours": int(needed.sum()),
+        "fixed_length": args.fixed_length, "precision_ours": args.precision, "pairs_scored_ours": int(needed.sum()),
         "pairs_scored_original": top_i2t.numel() + top_t2i.numel(),
         "features_s": round(t_features, 2), "rerank_ours_s": round(t_ours, 2), "rerank_original_s": round(t_ref, 2),
         "rerank_speedup": round(t_ref / t_ours, 2),

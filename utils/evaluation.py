@@ -37,13 +37,6 @@ class EvalOutput:
     score_t2i: np.ndarray  # [n_txt, n_img]
 
 
-def _shard(n: int) -> range:
-    """This rank's contiguous slice of ``range(n)``."""
-    world, rank = du.get_world_size(), du.get_rank()
-    step = -(-n // world)
-    return range(min(n, rank * step), min(n, (rank + 1) * step))
-
-
 @torch.no_grad()
 def embed_texts(model, input_ids, attention_mask, batch_size, device, precision="fp32") -> torch.Tensor:
     """Normalised text features ``[n, E]`` of the given ids ``[n, T]``."""
@@ -150,7 +143,7 @@ def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: in
     input_ids, attention_mask = tokenize(tokenizer, dataset.text, max_tokens)
     n_txt, n_img = input_ids.shape[0], len(dataset)
 
-    txt_shard, img_shard = _shard(n_txt), _shard(n_img)
+    txt_shard, img_shard = du.shard_range(n_txt), du.shard_range(n_img)
     text_feat = du.gather_variable(embed_texts(model, input_ids[txt_shard.start:txt_shard.stop],
                                                attention_mask[txt_shard.start:txt_shard.stop],
                                                batch_size, device, precision))
@@ -209,8 +202,8 @@ def reference_rerank(model, image_tokens, input_ids, attention_mask, sims, k_tes
     padded to full length, shared pairs scored twice. Single process."""
     n_img, n_txt = sims.shape
     ids = model.itm_input_ids(input_ids)
-    score_i2t = torch.full((n_img, n_txt), -100.0)
-    score_t2i = torch.full((n_txt, n_img), -100.0)
+    score_i2t = torch.full((n_img, n_txt), -100.0, device=sims.device)
+    score_t2i = torch.full((n_txt, n_img), -100.0, device=sims.device)
     for i in range(n_img):
         top_sim, top = sims[i].topk(min(k_test, n_txt))
         enc = image_tokens[i].unsqueeze(0).repeat(top.numel(), 1, 1)
