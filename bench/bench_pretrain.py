@@ -90,6 +90,23 @@ def time_steps(model, batch, steps: int, warmup: int, precision: str, device) ->
     return sum(times) / len(times), losses[0]
 
 
+@torch.no_grad()
+def time_embedding(vit, pixels: torch.Tensor, args) -> float:
+    """Seconds for the visible-patch embedding alone (no blocks), mean over ``args.steps`` calls."""
+    N = vit.num_patches
+    keep = torch.rand(pixels.shape[0], N, device=pixels.device).argsort(1)[:, :N - int(args.mask_rate * N)]
+    keep = keep.sort(1).values
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        vit.embed_visible(pixels, keep)
+        if pixels.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return sum(times) / len(times)
+
+
 def bench_size(size: str, args, device) -> dict:
     result = {"size": size}
     for method in ("batched", "per_patch"):
@@ -105,8 +122,10 @@ def bench_size(size: str, args, device) -> dict:
         batch = [t.to(device) for t in (pixels, ids, mask, torch.arange(B))]
         step_s, loss = time_steps(model, batch, args.steps, args.warmup, args.precision, device)
         result[f"{method}_step_s"] = round(step_s, 4)
+        result[f"{method}_embed_ms"] = round(1000 * time_embedding(model.vit, pixels.to(device), args), 2)
         result[f"{method}_first_loss"] = round(loss, 6)
     result["speedup"] = round(result["per_patch_step_s"] / result["batched_step_s"], 2)
+    result["embed_speedup"] = round(result["per_patch_embed_ms"] / result["batched_embed_ms"], 1)
     return result
 
 

@@ -52,7 +52,7 @@ class PretrainSettings:
     mask_rate: float = 0.25
     guide_token: str = "words"         # 'words' (ours) | 'any' (released)
     mask_noise: float = 0.02
-    tmim_condition: str = "unmasked"   # text condition from the pass on the 'unmasked' | 'masked' image
+    tmim_condition: str = "masked"     # text condition from the pass on the 'masked' | 'unmasked' (released) image
     tmim_norm_pix: bool = False
     itm_neg_temp: float = 1.0
     itm_weight: float = 1.0
@@ -84,6 +84,8 @@ class ContextBLIP(nn.Module):
         self.taps = tuple(taps)
         self.use_adapter = use_adapter
         self.adapter = MultiScaleAdapter(blip.visual_encoder.width, len(self.taps), adapter_reduction)
+        # An unused adapter must not count as trainable (DDP would wait for its gradients).
+        self.adapter.requires_grad_(use_adapter)
         self.decoder = decoder
         self.settings = settings or PretrainSettings()
         self.blip_frozen = False

@@ -217,11 +217,31 @@ def test_tmim_loss_counts_masked_patches_only():
     assert (pred.grad[~mask] == 0).all() and (pred.grad[mask] != 0).any()
 
 
-def test_tmim_condition_masked_and_norm_pix_run(tmp_path):
+def test_options_run(tmp_path):
     px, ids, mask, idx = _batch()
-    for opts in (("tmim_condition=masked",), ("tmim_norm_pix=true", "mask_strategy=random"), ("guide_token=any",)):
+    for opts in (("tmim_condition=unmasked",), ("tmim_norm_pix=true", "mask_strategy=random"), ("guide_token=any",)):
         losses = _model(tmp_path, *opts)(px, ids, mask, idx)
         assert all(torch.isfinite(v) for v in losses.values()), opts
+
+
+@pytest.mark.parametrize("condition, leaks", [("masked", False), ("unmasked", True)])
+def test_only_the_released_text_condition_sees_the_masked_patches(tmp_path, condition, leaks):
+    model = _model(tmp_path, f"tmim_condition={condition}", "mask_strategy=random").eval()
+    seen = []
+    model.decoder.register_forward_hook(lambda mod, inp, out: seen.append((inp[1].clone(), out.detach())))
+    px, ids, mask, idx = _batch()
+    model(px, ids, mask, idx, generator=torch.Generator().manual_seed(0))
+    keep, pred = seen[-1]
+    hidden = torch.ones(4, 16, dtype=torch.bool).scatter_(1, keep, False)  # the masked patches
+    changed = px.clone()
+    for b in range(4):
+        for n in hidden[b].nonzero().flatten().tolist():
+            r, c = divmod(n, 4)
+            changed[b, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] += 3.0
+    model(changed, ids, mask, idx, generator=torch.Generator().manual_seed(0))
+    keep2, pred2 = seen[-1]
+    assert torch.equal(keep, keep2)
+    assert torch.allclose(pred, pred2, atol=1e-5) != leaks
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -227,7 +227,7 @@ class PretrainConfig(ContextBLIPConfig):
     mask_rate: float = 0.25                     # masked share of patches: int(mask_rate * N)
     guide_token: Literal['words', 'any'] = 'words'  # 'any': released (any of the padded positions)
     mask_noise: float = 0.02                    # uniform noise added to the normalised attention row
-    tmim_condition: Literal['unmasked', 'masked'] = 'unmasked'  # image the text condition h attends to
+    tmim_condition: Literal['unmasked', 'masked'] = 'masked'  # image the text condition h sees; 'unmasked': released (leaks)
     tmim_norm_pix: bool = False                 # targets normalised per patch (MAE) instead of the input
     itm_neg_temp: float = 1.0                   # hard negatives ~ softmax(sim / T); released: 1 (none)
     itm_weight: float = 1.0
