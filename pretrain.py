@@ -28,14 +28,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from models.blip import load_blip_weights
 from models.contextblip import build_contextblip, load_contextblip
 from models.tokenizer import build_tokenizer
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
-from utils.config import PretrainConfig, config_to_dict, load_config, parse_config, save_config
+from utils.config import PretrainConfig, config_to_dict, load_config, parse_config
+from utils.engine import run_entry, start_run
 from utils.logging import setup_logging
 
 logger = logging.getLogger("pretrain")
@@ -95,12 +94,7 @@ def main(argv=None) -> dict:
     if args.export:
         setup_logging()
         return {"export": str(export_merged(args.export, args.export_to))}
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir), info.rank)
-    if info.is_main:
-        save_config(doc, output_dir / "config.yaml")
-    torch.manual_seed(cfg.seed + info.rank)
+    info, output_dir = start_run(cfg, doc)
     model, tokenizer = build_model(cfg, info.device)
     try:
         if args.visualize:
@@ -112,9 +106,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from utils.engine import NonFiniteLossError
-    try:
-        main()
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        raise SystemExit(1)
+    run_entry(main, logger)

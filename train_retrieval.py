@@ -13,16 +13,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
 from models.blip import build_blip_retrieval, load_blip_weights
 from models.tokenizer import build_tokenizer
 from utils import dist as du
-from utils.config import RetrievalConfig, parse_config, save_config
+from utils.config import RetrievalConfig, parse_config
+from utils.engine import run_entry, start_run
 from utils.evaluation import evaluate_retrieval
-from utils.logging import append_json_line, setup_logging
+from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
 
@@ -82,12 +82,7 @@ def evaluate_only(args, cfg, model, tokenizer, output_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir), info.rank)
-    if info.is_main:
-        save_config(doc, output_dir / "config.yaml")
-    torch.manual_seed(cfg.seed + info.rank)
+    info, output_dir = start_run(cfg, doc)
     model, tokenizer = build_model(cfg, info.device)
     try:
         if args.evaluate:
@@ -99,9 +94,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from utils.engine import NonFiniteLossError
-    try:
-        main()
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        raise SystemExit(1)
+    run_entry(main, logger)

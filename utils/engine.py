@@ -310,3 +310,30 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.state.epoch_sums, self.state.epoch_count = {}, 0
         return is_best
+
+
+# ---------------------------------------------------------------------- entry scripts
+
+def start_run(cfg, doc) -> tuple:
+    """What every entry script does first: join torchrun's process group (if any), log to the
+    console and ``output_dir/run.log``, save the resolved config there, seed per rank.
+    Returns ``(DistInfo, output_dir)``."""
+    from utils.config import save_config
+    from utils.logging import setup_logging
+
+    info = du.init_distributed(cfg.device)
+    output_dir = Path(cfg.output_dir)
+    setup_logging(str(output_dir), info.rank)
+    if info.is_main:
+        save_config(doc, output_dir / "config.yaml")
+    torch.manual_seed(cfg.seed + info.rank)
+    return info, output_dir
+
+
+def run_entry(main: Callable, log: logging.Logger) -> None:
+    """Run an entry script's ``main``; a non-finite loss ends it with its message and status 1."""
+    try:
+        main()
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        raise SystemExit(1)
