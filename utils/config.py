@@ -660,8 +660,9 @@ def add_config_args(parser: argparse.ArgumentParser,
                        required=default_config is None, help='YAML config file')
     group.add_argument('--output_dir', metavar='DIR', default=None,
                        help="overrides the config's output_dir")
-    group.add_argument('--opts', nargs='*', default=[], metavar='KEY=VALUE',
-                       help='config overrides, e.g. --opts k_test=32 vit.width=96 pretrained=')
+    group.add_argument('--opts', nargs='*', action='extend', default=[], metavar='KEY=VALUE',
+                       help='config overrides, e.g. --opts k_test=32 vit.width=96 pretrained= '
+                            '(may be given several times; later entries win)')
     return parser
 
 
