@@ -33,35 +33,48 @@ launch() {  # launch SCRIPT ARGS...: plain python for 1 process, torchrun otherw
 cmd=${1:-help}; shift || true
 case "$cmd" in
   demo)
+    # The whole pipeline on the embedded synthetic benchmark; each stage is also runnable alone
+    # (the commands below, or `make demo` again: data generation is skipped when up to date).
     DEMO=${DEMO_DIR:-outputs/demo}
-    "$PYTHON" -m data.synthetic --out "$DEMO/data" --seed 0
-    "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml --output_dir "$DEMO/retrieval" "$@"
-    "$PYTHON" train_retrieval.py --config configs/demo/fixture_eval.yaml --output_dir "$DEMO/fixture_eval" --evaluate
+    mkdir -p "$DEMO"; : > "$DEMO/stage_seconds.tsv"
+    stage() {  # stage NAME COMMAND...: run it, append its wall time to stage_seconds.tsv
+      local name=$1; shift; local t0=$SECONDS
+      echo "=== demo stage: $name"
+      "$@"
+      printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$DEMO/stage_seconds.tsv"
+    }
+    D="$DEMO/data"
+    stage "data generation" "$PYTHON" -m data.synthetic --out "$D" --seed 0
+    stage "1 retrieval fine-tuning" "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml \
+      --output_dir "$DEMO/retrieval" --no_progress --opts "image_root=$D/retrieval/images" \
+      "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer" "$@"
+    stage "fixture evaluation" "$PYTHON" train_retrieval.py --config configs/demo/fixture_eval.yaml \
+      --output_dir "$DEMO/fixture_eval" --evaluate --no_progress
     # ContextBLIP adapter pretraining on the synthetic pairs, over the BLIP just trained; then the
     # merged export ($DEMO/pretrain/contextblip_merged.pth) the later stages start from.
     rm -rf "$DEMO/pretrain"
-    "$PYTHON" pretrain.py --config configs/demo/pretrain.yaml --output_dir "$DEMO/pretrain" --no_progress \
-      --opts "train_file=[$DEMO/data/retrieval/annotation/synthetic_train.json]" \
-             "image_root=$DEMO/data/retrieval/images" "tokenizer=$DEMO/data/tokenizer" \
-             "pretrained=$DEMO/retrieval/checkpoint_best.pth"
-    "$PYTHON" pretrain.py --export "$DEMO/pretrain/checkpoint_last.pth"
-    "$PYTHON" - "$DEMO" <<'PY'
-import json, sys
-from pathlib import Path
-demo = Path(sys.argv[1])
-last = json.loads((demo / "retrieval" / "log.txt").read_text().splitlines()[-1])
-best = [json.loads(l) for l in (demo / "retrieval" / "log.txt").read_text().splitlines() if "test_r_mean" in l][-1]
-fx = json.loads((demo / "fixture_eval" / "evaluate.txt").read_text().splitlines()[-1])
-print("\nDemo results")
-print(f"  retrieval (synthetic test, best val epoch {best['epoch']}): "
-      f"text->image R@1 {best['test_img_r1']:.1f}, image->text R@1 {best['test_txt_r1']:.1f}, r_mean {best['test_r_mean']:.1f}")
-print(f"  official-layout fixture checkpoint: txt_r1 {fx['test_txt_r1']:.1f}, img_r1 {fx['test_img_r1']:.1f} "
-      "(the original BLIP code gives 0.0 / 16.7)")
-pt = [json.loads(l) for l in (demo / "pretrain" / "log.txt").read_text().splitlines()]
-print(f"  ContextBLIP pretraining ({len(pt)} epochs, frozen BLIP): ITM loss {pt[0]['train_loss_itm']:.3f} -> "
-      f"{pt[-1]['train_loss_itm']:.3f}, TMIM loss {pt[0]['train_loss_tmim']:.3f} -> {pt[-1]['train_loss_tmim']:.3f} "
-      f"(epoch means); masks in {demo / 'pretrain' / 'masks'}")
-PY
+    stage "2 ContextBLIP pretraining" "$PYTHON" pretrain.py --config configs/demo/pretrain.yaml \
+      --output_dir "$DEMO/pretrain" --no_progress \
+      --opts "train_file=[$D/retrieval/annotation/synthetic_train.json]" "image_root=$D/retrieval/images" \
+             "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+    stage "merged export" "$PYTHON" pretrain.py --export "$DEMO/pretrain/checkpoint_last.pth"
+    IC=(--opts "image_root=$D/imagecode/image-sets" "ann_root=$D/imagecode/data" "tokenizer=$D/tokenizer"
+        "tag_file=$D/imagecode/data/analysis/manual_annotation_valid.yaml")
+    stage "3 ImageCoDe zero-shot" "$PYTHON" zero_shot.py --config configs/demo/imagecode_zeroshot.yaml \
+      --output_dir "$DEMO/imagecode_zeroshot" --no_progress "${IC[@]}" "pretrained=$DEMO/pretrain/contextblip_merged.pth"
+    rm -rf "$DEMO/imagecode_stage1" "$DEMO/imagecode_stage2"
+    stage "4 ImageCoDe stage 1" "$PYTHON" finetune_imagecode.py --config configs/demo/imagecode_stage1.yaml \
+      --output_dir "$DEMO/imagecode_stage1" --no_progress "${IC[@]}" "pretrained=$DEMO/pretrain/contextblip_merged.pth"
+    stage "5 ImageCoDe stage 2" "$PYTHON" finetune_imagecode.py --config configs/demo/imagecode_stage2.yaml \
+      --output_dir "$DEMO/imagecode_stage2" --no_progress "${IC[@]}" "pretrained=$DEMO/imagecode_stage1/checkpoint_best.pth"
+    stage "ImageCoDe analysis" "$PYTHON" -m analysis.imagecode report "$DEMO/imagecode_zeroshot/predictions.json" \
+      "$DEMO/imagecode_stage1/predictions.json" "$DEMO/imagecode_stage2/predictions.json" \
+      --names zero-shot,stage1,stage2 --tags "$D/imagecode/data/analysis/manual_annotation_valid.yaml" \
+      --out "$DEMO/imagecode_analysis"
+    stage "6 MMVP-VLM" "$PYTHON" eval_mmvp.py --config configs/demo/mmvp.yaml --output_dir "$DEMO/mmvp" \
+      --opts "data_root=$D/mmvp" "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+    "$PYTHON" -m analysis.demo_report "$DEMO"
+    echo "Report: $DEMO/REPORT.md"
     ;;
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
