@@ -16,8 +16,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from data.imagecode import build_imagecode_dataset
 from data.transforms import build_test_transform
 from models.contextblip import load_contextblip
@@ -25,9 +23,10 @@ from models.imagecode import build_imagecode_model
 from models.tokenizer import build_tokenizer
 from utils import dist as du
 from utils.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_with_report
-from utils.config import ImageCodeConfig, parse_config, save_config
+from utils.config import ImageCodeConfig, parse_config
+from utils.engine import run_entry, start_run
 from utils.imagecode_eval import evaluate_model, format_accuracy, write_outputs
-from utils.logging import append_json_line, setup_logging
+from utils.logging import append_json_line
 
 logger = logging.getLogger("finetune_imagecode")
 
@@ -52,6 +51,8 @@ def build_model(cfg, device, evaluate: bool = False):
         pass  # the fine-tuned checkpoint is loaded by the caller
     elif cfg.stage == 1 and cfg.pretrained:
         load_contextblip(model.backbone, cfg.pretrained, strict=cfg.strict_load)
+        if cfg.head_init == "itm":
+            model.init_prediction_from_itm()
     elif cfg.stage == 1:
         logger.warning("stage 1 without `pretrained`: adapter-BLIP starts from random weights")
     else:
@@ -77,26 +78,16 @@ def evaluate_only(args, cfg, model, tokenizer, info, output_dir: Path) -> dict:
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir), info.rank)
-    if info.is_main and not args.evaluate:
-        save_config(doc, output_dir / "config.yaml")
-    torch.manual_seed(cfg.seed + info.rank)
+    info, output_dir = start_run(cfg, doc)
     try:
         model, tokenizer = build_model(cfg, info.device, evaluate=args.evaluate)
         if args.evaluate:
             return evaluate_only(args, cfg, model, tokenizer, info, output_dir)
-        from utils.imagecode_train import train
+        from utils.imagecode_train import train  # the training loop lives in the shared engine
         return train(args, cfg, model, tokenizer, info, output_dir)
     finally:
         du.cleanup()
 
 
 if __name__ == "__main__":
-    from utils.engine import NonFiniteLossError
-    try:
-        main()
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        raise SystemExit(1)
+    run_entry(main, logger)

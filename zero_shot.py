@@ -14,7 +14,6 @@ test file, the leaderboard ``submission.json``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -26,8 +25,9 @@ from models.tokenizer import build_tokenizer
 from utils import dist as du
 from utils.checkpoint import extract_state_dict, load_checkpoint
 from utils.config import ImageCodeConfig, parse_config, save_config
+from utils.engine import start_run
 from utils.imagecode_eval import format_accuracy, map_over_sets, write_outputs
-from utils.logging import append_json_line, setup_logging
+from utils.logging import append_json_line
 
 logger = logging.getLogger("zero_shot")
 
@@ -61,14 +61,13 @@ def main(argv=None) -> dict:
     args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
     if args.score:
         cfg.score = doc["score"] = args.score
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir), info.rank)
+    info, output_dir = start_run(cfg, doc)
     try:
         model, tokenizer = build_model(cfg, info.device)
-        doc["use_adapter"] = cfg.use_adapter
-        if info.is_main:
-            save_config(doc, output_dir / "config.yaml")
+        if doc["use_adapter"] != cfg.use_adapter:  # a plain BLIP checkpoint: record what was run
+            doc["use_adapter"] = cfg.use_adapter
+            if info.is_main:
+                save_config(doc, output_dir / "config.yaml")
         dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
 
         def score(batch):

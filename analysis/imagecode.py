@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 TAG_NAMES = {
     "s": "spatial", "col": "colour", "q": "quantity", "n": "nuance", "con": "context", "img": "image quality",
     "neg": "negation", "v": "visibility", "cor": "co-reference", "t": "temporal",
-    "cmp": "comparative (synthetic benchmark's code)", "other": "other (no code)",
+    "cmp": "comparative; the synthetic benchmark's code", "other": "no code in the annotation",
 }
 REQUIRED = ("set", "description", "target", "pred", "video")
 DEFAULT_EDGES = (10, 20, 30)

@@ -38,6 +38,17 @@ class CandidateScorer(nn.Module):
     def width(self) -> int:
         return self.prediction.in_features
 
+    @torch.no_grad()
+    def init_prediction_from_itm(self) -> None:
+        """Start the prediction layer at the ITM head's match-minus-no-match direction, so stage 1
+        starts by ranking candidates as zero-shot ITM does (the logit difference, read off the
+        L2-normalised state). The [ENC] state leaves a LayerNorm: its norm is about the norm of
+        that LayerNorm's gain, which rescales the direction to the unnormalised state's logits."""
+        head = self.backbone.blip.itm_head
+        gain = self.backbone.blip.text_encoder.layers[-1].output.LayerNorm.weight
+        self.prediction.weight.copy_((head.weight[1] - head.weight[0]).unsqueeze(0) * gain.norm())
+        self.prediction.bias.zero_()
+
     def embed_candidates(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, K, 3, H, W] -> [B, K, L, Dv]``: the adapted image tokens of every candidate."""
         B, K = pixel_values.shape[:2]
@@ -75,7 +86,7 @@ class InterContextEncoder(nn.Module):
     """``x + Encoder(x + position * use_pos)`` over the K candidate features ``x`` ``[B, K, D]``."""
 
     def __init__(self, width: int, layers: int = 2, heads: int = 8, mlp_ratio: float = 4.0,
-                 dropout: float = 0.1, max_candidates: int = 10):
+                 dropout: float = 0.1, max_candidates: int = 10, zero_init: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"context_heads {heads} must divide the text width {width}")
@@ -83,6 +94,13 @@ class InterContextEncoder(nn.Module):
         layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout, activation="gelu",
                                            batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        if zero_init:
+            # The last post-norm LayerNorm outputs 0 at init, so x + Encoder(...) = x: stage 2 starts
+            # exactly at stage 1's predictions. (As released, the encoder's unit-scale output swamps the
+            # L2-normalised features at init and the frozen prediction layer sees noise.)
+            last = self.encoder.layers[-1].norm2
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, feats: torch.Tensor, use_pos: torch.Tensor) -> torch.Tensor:
         """``feats`` ``[B, K, D]``, ``use_pos`` ``[B]`` (bool: add the position embedding) -> ``[B, K, D]``."""
@@ -154,7 +172,7 @@ def build_imagecode_model(cfg, tokenizer) -> nn.Module:
     if getattr(cfg, "stage", 1) == 1:
         return stage1
     context = InterContextEncoder(stage1.width, cfg.context_layers, cfg.context_heads, cfg.context_mlp_ratio,
-                                  cfg.context_dropout)
+                                  cfg.context_dropout, zero_init=cfg.context_zero_init)
     return ContextualScorer(stage1, context, all_pos=cfg.all_pos)
 
 

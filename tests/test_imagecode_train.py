@@ -103,13 +103,18 @@ def test_stage2_heads_freeze_stage1_and_use_positions_only_for_video(ic):
 
     cfg, _ = load_config(ic["cfg"], ImageCodeConfig, ["stage=2"])
     torch.manual_seed(0)
+    model = build_imagecode_model(cfg, build_tokenizer(cfg.tokenizer)).eval()
+    feats = torch.nn.functional.normalize(torch.randn(2, 10, 32), dim=-1)
+    # context_zero_init (default): stage 2 starts exactly at stage 1's logits, video or not.
+    stage1 = model.stage1(features=feats)
+    assert torch.equal(model(features=feats, video=torch.tensor([True, False])), stage1)
+    cfg.context_zero_init = False
     model = build_imagecode_model(cfg, build_tokenizer(cfg.tokenizer))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("context.") for n in trainable)
     assert "context.position.weight" in trainable
     model.train()
     assert not model.stage1.training and model.context.training
-    feats = torch.nn.functional.normalize(torch.randn(2, 10, 32), dim=-1)
     model.eval()
     video = model(features=feats, video=torch.tensor([True, True]))
     static = model(features=feats, video=torch.tensor([False, False]))
@@ -186,3 +191,16 @@ def test_torchrun_two_processes_equal_one_process(ic, tmp_path):
     a, b = ca["model"], cb["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_head_init_itm_starts_stage1_at_the_itm_direction(ic):
+    from models.imagecode import build_imagecode_model
+    from models.tokenizer import build_tokenizer
+    from utils.config import ImageCodeConfig, load_config
+
+    cfg, _ = load_config(ic["cfg"], ImageCodeConfig)
+    model = build_imagecode_model(cfg, build_tokenizer(cfg.tokenizer))
+    model.init_prediction_from_itm()
+    head = model.backbone.blip.itm_head.weight
+    cos = torch.nn.functional.cosine_similarity(model.prediction.weight[0], head[1] - head[0], dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-6) and model.prediction.bias.item() == 0.0

@@ -313,11 +313,13 @@ class ImageCodeConfig(ContextBLIPConfig):
     context_heads: int = 8
     context_mlp_ratio: float = 4.0              # FFN = ratio x text width (3072 for BERT-base)
     context_dropout: float = 0.1
+    context_zero_init: bool = True              # ours: stage 2 starts at stage 1's output; released: false
     cache_features: bool = False                # stage 2: compute the frozen stage-1 features once
     batch_size_train: int = 36                  # descriptions (each with its 10 images) per process and step
     batch_size_test: int = 8                    # image sets per forward pass at evaluation
     init_lr: float = 2e-6                       # stage 1: BLIP + adapter; stage 2: the inter-context encoder
     head_lr: float = 1e-4                       # stage 1: the prediction layer
+    head_init: Literal['itm', 'random'] = 'random'  # released; itm: start at zero-shot ITM's ranking (not better on the demo)
     lr_decay_rate: float = 0.95                 # lr = init_lr * rate ** epoch
     min_lr: float = 0.0
     optimizer: Literal['adam', 'adamw'] = 'adam'  # released: Adam, weight decay as L2

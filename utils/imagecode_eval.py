@@ -26,13 +26,6 @@ from utils.engine import autocast
 logger = logging.getLogger(__name__)
 
 
-def _shard(n: int) -> range:
-    """This rank's contiguous share of ``range(n)``."""
-    world, rank = du.get_world_size(), du.get_rank()
-    step = -(-n // world)
-    return range(min(n, rank * step), min(n, (rank + 1) * step))
-
-
 @torch.no_grad()
 def map_over_sets(fn: Callable[[dict], torch.Tensor], dataset: ImageCodeDataset, tokenizer, max_tokens: int,
                   out_shape: Sequence[int], batch_size: int, device: torch.device, num_workers: int = 0,
@@ -40,7 +33,7 @@ def map_over_sets(fn: Callable[[dict], torch.Tensor], dataset: ImageCodeDataset,
     """``fn(batch) -> [D, *out_shape]`` for every description, batches of ``batch_size`` image sets
     (see ``ImageCodeSetCollator``); returns ``[len(dataset), *out_shape]`` (float32, CPU) on every rank."""
     sets = ImageCodeSets(dataset)
-    loader = DataLoader(Subset(sets, list(_shard(len(sets)))), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(Subset(sets, list(du.shard_range(len(sets)))), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=ImageCodeSetCollator(dataset, tokenizer, max_tokens))
     if progress and du.is_main_process():
         from tqdm import tqdm

@@ -32,7 +32,7 @@ from .vocab import N_ADDED_TOKENS, write_tokenizer
 logger = logging.getLogger(__name__)
 
 # Bump when the generated content changes, so stamps of older outputs no longer match.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STAMP_NAME = ".complete"
 
 

@@ -10,8 +10,9 @@ Layout under `<out>/imagecode/`, exactly as the official release (FORMATS.md sec
     meta.json                             counts, vocab size, seed and arguments (written by `generate`)
 
 Video sets (`MSR-VTT-`, `video-storytelling-`, `YouCook-` names) are 10 frames of a clip in which one
-shape moves along a line (straight through, or out and back) and may change colour once; a static
-shape may stand aside. Static sets (`open-images-` names) are one scene of 2-3 shapes and 9 variants,
+shape moves along a line to a turning point, reached at a random frame, and back (straight
+through when that frame is the first or last), and may change colour once; a static shape may
+stand aside. Target positions are spread over all 10 (no position prior to exploit). Static sets (`open-images-` names) are one scene of 2-3 shapes and 9 variants,
 each changing one attribute (colour, shape, size, position, one shape more or less).
 
 Descriptions (1-3 per set, each for a different target):
@@ -19,9 +20,10 @@ Descriptions (1-3 per set, each for a different target):
   frame before the square turns green" / "the square has just turned green" (`t,col,cmp`). The first
   can be solved by scoring each frame on its own (leftness); the temporal ones cannot: the frames
   before a colour change look alike, only their order tells which is the last.
-- static: the shortest combination of facts ("a red circle on the left", "two blue squares",
-  "three shapes") true of the target and of none of the other 9. Tags: `col` colour, `s` position,
-  `n` size (a nuance), `q` counts.
+- static: half of them the shortest combination of facts ("a red circle on the left", "two blue
+  squares", "three shapes") true of the target and of none of the other 9 (contextual: only what
+  tells it apart), half a complete caption naming every shape (as the retrieval captions do). Tags
+  name what tells the target apart: `col` colour, `s` position, `n` size (a nuance), `q` counts.
 `cmp` (comparative) is this benchmark's own code, added to the official ones so that analysis can
 single out the descriptions that need the other candidates.
 """
@@ -36,11 +38,10 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image
 
-from .captions import NUMBER_WORDS, POSITION_PHRASES, join_list
+from .captions import NUMBER_WORDS, POSITION_PHRASES, captions_for, join_list
 from .retrieval import PartOutput
 from .scenes import (COLOURS, POSITIONS, SHAPES, SIZES, PlacedShape, Scene, Shape,
                      render_placed, render_scene, sample_scene, signature)
@@ -60,8 +61,8 @@ JPEG_OPTIONS = {"format": "JPEG", "quality": 95, "subsampling": 0}  # 4:4:4: sma
 class ImageCodeSpec:
     """Arguments of the ImageCoDe part (CLI flags of `python -m data.synthetic`)."""
 
-    n_train_sets: int = 500
-    n_valid_sets: int = 80
+    n_train_sets: int = 1500
+    n_valid_sets: int = 150
     n_test_sets: int = 80
     static_frac: float = 0.3  # share of static (open-images) sets
     max_descriptions: int = 3  # per set (1..3 as in ImageCoDe)
@@ -105,6 +106,7 @@ def _article(word: str) -> str:
 
 _LO, _HI = 0.22, 0.78  # centre range of a moving shape (a big one stays inside the image)
 _FREE_TRIES = 200  # draws of a clip or a variant before giving up
+_EDGE_KEEP = 0.3  # chance of describing an extreme on the first or last frame
 _MIN_MARGIN = 0.04  # an extreme frame must beat the runner-up by this much (2.5 px at 64 px)
 _EXTREME_PHRASES = {
     ("x", "min"): ("the frame where the {np} is furthest to the left", "the {np} is as far left as it gets",
@@ -130,21 +132,24 @@ def _frame_numbers(rng: random.Random) -> list[int]:
     return frames
 
 
-def _path(rng: random.Random) -> Callable[[float], float]:
-    """Coordinate of the moving shape at time t in [0, 1]: straight, or there and back (the
-    extremes then fall anywhere in the set, not only on its first or last frame)."""
-    def point(away_from: float | None = None) -> float:
-        for _ in range(_FREE_TRIES):
-            p = rng.uniform(_LO, _HI)
-            if away_from is None or abs(p - away_from) >= 0.25:
-                return p
-        return _LO if away_from > 0.5 else _HI
-    start = point()
-    turn_at, turn = rng.uniform(0.2, 0.8), point(start)
-    if rng.random() < 0.3:
-        return lambda t: start + (turn - start) * t
-    end = point(turn)
-    return lambda t: start + (turn - start) * t / turn_at if t <= turn_at else turn + (end - turn) * (t - turn_at) / (1 - turn_at)
+def _coords(rng: random.Random, times: list[float]) -> list[float]:
+    """The moving shape's coordinate at each frame time: it travels to a turning point reached at
+    a uniformly chosen frame (the first or last one: a straight pass), then back. The turning
+    point is the strict extreme, so "furthest ..." targets are spread over all positions."""
+    peak = rng.randrange(N_CANDIDATES)
+    high = rng.random() < 0.5
+    top = rng.uniform(_HI - 0.08, _HI) if high else rng.uniform(_LO, _LO + 0.08)
+    def far() -> float:  # a point well on the other side of the turning point
+        return rng.uniform(_LO, top - 0.3) if high else rng.uniform(top + 0.3, _HI)
+    start, end = far(), far()
+    t_peak = times[peak]
+    out = []
+    for t in times:
+        if t <= t_peak:
+            out.append(top if t_peak == 0 else start + (top - start) * t / t_peak)
+        else:
+            out.append(top + (end - top) * (t - t_peak) / (1 - t_peak))
+    return out
 
 
 @dataclass
@@ -164,9 +169,8 @@ class _Clip:
 def _clip(rng: random.Random) -> _Clip:
     shape, size, old = rng.choice(SHAPES), rng.choice(SIZES), rng.choice(list(COLOURS))
     axis = rng.choice(("x", "y"))
-    path = _path(rng)
     frames = _frame_numbers(rng)
-    coords = [path((f - frames[0]) / (frames[-1] - frames[0])) for f in frames]
+    coords = _coords(rng, [(f - frames[0]) / (frames[-1] - frames[0]) for f in frames])
     other = 0.5 + rng.uniform(-0.02, 0.02)
     change = rng.randint(2, N_CANDIDATES - 2) if rng.random() < 0.7 else None
     new = rng.choice([c for c in COLOURS if c != old]) if change is not None else old
@@ -187,7 +191,10 @@ def _clip_descriptions(clip: _Clip, rng: random.Random) -> list[tuple[int, str, 
         np_ = f"{clip.size} {np_}"
     for end in ("min", "max"):
         order = sorted(range(N_CANDIDATES), key=lambda i: clip.coords[i], reverse=end == "max")
-        if abs(clip.coords[order[0]] - clip.coords[order[1]]) >= _MIN_MARGIN:
+        # The first and last frames are the extremes of most clips: describe them less often, so
+        # that the target position says little on its own.
+        edge = order[0] in (0, N_CANDIDATES - 1) and rng.random() > _EDGE_KEEP
+        if abs(clip.coords[order[0]] - clip.coords[order[1]]) >= _MIN_MARGIN and not edge:
             options.append((order[0], rng.choice(_EXTREME_PHRASES[(clip.axis, end)]).format(np=np_), "s,cmp"))
     if clip.change is not None:
         fill = {"shape": clip.shape, "old": clip.old, "new": clip.new}
@@ -222,6 +229,7 @@ def _video_set(name: str, rng: random.Random, render_rng: random.Random, image_s
 
 # ----------------------------------------------------------------------------- static sets
 
+_COMPLETE_FRAC = 0.5  # static descriptions that name every shape in full (as retrieval captions do)
 _ATTRS = ("size", "colour", "position")  # what a fact may add to the shape noun
 _TAG_OF = {"colour": "col", "position": "s", "size": "n"}
 
@@ -250,10 +258,12 @@ def _mutate(scene: Scene, rng: random.Random) -> Scene:
     return tuple(shapes)
 
 
-Fact = tuple  # ("count", n) or (frozenset(spec items), n): exactly n shapes match the spec
+Fact = tuple  # ("count", n) or (spec, n): exactly n shapes match the spec
+# A spec is a sorted tuple of (attribute, value) pairs: sets would order by string hashes, which
+# change from one Python process to the next (and with them the generated descriptions).
 
 
-def _matches(shape: Shape, spec: frozenset) -> bool:
+def _matches(shape: Shape, spec: tuple) -> bool:
     return all(getattr(shape, k) == v for k, v in spec)
 
 
@@ -268,7 +278,7 @@ def _facts(scene: Scene) -> list[Fact]:
     for s in scene:
         for r in range(len(_ATTRS) + 1):
             for attrs in itertools.combinations(_ATTRS, r):
-                spec = frozenset([("shape", s.shape), *((a, getattr(s, a)) for a in attrs)])
+                spec = tuple(sorted([("shape", s.shape), *((a, getattr(s, a)) for a in attrs)]))
                 facts.add((spec, sum(_matches(x, spec) for x in scene)))
     return sorted(facts, key=repr)  # a fixed order: set iteration order is not reproducible
 
@@ -309,7 +319,7 @@ def _distinguishing(target: Scene, others: list[Scene], rng: random.Random) -> t
             best = min(sum(map(_cost, c)) for c in combos)
             return rng.choice([c for c in combos if sum(map(_cost, c)) == best])
     # Every shape in full plus the count: distinct signatures make this unique.
-    full = tuple((frozenset([("shape", s.shape), *((a, getattr(s, a)) for a in _ATTRS)]), 1) for s in target)
+    full = tuple((tuple(sorted([("shape", s.shape), *((a, getattr(s, a)) for a in _ATTRS)])), 1) for s in target)
     return full + (("count", len(target)),)
 
 
@@ -331,10 +341,14 @@ def _static_set(name: str, rng: random.Random, render_rng: random.Random, image_
     targets = rng.sample(range(N_CANDIDATES), rng.randint(1, max_desc))
     descriptions = []
     for t in targets:
+        # Tags: what must be understood to single out the target, whichever way it is described.
         facts = list(_distinguishing(scenes[t], scenes[:t] + scenes[t + 1:], rng))
-        rng.shuffle(facts)
-        text = join_list([_describe_fact(f, rng) for f in facts])
-        text = rng.choice(("{}", "the image with {}", "the picture where there is {}", "{}, nothing else changes")).format(text)
+        if rng.random() < _COMPLETE_FRAC:
+            text = captions_for(scenes[t], 1, rng)[0]
+        else:
+            rng.shuffle(facts)
+            text = join_list([_describe_fact(f, rng) for f in facts])
+            text = rng.choice(("{}", "the image with {}", "the picture where there is {}")).format(text)
         descriptions.append((t, text, _tags(tuple(facts))))
     return ImageSet(name, list(range(N_CANDIDATES)), images, descriptions)
 
