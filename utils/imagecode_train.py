@@ -20,11 +20,12 @@ from torch.utils.data import Dataset
 
 from data.collate import ImageSetCollator
 from data.imagecode import build_imagecode_dataset
-from data.transforms import build_test_transform, build_train_transform
+from data.transforms import build_test_transform
 from utils import dist as du
 from utils.config import config_to_dict
 from utils.engine import Trainer
 from utils.imagecode_eval import evaluate_model, format_accuracy, map_over_sets, write_outputs
+from utils.retrieval_train import train_transform  # same keys: crop scale, flip, RandAugment, resize-only
 from utils.schedule import StepSchedule
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,6 @@ class CachedFeatures(Dataset):
 def _collate_features(batch):
     feats, target, index = zip(*batch)
     return {"features": torch.stack(feats), "target": torch.as_tensor(target), "index": torch.as_tensor(index)}
-
-
-def train_transform(cfg):
-    if cfg.train_resize_only:
-        return build_test_transform(cfg.image_size)
-    return build_train_transform(cfg.image_size, scale=(cfg.train_crop_min_scale, 1.0), hflip=cfg.train_hflip,
-                                 randaug=cfg.train_randaug)
 
 
 def param_groups(model, cfg) -> list:
