@@ -26,7 +26,7 @@ test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow and not dist"
 
 bench: setup
-	$(PYTHON) bench/bench_eval.py
+	$(PYTHON) -m bench.bench_eval
 
 clean:
 	rm -rf outputs/demo

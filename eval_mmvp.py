@@ -1,4 +1,4 @@
-"""MMVP-VLM evaluation: nine visual patterns, 135 pairs of images and statements (FORMATS.md section 4).
+"""MMVP-VLM evaluation: nine visual patterns, 135 pairs of images and statements (docs/FORMATS.md section 4).
 
     python eval_mmvp.py --config configs/mmvp.yaml --opts data_root=data/MMVP_VLM
     python eval_mmvp.py --config configs/mmvp.yaml --opts model_type=finetuned pretrained=stage2/checkpoint_best.pth
@@ -12,7 +12,7 @@ statement is a description of it, scored like ImageCoDe candidates:
   ``score: itm | itc | itm+itc`` as in ``zero_shot.py``;
 - ``model_type: finetuned``: a ``finetune_imagecode.py`` stage-1/2 checkpoint (its stored config
   decides the model, resolution and text length), its logits over the 2 candidates with no
-  candidate position embedding (CONTEXTBLIP.md).
+  candidate position embedding (docs/CONTEXTBLIP.md).
 
 Writes to ``output_dir``: ``mmvp_results.json`` (pattern -> pair accuracy in %, and ``Average``),
 ``mmvp_results.md`` (table with the published CLIP rows), ``mmvp_results.png`` (bar chart),
@@ -20,10 +20,12 @@ Writes to ``output_dir``: ``mmvp_results.json`` (pattern -> pair accuracy in %, 
 """
 from __future__ import annotations
 
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
+
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Literal, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,14 +34,30 @@ from data.collate import tokenize
 from data.mmvp import MMVPPair, bar_chart, evaluate_pairs, markdown_table, read_mmvp
 from data.transforms import build_test_transform
 from data.utils import load_image, pre_caption
-from models.imagecode import candidate_tokens, load_imagecode_model, zero_shot_scores
-from utils.config import MMVPConfig, parse_config, save_config
+from models.contextblip import ContextBLIPArch
+from models.factory import create_model, model_from_checkpoint
+from tasks.imagecode import model_scores, zero_shot_scorer
+from utils.config import PosInt, parse_config, save_config
 from utils.dist import resolve_device
-from utils.engine import autocast
-from utils.imagecode_eval import model_scores
+from utils.engine import autocast, run_entry
 from utils.logging import setup_logging
+from utils.settings import RunSettings, TextSettings, WeightsSettings
 
 logger = logging.getLogger("eval_mmvp")
+
+
+class MMVPConfig(ContextBLIPArch, TextSettings, WeightsSettings, RunSettings):
+    """MMVP-VLM evaluation: nine visual patterns, pairs of images and statements."""
+    data_root: str = 'data/mmvp'                # holds Questions.csv and 'MLLM_VLM Images/'
+    model_type: Literal['zero_shot', 'finetuned'] = 'zero_shot'  # zero_shot: a BLIP or ContextBLIP
+                                                # pretraining checkpoint, scored with `score`; finetuned: a
+                                                # finetune_imagecode.py stage-1/2 checkpoint (its own config)
+    score: Literal['itm', 'itc', 'itm+itc'] = 'itm'  # itm: softmax(itm_head)[:, 1]; itc: cosine;
+                                                # itm+itc: ITM logit[:, 1] + cosine (BLIP's rerank score)
+    prompt_prefix: str = 'a photo of '          # the official prompt: prefix + statement
+    clean_text: bool = True                     # BLIP's pre_caption on the prompt (lowercase, no . ! ...)
+    pairs_per_pattern: PosInt = 15              # pattern of pair p = PATTERNS[p // pairs_per_pattern]
+    batch_size: PosInt = 16                     # pairs per forward pass (4 image-text matches each)
 
 
 class PairScorer:
@@ -71,30 +89,23 @@ class PairScorer:
         return scores.float().view(n, 2, 2).cpu().numpy()
 
 
-def build_scorer(cfg: MMVPConfig, device: torch.device) -> PairScorer:
+def build_scorer(cfg: MMVPConfig, device: torch.device) -> Tuple[PairScorer, bool]:
+    """The pair scorer, and whether the adapter is used (a plain BLIP checkpoint: no)."""
     if cfg.model_type == "finetuned":
         if not cfg.pretrained:
             raise SystemExit("model_type finetuned needs `pretrained`: a finetune_imagecode.py checkpoint")
-        model, tokenizer, mcfg = load_imagecode_model(cfg.pretrained, device, strict=cfg.strict_load)
+        model, tokenizer, stored = model_from_checkpoint(cfg.pretrained, device, strict=cfg.strict_load)
         if getattr(model, "all_pos", False):
             logger.info("MMVP pairs get no candidate position embedding: all_pos of the checkpoint is ignored")
             model.all_pos = False
         logger.info("stage-%d ImageCoDe model from %s (image_size %d, max_tokens %d, its own config)",
-                    mcfg.stage, cfg.pretrained, mcfg.image_size, mcfg.max_tokens)
-        return PairScorer(lambda batch: model_scores(model, batch), tokenizer, mcfg.image_size, mcfg.max_tokens,
-                          mcfg.max_words, cfg.clean_text, cfg.precision, device)
-
-    from zero_shot import build_model  # the same model zero-shot ImageCoDe scores with
-
-    model, tokenizer = build_model(cfg, device)
-
-    def fn(batch: dict) -> torch.Tensor:
-        plain, adapted = candidate_tokens(model, batch["pixel_values"])
-        s = batch["set_index"]
-        return zero_shot_scores(model, plain[s], adapted[s], batch["input_ids"], batch["attention_mask"], cfg.score)
-
-    return PairScorer(fn, tokenizer, cfg.image_size, cfg.max_tokens, cfg.max_words, cfg.clean_text,
-                      cfg.precision, device)
+                    stored["stage"], cfg.pretrained, stored["image_size"], stored["max_tokens"])
+        return PairScorer(lambda batch: model_scores(model, batch), tokenizer, stored["image_size"],
+                          stored["max_tokens"], stored["max_words"], cfg.clean_text, cfg.precision,
+                          device), cfg.use_adapter
+    model, tokenizer = create_model(cfg, "zero_shot", device)  # the model zero-shot ImageCoDe scores with
+    return PairScorer(zero_shot_scorer(model, cfg.score), tokenizer, cfg.image_size, cfg.max_tokens, cfg.max_words,
+                      cfg.clean_text, cfg.precision, device), model.use_adapter
 
 
 def write_outputs(result, output_dir: Path, name: str) -> dict:
@@ -111,14 +122,14 @@ def _extra_args(parser) -> None:
 
 
 def main(argv=None) -> dict:
-    args, cfg, doc = parse_config(MMVPConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
+    args, cfg, doc = parse_config(MMVPConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args,
+                                  unused_keys=lambda _: ("vit_grad_ckpt",))
     output_dir = Path(cfg.output_dir)
     setup_logging(str(output_dir))
     torch.manual_seed(cfg.seed)
     pairs = read_mmvp(cfg.data_root, cfg.pairs_per_pattern)  # every image checked before the model loads
     logger.info("%d pairs from %s", len(pairs), cfg.data_root)
-    scorer = build_scorer(cfg, resolve_device(cfg.device))
-    doc["use_adapter"] = cfg.use_adapter  # zero-shot turns the adapter off for a plain BLIP checkpoint
+    scorer, doc["use_adapter"] = build_scorer(cfg, resolve_device(cfg.device))  # off for a plain BLIP file
     save_config(doc, output_dir / "config.yaml")
     result = evaluate_pairs(pairs, scorer, cfg.batch_size, cfg.prompt_prefix)
     kind = "ImageCoDe fine-tuned" if cfg.model_type == "finetuned" else f"zero-shot {cfg.score}"
@@ -129,4 +140,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, logger)

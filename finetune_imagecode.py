@@ -1,4 +1,5 @@
-"""ImageCoDe fine-tuning of ContextBLIP, stage 1 and stage 2 (CONTEXTBLIP.md), and evaluation.
+"""ImageCoDe fine-tuning of ContextBLIP, stage 1 and stage 2 (docs/CONTEXTBLIP.md), and evaluation;
+the task's code is ``tasks/imagecode.py``.
 
     python finetune_imagecode.py --config configs/imagecode_stage1.yaml --opts pretrained=PRETRAIN_CKPT
     python finetune_imagecode.py --config configs/imagecode_stage2.yaml --opts pretrained=STAGE1_CKPT
@@ -13,19 +14,18 @@ a stage-1 checkpoint, freezes it and trains the inter-context encoder. ``--evalu
 """
 from __future__ import annotations
 
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
+
 import logging
 from pathlib import Path
 
 from data.imagecode import build_imagecode_dataset
 from data.transforms import build_test_transform
-from models.contextblip import load_contextblip
-from models.imagecode import build_imagecode_model
-from models.tokenizer import build_tokenizer
+from models.factory import create_model, load_weights
+from tasks.imagecode import ImageCodeConfig, evaluate_model, format_accuracy, train, write_outputs
 from utils import dist as du
-from utils.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_with_report
-from utils.config import ImageCodeConfig, parse_config
+from utils.config import parse_config
 from utils.engine import run_entry, start_run
-from utils.imagecode_eval import evaluate_model, format_accuracy, write_outputs
 from utils.logging import append_json_line
 
 logger = logging.getLogger("finetune_imagecode")
@@ -39,33 +39,13 @@ def _extra_args(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
 
 
-def _load_full(model, source, strict=True) -> None:
-    load_state_dict_with_report(model, extract_state_dict(load_checkpoint(source)), strict=strict)
-
-
-def build_model(cfg, device, evaluate: bool = False):
-    """Stage 1 on ``pretrained`` (ContextBLIP/BLIP weights); stage 2 on a stage-1 checkpoint."""
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = build_imagecode_model(cfg, tokenizer)
-    if evaluate:
-        pass  # the fine-tuned checkpoint is loaded by the caller
-    elif cfg.stage == 1 and cfg.pretrained:
-        load_contextblip(model.backbone, cfg.pretrained, strict=cfg.strict_load)
-        if cfg.head_init == "itm":
-            model.init_prediction_from_itm()
-    elif cfg.stage == 1:
-        logger.warning("stage 1 without `pretrained`: adapter-BLIP starts from random weights")
-    else:
-        if not cfg.pretrained:
-            raise SystemExit("stage 2 needs `pretrained`: the stage-1 checkpoint (finetune_imagecode.py, stage: 1)")
-        # The whole of stage 1 must load: stage 2 trains on top of exactly it.
-        _load_full(model.stage1, cfg.pretrained, strict=True)
-    return model.to(device), tokenizer
+def _unused(args) -> tuple:
+    return ("vit_grad_ckpt",) if args.evaluate else ()
 
 
 def evaluate_only(args, cfg, model, tokenizer, info, output_dir: Path) -> dict:
     source = args.checkpoint or output_dir / "checkpoint_best.pth"
-    _load_full(model, source, strict=True)
+    load_weights(model, source, strict=True)
     dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
     scores = evaluate_model(model, dataset, tokenizer, cfg, info.device, progress=not args.no_progress)
     metrics = write_outputs(output_dir, dataset, scores)
@@ -77,14 +57,16 @@ def evaluate_only(args, cfg, model, tokenizer, info, output_dir: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
+    args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0],
+                                  extra_args=_extra_args, unused_keys=_unused)
     info, output_dir = start_run(cfg, doc)
     try:
-        model, tokenizer = build_model(cfg, info.device, evaluate=args.evaluate)
+        # Stage 1 starts from `pretrained` (ContextBLIP/BLIP weights), stage 2 from a stage-1
+        # checkpoint; --evaluate loads the fine-tuned checkpoint itself.
+        model, tokenizer = create_model(cfg, "imagecode", info.device, load=not args.evaluate)
         if args.evaluate:
             return evaluate_only(args, cfg, model, tokenizer, info, output_dir)
-        from utils.imagecode_train import train  # the training loop lives in the shared engine
-        return train(args, cfg, model, tokenizer, info, output_dir)
+        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

@@ -6,7 +6,7 @@
     python pretrain.py --config configs/pretrain.yaml --resume auto           # continue exactly
 
 Base weights come from ``pretrained`` (BLIP's ``model_base.pth`` layout: its ``text_decoder.*``,
-momentum encoders and queues are reported as expected extras and ignored). Pairs are FORMATS.md 2
+momentum encoders and queues are reported as expected extras and ignored). Pairs are docs/FORMATS.md 2
 json lists (``train_file``: one file or a list; paths absolute or relative to ``image_root``).
 
 Outputs in ``output_dir``: ``config.yaml``, ``log.txt`` (one JSON line per epoch), ``run.log``,
@@ -20,20 +20,23 @@ On demand:
     python pretrain.py --export outputs/pretrain/checkpoint_last.pth [--export_to merged.pth]
 
 ``--export`` writes a full merged checkpoint (``blip.*``, ``adapter.*``, ``decoder.*`` and the
-config; default ``contextblip_merged.pth`` next to the input) that ``models.contextblip.load_contextblip``
-reads with no base BLIP at hand: the starting point of the ImageCoDe and MMVP stages.
+config; default ``contextblip_merged.pth`` next to the input) that ``models.factory.load_weights``
+reads with no base BLIP at hand: the starting point of the ImageCoDe and MMVP stages. The training
+wiring (config, loss, mask pictures) is ``tasks/contextblip_pretrain.py``.
 """
 from __future__ import annotations
+
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
 
 import logging
 from pathlib import Path
 
-from models.blip import load_blip_weights
-from models.contextblip import build_contextblip, load_contextblip
-from models.tokenizer import build_tokenizer
+from data.pretrain import build_pretrain_dataset
+from models.factory import create_model, load_weights
+from tasks.contextblip_pretrain import PretrainConfig, collator, draw_masks, train, visual_batch
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
-from utils.config import PretrainConfig, config_to_dict, load_config, parse_config
+from utils.config import config_to_dict, load_config, parse_config
 from utils.engine import run_entry, start_run
 from utils.logging import setup_logging
 
@@ -51,35 +54,24 @@ def _extra_args(parser) -> None:
                         help="where --export writes (default: contextblip_merged.pth next to CKPT)")
 
 
-def build_model(cfg, device):
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = build_contextblip(cfg, tokenizer, with_decoder=True)
-    if cfg.pretrained:
-        load_blip_weights(model.blip, cfg.pretrained, strict=cfg.strict_load)  # logs its report
-    else:
-        logger.warning("pretrained is empty: the frozen BLIP is randomly initialised")
-    return model.to(device), tokenizer
-
-
 def export_merged(source: str, target: str | None = None) -> Path:
     """Pretraining checkpoint -> one file with every weight and the config it was trained with."""
     ckpt = load_checkpoint(source)
     cfg, _ = load_config(None, PretrainConfig, defaults_from=ckpt.get("config") or {})
-    model = build_contextblip(cfg, build_tokenizer(cfg.tokenizer), with_decoder=True)
-    load_contextblip(model, source, strict=True)
+    model, _ = create_model(cfg, "contextblip_pretrain", load=False)
+    load_weights(model, ckpt, strict=True, source_name=str(source))
+    model.set_blip_frozen(False)  # the merged file holds BLIP too
     target = Path(target) if target else Path(source).with_name("contextblip_merged.pth")
-    save_checkpoint_atomic({"model": model.state_dict(), "config": config_to_dict(cfg),
-                            "epoch": ckpt.get("epoch"), "format": "contextblip-merged"}, target)
+    save_checkpoint_atomic({"model": model.checkpoint_state_dict(), "format": model.checkpoint_format,
+                            "config": config_to_dict(cfg), "epoch": ckpt.get("epoch")}, target)
     logger.info("exported merged ContextBLIP (epoch %s) to %s", ckpt.get("epoch"), target)
     return target
 
 
 def visualize(args, cfg, model, tokenizer, output_dir: Path) -> Path:
-    from data.pretrain import build_pretrain_dataset
-    from utils.pretrain_train import collator, draw_masks, visual_batch
     source = args.resume if args.resume not in (None, "auto") else output_dir / "checkpoint_last.pth"
     if Path(source).is_file():
-        load_contextblip(model, source, base=None)  # BLIP itself came from `pretrained`
+        load_weights(model, source, base=None)  # BLIP itself came from `pretrained`
     else:
         logger.warning("no checkpoint %s: drawing the masks of the untrained adapter", source)
     collate = collator(cfg, tokenizer)
@@ -95,12 +87,11 @@ def main(argv=None) -> dict:
         setup_logging()
         return {"export": str(export_merged(args.export, args.export_to))}
     info, output_dir = start_run(cfg, doc)
-    model, tokenizer = build_model(cfg, info.device)
     try:
+        model, tokenizer = create_model(cfg, "contextblip_pretrain", info.device)
         if args.visualize:
             return {"picture": str(visualize(args, cfg, model, tokenizer, output_dir))} if info.is_main else {}
-        from utils.pretrain_train import train
-        return train(args, cfg, model, tokenizer, info, output_dir)
+        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

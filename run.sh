@@ -86,6 +86,6 @@ case "$cmd" in
     items=${1:?usage: bash run.sh sweep-mask "RATE ..." [CONFIG] [args...]}; shift
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
-    "$PYTHON" -m utils.sweep --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
+    "$PYTHON" -m tasks.sweep_mask --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
   *) sed -n '2,10p' "$0"; exit 1 ;;
 esac

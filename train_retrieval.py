@@ -5,9 +5,11 @@
     python train_retrieval.py --config configs/retrieval_coco.yaml --evaluate --save_scores
 
 Evaluation follows BLIP's protocol exactly (ITC top-k, ITM rerank, recall@K); see
-``utils/evaluation.py`` for how it is computed fast.
+``tasks/retrieval_eval.py`` for how it is computed fast; the training wiring is ``tasks/retrieval.py``.
 """
 from __future__ import annotations
+
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
 
 import logging
 from pathlib import Path
@@ -16,12 +18,11 @@ import numpy as np
 
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
-from models.blip import build_blip_retrieval, load_blip_weights
-from models.tokenizer import build_tokenizer
+from models.factory import create_model
+from tasks.retrieval import RetrievalConfig, eval_splits, run_evaluation, train
 from utils import dist as du
-from utils.config import RetrievalConfig, parse_config
+from utils.config import parse_config
 from utils.engine import run_entry, start_run
-from utils.evaluation import evaluate_retrieval
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
@@ -38,42 +39,20 @@ def _extra_args(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
 
 
-def build_model(cfg, device, with_momentum: bool = True):
-    """Tokenizer and model (with the config's checkpoint loaded); ``with_momentum=False`` for
-    inference only: no momentum encoders or queues, half the memory."""
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = build_blip_retrieval(cfg, tokenizer, with_momentum=with_momentum)
-    if cfg.pretrained:
-        load_blip_weights(model, cfg.pretrained, strict=cfg.strict_load)  # logs its report
-    return model.to(device), tokenizer
-
-
-def _eval_splits(args, cfg) -> tuple:
-    if args.eval_splits:
-        return tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
-    has_val = cfg.dataset != "custom" or cfg.val_file
-    return ("val", "test") if has_val else ("test",)
-
-
-def run_evaluation(model, tokenizer, datasets, cfg, split: str, progress: bool = True):
-    return evaluate_retrieval(model, datasets[split], tokenizer, k_test=cfg.k_test, max_tokens=cfg.max_tokens,
-                              batch_size=cfg.batch_size_test, rerank_batch_size=cfg.rerank_batch_size,
-                              num_workers=cfg.num_workers, precision=cfg.precision, progress=progress)
-
-
-def save_scores(output_dir: Path, split: str, out) -> None:
-    np.savez(output_dir / f"scores_{split}.npz", score_i2t=out.score_i2t, score_t2i=out.score_t2i)
+def _unused(args) -> tuple:
+    return ("vit_grad_ckpt",) if args.evaluate else ()
 
 
 def evaluate_only(args, cfg, model, tokenizer, output_dir: Path) -> dict:
-    splits = _eval_splits(args, cfg)
+    splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip()) if args.eval_splits \
+        else eval_splits(cfg)
     datasets = build_retrieval_datasets(cfg, splits=splits, test_transform=build_test_transform(cfg.image_size))
     record = {}
     for split in splits:
-        out = run_evaluation(model, tokenizer, datasets, cfg, split, progress=not args.no_progress)
+        out = run_evaluation(model, datasets[split], tokenizer, cfg, progress=not args.no_progress)
         record.update({f"{split}_{k}": v for k, v in out.metrics.items()})
         if du.is_main_process() and args.save_scores:
-            save_scores(output_dir, split, out)
+            np.savez(output_dir / f"scores_{split}.npz", score_i2t=out.score_i2t, score_t2i=out.score_t2i)
         logger.info("%s: %s", split, {k: round(v, 2) for k, v in out.metrics.items()})
     if du.is_main_process():
         append_json_line(output_dir / "evaluate.txt", record)
@@ -81,14 +60,15 @@ def evaluate_only(args, cfg, model, tokenizer, output_dir: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
+    args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0],
+                                  extra_args=_extra_args, unused_keys=_unused)
     info, output_dir = start_run(cfg, doc)
-    model, tokenizer = build_model(cfg, info.device)
     try:
+        # Evaluation needs no momentum encoders or queues: half the memory.
+        model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device)
         if args.evaluate:
             return evaluate_only(args, cfg, model, tokenizer, output_dir)
-        from utils.retrieval_train import train  # the training loop lives in the shared engine
-        return train(args, cfg, model, tokenizer, info, output_dir)
+        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

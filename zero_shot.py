@@ -13,20 +13,20 @@ test file, the leaderboard ``submission.json``.
 """
 from __future__ import annotations
 
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
+
 import logging
 
 import torch
 
 from data.imagecode import build_imagecode_dataset
 from data.transforms import build_test_transform
-from models.contextblip import build_contextblip, checkpoint_kind, load_contextblip
-from models.imagecode import ZERO_SHOT_SCORES, candidate_tokens, zero_shot_scores
-from models.tokenizer import build_tokenizer
+from models.factory import create_model
+from models.imagecode import ZERO_SHOT_SCORES
+from tasks.imagecode import ImageCodeConfig, format_accuracy, map_over_sets, write_outputs, zero_shot_scorer
 from utils import dist as du
-from utils.checkpoint import extract_state_dict, load_checkpoint
-from utils.config import ImageCodeConfig, parse_config, save_config
-from utils.engine import start_run
-from utils.imagecode_eval import format_accuracy, map_over_sets, write_outputs
+from utils.config import parse_config, save_config
+from utils.engine import run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("zero_shot")
@@ -38,47 +38,24 @@ def _extra_args(parser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
 
 
-def build_model(cfg, device):
-    """A ContextBLIP with the checkpoint's weights; a plain BLIP checkpoint -> no adapter (BLIP)."""
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    state = extract_state_dict(load_checkpoint(cfg.pretrained)) if cfg.pretrained else None
-    plain_blip = state is not None and checkpoint_kind(state) == "blip"
-    if plain_blip and cfg.use_adapter:
-        logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", cfg.pretrained)
-        cfg.use_adapter = False
-    model = build_contextblip(cfg, tokenizer)
-    if plain_blip:
-        from models.blip import load_blip_weights
-        load_blip_weights(model.blip, state, strict=cfg.strict_load)
-    elif state is not None:
-        load_contextblip(model, cfg.pretrained, strict=cfg.strict_load)
-    else:
-        logger.warning("no `pretrained` checkpoint: scoring with random weights")
-    return model.to(device).eval(), tokenizer
-
-
 def main(argv=None) -> dict:
-    args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args)
+    args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0],
+                                  extra_args=_extra_args, unused_keys=lambda _: ("vit_grad_ckpt",))
     if args.score:
         cfg.score = doc["score"] = args.score
     info, output_dir = start_run(cfg, doc)
     try:
-        model, tokenizer = build_model(cfg, info.device)
-        if doc["use_adapter"] != cfg.use_adapter:  # a plain BLIP checkpoint: record what was run
-            doc["use_adapter"] = cfg.use_adapter
+        model, tokenizer = create_model(cfg, "zero_shot", info.device)
+        if model.use_adapter != cfg.use_adapter:  # a plain BLIP checkpoint: record what was run
+            doc["use_adapter"] = model.use_adapter
             if info.is_main:
                 save_config(doc, output_dir / "config.yaml")
         dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
-
-        def score(batch):
-            plain, adapted = candidate_tokens(model, batch["pixel_values"])
-            s = batch["set_index"]
-            return zero_shot_scores(model, plain[s], adapted[s], batch["input_ids"], batch["attention_mask"], cfg.score)
-
         k = len(dataset.items[0].candidates) if len(dataset) else 10
         with torch.no_grad():
-            scores = map_over_sets(score, dataset, tokenizer, cfg.max_tokens, (k,), cfg.batch_size_test, info.device,
-                                   cfg.num_workers, cfg.precision, progress=not args.no_progress)
+            scores = map_over_sets(zero_shot_scorer(model, cfg.score), dataset, tokenizer, cfg.max_tokens, (k,),
+                                   cfg.batch_size_test, info.device, cfg.num_workers, cfg.precision,
+                                   progress=not args.no_progress)
         metrics = write_outputs(output_dir, dataset, scores)
         record = {"split": cfg.split, "score": cfg.score, **{f"{cfg.split}_{k}": v for k, v in metrics.items()}}
         if info.is_main:
@@ -90,4 +67,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry(main, logger)

@@ -5,7 +5,7 @@
     python -m analysis.imagecode compare ZS.json S2.json --names zero-shot,stage2 --tags TAGS --out DIR
 
 ``report``: accuracy of each file overall, video vs static, per description-length bucket (words)
-and per phenomenon tag of the annotation file (FORMATS.md section 3; an item's tags are all the
+and per phenomenon tag of the annotation file (docs/FORMATS.md section 3; an item's tags are all the
 codes of its annotation, an empty annotation counts as "other"; items absent from the file are not
 in the tag rows) -> ``DIR/report.md`` (Markdown table), ``DIR/report.png`` (bar charts),
 ``DIR/report.json``.

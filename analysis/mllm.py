@@ -9,7 +9,7 @@
 
 `sample` writes ``sample.json`` and copies every sampled set's images under ``images/<set>/``, so
 the folder alone is enough to ask a remote model. Each item has the 10 candidates and the 4-image
-variant around the target (CONTEXTBLIP.md: targets 0/1 -> images 0-3, target 9 -> 6-9, else
+variant around the target (docs/CONTEXTBLIP.md: targets 0/1 -> images 0-3, target 9 -> 6-9, else
 target-2 .. target+1). `ask` appends one json line per item to a resumable answers file;
 `compare` scores it and our ``predictions.json`` on the same items (ours on the 4-image variant:
 the best-scored of those 4 candidates).
@@ -240,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m analysis.mllm", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sample", help="draw the seeded subset and copy its images")
-    s.add_argument("--ann_root", required=True, help="folder with valid_data.json (FORMATS.md section 3)")
+    s.add_argument("--ann_root", required=True, help="folder with valid_data.json (docs/FORMATS.md section 3)")
     s.add_argument("--image_root", required=True, help="the image-sets folder")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--split", default="valid", choices=["train", "valid"])

@@ -4,7 +4,7 @@ Same random model, same random images and captions, same ITC top-k; prints both 
 and the largest score difference. Mid size by default (ViT 384 x 6 at 224 px, text 384 x 6,
 200 images, 1,000 captions, k_test 32):
 
-    python bench/bench_eval.py [--n_images 200 --n_texts 1000 --k_test 32 --width 384 --depth 6]
+    python -m bench.bench_eval [--n_images 200 --n_texts 1000 --k_test 32 --width 384 --depth 6]
 
 Captions get random lengths of 8-24 tokens (COCO's captions are ~10-15 words), padded to 35 as
 BLIP's evaluation does; ``--fixed_length`` makes every caption 35 tokens long, which isolates the
@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.blip import build_blip_retrieval  # noqa: E402
-from utils.evaluation import reference_rerank, rerank_itm, scores_from_itm, topk_pairs  # noqa: E402
+from models.blip import BlipArch, ITCSettings, build_blip_retrieval
+from tasks.retrieval_eval import reference_rerank, rerank_itm, scores_from_itm, topk_pairs
 
 
 class _Tok(list):
@@ -32,15 +30,17 @@ class _Tok(list):
     enc_token_id = 30523
 
 
-def build(width: int, depth: int, image_size: int, vocab: int = 30524):
+def build(width: int, depth: int, image_size: int, vocab: int = 30524, itc: Optional[ITCSettings] = None):
+    """A random BLIP (ViT and text encoder ``width`` x ``depth``, heads of 64) in eval mode; ``itc``
+    adds the momentum encoders and queues (training), None builds the inference model."""
     with tempfile.TemporaryDirectory() as tmp:
         med = Path(tmp) / "med.json"
         med.write_text(json.dumps({"vocab_size": vocab, "hidden_size": width, "num_hidden_layers": depth,
                                    "num_attention_heads": width // 64, "intermediate_size": 4 * width,
                                    "encoder_width": width}))
-        cfg = types.SimpleNamespace(vit={"width": width, "depth": depth, "heads": width // 64, "patch_size": 16},
-                                    image_size=image_size, med_config=str(med), embed_dim=256, queue_size=256)
-        return build_blip_retrieval(cfg, _Tok(range(vocab))).eval()
+        arch = BlipArch(vit={"width": width, "depth": depth, "heads": width // 64, "patch_size": 16},
+                        image_size=image_size, med_config=str(med), embed_dim=256)
+        return build_blip_retrieval(arch, _Tok(range(vocab)), itc=itc).eval()
 
 
 def captions(n: int, vocab: int, fixed: bool, g: torch.Generator):

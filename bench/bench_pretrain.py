@@ -3,56 +3,37 @@ re-embedding.
 
 The TMIM branch encodes only the visible patches with the frozen ViT. Ours embeds the image once
 and gathers the kept tokens (one batched pass, MAE-style: ``BlipViT.embed_visible``); the release
-cuts every kept patch out and embeds it on its own (``embed_visible_per_patch`` below, one conv call
-per patch). Both then run the ViT blocks on the same tokens, so the losses agree (printed). Times a
-full training step (forward, backward, AdamW) of the same random model at two sizes:
+cuts every kept patch out and embeds it on its own (``models.tmim.embed_visible_per_patch``, one
+conv call per patch). Both then run the ViT blocks on the same tokens, so the losses agree
+(printed). Times a full training step (forward, backward, AdamW) of the same random model at two
+sizes:
 
 - demo: ViT 64 x 2 at 64 px (16 patches), text 64 x 2, batch 64 (configs/demo/pretrain.yaml);
 - mid:  ViT 384 x 6 at 224 px (196 patches), text 384 x 6, batch 16.
 
-    python bench/bench_pretrain.py [--sizes demo,mid --steps 3 --mask_rate 0.25]
+    python -m bench.bench_pretrain [--sizes demo,mid --steps 3 --mask_rate 0.25]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_eval import _Tok, captions  # noqa: E402
-from models.contextblip import build_contextblip  # noqa: E402
-from utils.config import PretrainConfig, load_config  # noqa: E402
-from utils.engine import autocast  # noqa: E402
+from bench.bench_eval import _Tok, captions
+from models.factory import build_model
+from models.tmim import embed_visible_per_patch
+from tasks.contextblip_pretrain import PretrainConfig
+from utils.config import load_config
+from utils.engine import autocast
 
 SIZES = {  # width, depth, image size, batch, decoder depth, decoder heads
     "demo": (64, 2, 64, 64, 2, 4),
     "mid": (384, 6, 224, 16, 4, 8),
 }
-
-
-def embed_visible_per_patch(vit, pixel_values: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-    """The release's visible-patch embedding: each kept patch is cut out of the image and embedded
-    on its own, then given its position embedding. ``[B, 3, H, W]``, ``keep_idx`` ``[B, K]`` ->
-    ``[B, 1 + K, D]`` (CLS first), the same tokens as ``vit.embed_visible``."""
-    p = vit.arch.patch_size
-    grid = vit.image_size // p
-    cls = vit.cls_token[0] + vit.pos_embed[0, :1]
-    rows = []
-    for b in range(pixel_values.shape[0]):
-        tokens = [cls]
-        for n in keep_idx[b].tolist():
-            r, c = divmod(n, grid)
-            patch = pixel_values[b:b + 1, :, r * p:(r + 1) * p, c * p:(c + 1) * p]
-            token = vit.patch_embed.norm(vit.patch_embed.proj(patch).flatten(2).transpose(1, 2))[0]
-            tokens.append(token + vit.pos_embed[0, 1 + n:2 + n])
-        rows.append(torch.cat(tokens))
-    return vit.norm_pre(vit.pos_drop(torch.stack(rows)))
 
 
 def build(size: str, mask_rate: float, vocab: int = 30524):
@@ -66,7 +47,7 @@ def build(size: str, mask_rate: float, vocab: int = 30524):
             f"vit={{width: {width}, depth: {depth}, heads: {max(1, width // 64)}, patch_size: 16}}",
             f"image_size={image_size}", f"med_config={med}", "train_file=unused.json",
             f"decoder_depth={dec_depth}", f"decoder_heads={dec_heads}", f"mask_rate={mask_rate}"])
-        model = build_contextblip(cfg, _Tok(range(vocab)), with_decoder=True)
+        model = build_model(cfg, "contextblip_pretrain", _Tok(range(vocab)))  # with the TMIM decoder
     return model, batch, image_size
 
 

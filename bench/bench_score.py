@@ -1,7 +1,7 @@
 """Speed of pair scoring (`python -m tools score`): image loading vs. the model, separately.
 
-    python bench/bench_score.py --device cuda --precision bf16            # ViT-B/16 384 px + BERT-base
-    python bench/bench_score.py --device cpu --vit small --n_images 50    # a quick look on a laptop
+    python -m bench.bench_score --device cuda --precision bf16            # ViT-B/16 384 px + BERT-base
+    python -m bench.bench_score --device cpu --vit small --n_images 50    # a quick look on a laptop
 
 Generates the synthetic benchmark at the model's resolution (``--n_images`` train images, 3 captions
 each) in ``--work``, loads every batch once through ``PairBatches`` (decode + resize, each distinct
@@ -11,21 +11,19 @@ speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.pairs import PairBatches, read_pairs  # noqa: E402
-from data.synthetic import generate  # noqa: E402
-from data.transforms import build_test_transform  # noqa: E402
-from tools.common import batches_of, build_model  # noqa: E402
-from tools.score_pairs import score_batch  # noqa: E402
-from utils.config import RetrievalConfig, load_config  # noqa: E402
+from data.pairs import PairBatches, read_pairs
+from data.synthetic import generate
+from data.transforms import build_test_transform
+from tasks.retrieval import RetrievalConfig
+from tools.common import batches_of, inference_model
+from tools.score_pairs import score_batch
+from utils.config import load_config
 
 SIZES = {"base": ["vit=base", "image_size=384", "med_config=configs/med_config.json"],
          "small": ["vit={width: 64, depth: 2, heads: 4, patch_size: 16}", "image_size=64",
@@ -58,7 +56,7 @@ def main() -> None:
     batches = list(DataLoader(dataset, batch_size=None, num_workers=args.num_workers))
     t_load = time.perf_counter() - t
 
-    model, tokenizer = build_model(cfg, device)
+    model, tokenizer = inference_model(cfg, device)
     score_batch(model, tokenizer, batches[0], ("itc", "itm"), cfg, device)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -1,7 +1,7 @@
 """Training-step throughput and peak memory of BLIP retrieval fine-tuning (ITC + ITM, momentum
 encoders, queue, hard negatives), at the mid size of bench_eval.py by default:
 
-    python bench/bench_train.py [--batch 16 --steps 5 --precision fp32|bf16 --grad_ckpt 0]
+    python -m bench.bench_train [--batch 16 --steps 5 --precision fp32|bf16 --grad_ckpt 0]
 
 Peak memory is torch.cuda.max_memory_allocated on CUDA, and the process's peak resident set size on
 CPU (which includes the Python/torch runtime itself).
@@ -11,16 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_eval import build, captions  # noqa: E402
-from utils.engine import autocast  # noqa: E402
+from bench.bench_eval import build, captions
+from models.blip import ITCSettings
+from utils.engine import autocast
 
 
 def main() -> None:
@@ -37,11 +34,9 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build(args.width, args.depth, args.image_size).to(device).train()
-    model.queue_size = 4 * args.batch
-    for name in ("image_queue", "text_queue"):
-        setattr(model, name, getattr(model, name)[:, :model.queue_size].contiguous())
-    model.idx_queue = model.idx_queue[:, :model.queue_size].contiguous()
+    # Momentum encoders and a short ITC queue: 4 batches.
+    model = build(args.width, args.depth, args.image_size, itc=ITCSettings(queue_size=4 * args.batch))
+    model = model.to(device).train()
     model.visual_encoder.ckpt_layer = args.grad_ckpt
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, weight_decay=0.05)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")

@@ -4,7 +4,7 @@ Prints the share of masked patches that hold a shape, for the text-guided mask o
 checkpoint (one mask per val caption) and for random masks at the same rate, and the share of
 shape patches overall (what random masking hits in expectation).
 
-    python bench/mask_on_shapes.py outputs/demo/pretrain/checkpoint_last.pth \\
+    python -m bench.mask_on_shapes outputs/demo/pretrain/checkpoint_last.pth \\
         --ann outputs/demo/data/retrieval/annotation/synthetic_val.json \\
         --image_root outputs/demo/data/retrieval/images [--guide_token any]
 """
@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zeroshot_itm import load  # noqa: E402
-from data.collate import tokenize  # noqa: E402
-from data.retrieval import RetrievalEvalDataset  # noqa: E402
-from data.transforms import build_test_transform  # noqa: E402
-from data.utils import load_image  # noqa: E402
-from models.tmim import random_mask  # noqa: E402
+from bench.zeroshot_itm import load
+from data.collate import tokenize
+from data.retrieval import RetrievalEvalDataset
+from data.transforms import build_test_transform
+from data.utils import load_image
+from models.tmim import random_mask
 
 
 def shape_patches(path: str, image_size: int, patch: int) -> torch.Tensor:

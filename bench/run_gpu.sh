@@ -25,19 +25,19 @@ run() {  # run NAME ARGS...: one measurement into OUT/NAME.json (errors kept in 
 # CPU, 2 pinned cores and 2 threads, in the background while the GPU runs its own (SKIP_CPU=1: not).
 cpu_job=
 if [ -z "${SKIP_CPU:-}" ]; then
-  (run eval_cpu2 taskset -c 0,1 env OMP_NUM_THREADS=2 "$PY" bench/bench_eval.py --device cpu) &
+  (run eval_cpu2 taskset -c 0,1 env OMP_NUM_THREADS=2 "$PY" -m bench.bench_eval --device cpu) &
   cpu_job=$!
 fi
 
-run eval_cuda_mid "$PY" bench/bench_eval.py --device cuda
-run eval_cuda_base384 "$PY" bench/bench_eval.py --device cuda --width 768 --depth 12 --image_size 384 \
+run eval_cuda_mid "$PY" -m bench.bench_eval --device cuda
+run eval_cuda_base384 "$PY" -m bench.bench_eval --device cuda --width 768 --depth 12 --image_size 384 \
   --n_images 500 --n_texts 2500 --k_test 128 --rerank_batch_size 256
 for prec in fp32 bf16; do
-  run train_cuda_mid_$prec "$PY" bench/bench_train.py --device cuda --precision $prec --batch 32
-  run train_cuda_base384_$prec "$PY" bench/bench_train.py --device cuda --precision $prec --batch 32 \
+  run train_cuda_mid_$prec "$PY" -m bench.bench_train --device cuda --precision $prec --batch 32
+  run train_cuda_base384_$prec "$PY" -m bench.bench_train --device cuda --precision $prec --batch 32 \
     --width 768 --depth 12 --image_size 384
 done
-run train_cuda_base384_bf16_ckpt "$PY" bench/bench_train.py --device cuda --precision bf16 --batch 32 \
+run train_cuda_base384_bf16_ckpt "$PY" -m bench.bench_train --device cuda --precision bf16 --batch 32 \
   --width 768 --depth 12 --image_size 384 --grad_ckpt 12
 [ -n "$cpu_job" ] && wait $cpu_job
 cat "$OUT/all.txt"

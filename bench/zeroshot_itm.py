@@ -5,37 +5,31 @@ zero-shot score ``softmax(itm_head)[:, 1]`` (as on ImageCoDe, with all images as
 prints text->image and image->text R@1 per checkpoint. ``--plain`` adds the frozen BLIP without
 adapter (``use_adapter: false``) from the first checkpoint's ``pretrained``.
 
-    python bench/zeroshot_itm.py --ann outputs/demo/data/retrieval/annotation/synthetic_val.json \\
+    python -m bench.zeroshot_itm --ann outputs/demo/data/retrieval/annotation/synthetic_val.json \\
         --image_root outputs/demo/data/retrieval/images --plain outputs/demo/pretrain/checkpoint_last.pth
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.collate import tokenize  # noqa: E402
-from data.retrieval import RetrievalEvalDataset  # noqa: E402
-from data.transforms import build_test_transform  # noqa: E402
-from models.contextblip import build_contextblip, load_contextblip  # noqa: E402
-from models.tokenizer import build_tokenizer  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.config import PretrainConfig, load_config  # noqa: E402
+from data.collate import tokenize
+from data.retrieval import RetrievalEvalDataset
+from data.transforms import build_test_transform
+from models.factory import create_model
+from tasks.contextblip_pretrain import PretrainConfig
+from utils.checkpoint import load_checkpoint
+from utils.config import load_config
 
 
 def load(path: str, plain: bool):
+    """(model in eval mode, tokenizer, config) of a pretraining checkpoint or merged export; ``plain``:
+    the frozen BLIP its config's ``pretrained`` names, without adapter."""
     cfg = load_config(None, PretrainConfig, defaults_from=load_checkpoint(path)["config"],
                       opts=["use_adapter=false"] if plain else [])[0]
-    tok = build_tokenizer(cfg.tokenizer)
-    model = build_contextblip(cfg, tok)
-    if plain:
-        load_contextblip(model, cfg.pretrained)
-    else:
-        load_contextblip(model, path)
+    model, tok = create_model(cfg, "contextblip", pretrained=cfg.pretrained if plain else path)
     return model.eval(), tok, cfg
 
 

@@ -1,4 +1,4 @@
-"""ImageCoDe (FORMATS.md section 3): a description and its 10 candidate images.
+"""ImageCoDe (docs/FORMATS.md section 3): a description and its 10 candidate images.
 
 - ``read_imagecode(ann_root, split, image_root)`` -> one ``ImageCodeItem`` per description, in file
   order (sets in json order, descriptions in their key/list order), candidates in NUMERIC frame
@@ -34,7 +34,7 @@ _FRAME = re.compile(r"^img(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 
 
 def is_video(set_name: str) -> bool:
-    """A set is static iff its name contains ``open-images`` (FORMATS.md section 3)."""
+    """A set is static iff its name contains ``open-images`` (docs/FORMATS.md section 3)."""
     return "open-images" not in set_name
 
 
@@ -228,8 +228,8 @@ def build_imagecode_dataset(cfg_like: Any, split: str, transform: Callable, shar
     """``split`` in train/valid/test -> the dataset of ``ann_root/<official file name>``."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown ImageCoDe split {split!r}; expected one of {sorted(SPLIT_FILES)}")
-    for key in ("ann_root", "image_root"):
-        if not getattr(cfg_like, key):
+    for key, value in (("ann_root", cfg_like.ann_root), ("image_root", cfg_like.image_root)):
+        if not value:
             raise ValueError(f"config key {key!r} must be set for ImageCoDe")
     return ImageCodeDataset(Path(cfg_like.ann_root) / SPLIT_FILES[split], cfg_like.image_root, transform,
                             max_words=cfg_like.max_words, shared_randomness=shared_randomness,

@@ -1,4 +1,4 @@
-"""MMVP-VLM (FORMATS.md section 4): read the folder as distributed and score it with the official protocol.
+"""MMVP-VLM (docs/FORMATS.md section 4): read the folder as distributed and score it with the official protocol.
 
 Layout, read as it is (spaces in folder names included)::
 
@@ -221,7 +221,7 @@ def summarize(pairs: Sequence[MMVPPair], scores: np.ndarray) -> MMVPResult:
 
 # ----------------------------------------------------------------------------- reporting
 
-# Published averages over the nine patterns (FORMATS.md); per-pattern values are not recorded there.
+# Published averages over the nine patterns (docs/FORMATS.md); per-pattern values are not recorded there.
 PUBLISHED_AVERAGES = {
     "CLIP ViT-L/14 224px (OpenAI)": 19.3,
     "SigLIP ViT-SO/14": 37.8,
@@ -238,7 +238,7 @@ def markdown_table(accuracy: Dict[str, float], name: str = "ours") -> str:
              f"| {name} | " + " | ".join(fmt(accuracy.get(c)) for c in cols) + " |"]
     for model, avg in PUBLISHED_AVERAGES.items():
         lines.append(f"| {model} (published) | " + " | ".join("–" for _ in PATTERNS) + f" | {avg:.1f} |")
-    lines += ["", f"Pair accuracy (%); chance is {CHANCE:.0f}. Published rows: average only (FORMATS.md)."]
+    lines += ["", f"Pair accuracy (%); chance is {CHANCE:.0f}. Published rows: average only (docs/FORMATS.md)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Flat tables of (image, caption) pairs, read from the annotation files users already have.
 
-Formats (FORMATS.md sections 1 and 2):
+Formats (docs/FORMATS.md sections 1 and 2):
 - BLIP-json, train layout ``[{"image", "caption": str, "image_id"}, ...]``: one pair per entry;
 - BLIP-json val/test layout and pretraining json ``[{"image", "caption": str | [str, ...]}]``: one
   pair per caption (a list holds several captions of one image);

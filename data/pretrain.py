@@ -1,4 +1,4 @@
-"""Pretraining image-text pairs (FORMATS.md 2): COCO + Visual Genome, CC3M, SBU, ... as json lists.
+"""Pretraining image-text pairs (docs/FORMATS.md 2): COCO + Visual Genome, CC3M, SBU, ... as json lists.
 
 Each file is a json list of ``{"image": path, "caption": str | [str, ...]}``; other keys (such as a
 BLIP train file's ``image_id``) are ignored, so BLIP retrieval train files are valid lists too. A
@@ -70,6 +70,5 @@ def build_pretrain_dataset(cfg_like: Any, transform: Transform | None) -> Pretra
     ``skip_bad_images``."""
     files = cfg_like.train_file
     files = [files] if isinstance(files, str) else list(files)
-    return PretrainDataset(files, getattr(cfg_like, "image_root", "") or None, transform,
-                           max_words=getattr(cfg_like, "max_words", 30),
-                           skip_bad_images=getattr(cfg_like, "skip_bad_images", False))
+    return PretrainDataset(files, cfg_like.image_root or None, transform, max_words=cfg_like.max_words,
+                           skip_bad_images=cfg_like.skip_bad_images)

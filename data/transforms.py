@@ -1,6 +1,6 @@
 """Image transforms for BLIP retrieval: RandAugment on PIL images, and the train/test pipelines.
 
-Train (BLIP.md "Retrieval fine-tuning loss"): RandomResizedCrop(size, scale=(0.5, 1), bicubic) ->
+Train (docs/BLIP.md "Retrieval fine-tuning loss"): RandomResizedCrop(size, scale=(0.5, 1), bicubic) ->
 horizontal flip -> RandomAugment(2 ops, magnitude 5) -> ToTensor -> Normalize.
 Test: Resize((size, size), bicubic) -> ToTensor -> Normalize: exactly torchvision's, as in BLIP.
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 
-# The punctuation BLIP strips from captions (FORMATS.md section 1).
+# The punctuation BLIP strips from captions (docs/FORMATS.md section 1).
 _CAPTION_PUNCT = re.compile(r"[.!\"()*#:;~]")
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -38,7 +38,7 @@ class BadImageError(ValueError):
 
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
-    """Clean a caption the way BLIP does (FORMATS.md section 1).
+    """Clean a caption the way BLIP does (docs/FORMATS.md section 1).
 
     Lowercase; each of ``. ! " ( ) * # : ; ~`` becomes a space; every run of whitespace becomes one
     space; strip; keep the first ``max_words`` words.

@@ -1,4 +1,4 @@
-"""ContextBLIP's adapters (CONTEXTBLIP.md): the trainable parts that sit on a frozen BLIP.
+"""ContextBLIP's adapters (docs/CONTEXTBLIP.md): the trainable parts that sit on a frozen BLIP.
 
 - :class:`MultiScaleAdapter`: intermediate ViT blocks -> a residual on the final image tokens.
 - :class:`TextAdapter`: a residual bottleneck on the text condition of the TMIM decoder.

@@ -17,13 +17,33 @@ from torch import nn
 
 from models.losses import itc_momentum_loss, itm_loss, sample_hard_negatives
 from models.med import KV, MedConfig, MedEncoder
-from models.vit import BlipViT, build_vit
+from models.vit import BlipViT, ViTSettings, build_vit
 from utils import dist as du
+from utils.config import Config, PosInt, UnitFloat
 
 logger = logging.getLogger(__name__)
 
 
+class BlipArch(ViTSettings):
+    """BLIP's encoders and projections: the ViT keys plus the text encoder's med config."""
+
+    med_config: str = "configs/med_config.json"  # BERT json + encoder_width/add_cross_attention
+    embed_dim: PosInt = 256                     # ITC projection dim
+
+
+class ITCSettings(Config):
+    """Momentum encoders, queues and the contrastive objective (retrieval training)."""
+
+    queue_size: PosInt = 57600                  # ITC queue; a multiple of the global batch size
+    momentum: UnitFloat = 0.995                 # EMA of the momentum encoders
+    alpha: UnitFloat = 0.4                      # weight of momentum-distillation soft targets
+    negative_all_rank: bool = False             # mine ITM hard negatives across all ranks
+    itc_all_rank_keys: bool = True              # ITC keys include every rank's batch (false: BLIP's local-only)
+
+
 class BLIPRetrieval(nn.Module):
+    checkpoint_format = "blip"  # the tag checkpoints of this model carry (models/factory.py)
+
     def __init__(self, visual_encoder: BlipViT, med_config: MedConfig, embed_dim: int = 256,
                  queue_size: int = 57600, momentum: float = 0.995, negative_all_rank: bool = False,
                  enc_token_id: int = 30523, itc_all_rank_keys: bool = True, with_momentum: bool = True):
@@ -54,12 +74,21 @@ class BLIPRetrieval(nn.Module):
             self.register_buffer("text_queue", F.normalize(torch.randn(embed_dim, queue_size), dim=0))
             self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))
             self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+            # The pointer lives as a Python int (reading the buffer would sync with the GPU every
+            # step) and is mirrored into the buffer, which checkpoints carry.
+            self._ptr = 0
+            self.register_load_state_dict_post_hook(BLIPRetrieval._pointer_from_buffer)
         self.embed_dim = embed_dim
         self.queue_size = queue_size
         self.momentum = momentum
         self.negative_all_rank = negative_all_rank
         self.enc_token_id = enc_token_id
         self.itc_all_rank_keys = itc_all_rank_keys
+
+    @staticmethod
+    def _pointer_from_buffer(module: "BLIPRetrieval", _incompatible) -> None:
+        if module.with_momentum:
+            module._ptr = int(module.ptr_queue)
 
     def _momentum_modules(self) -> List[nn.Module]:
         if not self.with_momentum:
@@ -104,11 +133,6 @@ class BLIPRetrieval(nn.Module):
                 p_m.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
 
     @torch.no_grad()
-    def copy_params_to_momentum(self) -> None:
-        for online, mom in zip(self._online_modules(), self._momentum_modules()):
-            mom.load_state_dict(online.state_dict())
-
-    @torch.no_grad()
     def momentum_features(self, pixel_values, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
         image_tokens = self.visual_encoder_m(pixel_values)
         image_feat = F.normalize(self.vision_proj_m(image_tokens[:, 0]), dim=-1)
@@ -126,11 +150,12 @@ class BLIPRetrieval(nn.Module):
         """Write the (already all-gathered) momentum features ``[G, E]`` and ids ``[G]``."""
         G = image_feat.shape[0]
         self.check_queue(G)
-        ptr = int(self.ptr_queue)
+        ptr = self._ptr
         self.image_queue[:, ptr:ptr + G] = image_feat.t()
         self.text_queue[:, ptr:ptr + G] = text_feat.t()
         self.idx_queue[:, ptr:ptr + G] = idx.view(1, -1)
-        self.ptr_queue[0] = (ptr + G) % self.queue_size
+        self._ptr = (ptr + G) % self.queue_size
+        self.ptr_queue.fill_(self._ptr)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -191,54 +216,19 @@ class BLIPRetrieval(nn.Module):
         return itm_loss(logits, torch.cat([valid_img, valid_txt]))
 
 
-def build_blip_retrieval(cfg, tokenizer, with_momentum: bool = True) -> BLIPRetrieval:
-    """Build from a config with the model keys (``vit``, ``image_size``, ``med_config``, ...)."""
-    vit = build_vit(cfg.vit, cfg.image_size, getattr(cfg, "vit_drop_path_rate", None),
-                    getattr(cfg, "vit_grad_ckpt", False), getattr(cfg, "vit_ckpt_layer", 0))
-    med = MedConfig.from_json(cfg.med_config, encoder_width=vit.width)
+def build_blip_retrieval(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] = None) -> BLIPRetrieval:
+    """BLIP with random weights; ``itc`` None builds no momentum encoders and queues (inference,
+    or a frozen BLIP under ContextBLIP)."""
+    vit = build_vit(arch)
+    med = MedConfig.from_json(arch.med_config, encoder_width=vit.width)
     if med.vocab_size is None:
         med.vocab_size = len(tokenizer)
     elif med.vocab_size < len(tokenizer):
-        raise ValueError(f"med_config {cfg.med_config}: vocab_size {med.vocab_size} is smaller than the "
+        raise ValueError(f"med_config {arch.med_config}: vocab_size {med.vocab_size} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens (incl. [DEC] and [ENC])")
-    return BLIPRetrieval(vit, med, embed_dim=cfg.embed_dim, queue_size=getattr(cfg, "queue_size", 57600),
-                         momentum=getattr(cfg, "momentum", 0.995),
-                         negative_all_rank=getattr(cfg, "negative_all_rank", False),
-                         enc_token_id=tokenizer.enc_token_id,
-                         itc_all_rank_keys=getattr(cfg, "itc_all_rank_keys", True), with_momentum=with_momentum)
-
-
-# Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
-# `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
-PRETRAIN_EXTRAS = ("text_decoder.",)
-PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
-# What a model built with_momentum=False leaves unused in any BLIP checkpoint.
-MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
-
-
-def load_blip_weights(model: nn.Module, source, strict: bool = False, cache_dir=None):
-    """Load an official BLIP checkpoint (or ours) into ``model`` and return the load report.
-
-    ``source`` is a path/URL, or an already-extracted state dict. ``visual_encoder(_m).pos_embed`` is
-    resized to the model's patch grid first, so a checkpoint trained at 384 px loads into a 224 px
-    model and vice versa. A model built ``with_momentum=False`` reports the checkpoint's momentum
-    encoders and queues as expected extras.
-    """
-    from utils.checkpoint import extract_state_dict, interpolate_pos_embed, load_checkpoint, \
-        load_state_dict_with_report
-
-    state = dict(source) if isinstance(source, dict) else extract_state_dict(load_checkpoint(source, cache_dir=cache_dir))
-    own = model.state_dict()
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    pretrain_layout = any(k.startswith(PRETRAIN_EXTRAS) for k in state) or "queue_ptr" in state
-    ignore_missing = ("idx_queue", "ptr_queue") if pretrain_layout else ()
-    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS
-    if not getattr(model, "with_momentum", True):
-        extra_prefixes, extra_keys = extra_prefixes + MOMENTUM_PREFIXES, extra_keys + QUEUE_KEYS
-    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=extra_prefixes,
-                                         expected_extra_keys=extra_keys, ignore_missing_prefixes=ignore_missing)
-    logger.info("loaded %s", "a state dict" if isinstance(source, dict) else source)
-    return report
+    if itc is None:
+        return BLIPRetrieval(vit, med, embed_dim=arch.embed_dim, enc_token_id=tokenizer.enc_token_id,
+                             with_momentum=False)
+    return BLIPRetrieval(vit, med, embed_dim=arch.embed_dim, queue_size=itc.queue_size, momentum=itc.momentum,
+                         negative_all_rank=itc.negative_all_rank, enc_token_id=tokenizer.enc_token_id,
+                         itc_all_rank_keys=itc.itc_all_rank_keys)

@@ -1,8 +1,8 @@
 """ContextBLIP: a frozen BLIP with a multi-scale adapter, pretrained with ITM + text-guided masked
-image modelling (CONTEXTBLIP.md). The API later stages build on:
+image modelling (docs/CONTEXTBLIP.md). The API later stages build on:
 
-    model = build_contextblip(cfg, tokenizer)            # cfg: a ContextBLIPConfig (or subclass)
-    load_contextblip(model, "outputs/pretrain/checkpoint_last.pth")   # or a merged export / BLIP file
+    model = build_contextblip(cfg, tokenizer)            # cfg: a ContextBLIPArch (or a run config)
+    load_weights(model, "outputs/pretrain/checkpoint_last.pth")       # models/factory.py; or a merged export / BLIP file
     emb = model.image_embeds(pixel_values)               # [B, 1 + N, D]: frozen ViT + adapter
     logits = model.itm_logits(input_ids, attention_mask, emb)         # [B, 2]
     cls = model.multimodal_cls(input_ids, attention_mask, emb)        # [B, Dt]: the [ENC] state
@@ -10,7 +10,7 @@ image modelling (CONTEXTBLIP.md). The API later stages build on:
 ``input_ids`` start with [CLS] (as the collator produces them); the matching passes replace it by
 [ENC], as BLIP does. ``model.blip`` is a :class:`BLIPRetrieval` without momentum encoders and queues.
 
-Checkpoints (see :func:`load_contextblip`):
+Checkpoints (see ``models/factory.py``):
 - pretraining checkpoints hold only the trainable parts (``adapter.*``, ``decoder.*``) and the full
   config, whose ``pretrained`` names the base BLIP to rebuild from;
 - the merged export (``python pretrain.py --export CKPT``) holds everything (``blip.*`` too);
@@ -21,18 +21,19 @@ Checkpoints (see :func:`load_contextblip`):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Annotated, Dict, List, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from models.adapter import MultiScaleAdapter
-from models.blip import BLIPRetrieval, build_blip_retrieval, load_blip_weights
+from models.blip import BlipArch, BLIPRetrieval, build_blip_retrieval
 from models.losses import itm_loss, sample_hard_negatives
 from models.med import TextOutput
 from models.tmim import PatchMask, TMIMDecoder, random_mask, text_guided_mask, tmim_loss, tmim_targets
+from utils.config import Config, ConfigError, NonNegFloat, PosFloat, PosInt
 
 logger = logging.getLogger(__name__)
 
@@ -44,30 +45,46 @@ def default_taps(depth: int) -> List[int]:
     return sorted({-(-depth * k // 4) for k in range(1, 5)})
 
 
-@dataclass
-class PretrainSettings:
-    """The pretraining objective's knobs (``PretrainConfig`` fields of the same names)."""
+class AdapterArch(Config):
+    """The multi-scale adapter (ContextBLIP's intra-context part)."""
 
-    mask_strategy: str = "text"        # 'text' (text-guided) | 'random'
-    mask_rate: float = 0.25
-    guide_token: str = "words"         # 'words' (ours) | 'any' (released)
-    mask_noise: float = 0.02
-    tmim_condition: str = "masked"     # text condition from the pass on the 'masked' | 'unmasked' (released) image
-    tmim_norm_pix: bool = False
-    itm_neg_temp: float = 1.0
-    itm_weight: float = 1.0
-    tmim_weight: float = 1.0
-
-    @classmethod
-    def from_config(cls, cfg) -> "PretrainSettings":
-        defaults = cls()
-        return cls(**{k: getattr(cfg, k, getattr(defaults, k)) for k in vars(defaults)})
+    use_adapter: bool = True                    # false: image_embeds are plain BLIP's (zero-shot BLIP)
+    adapter_taps: Optional[List[PosInt]] = None  # 1-based ViT blocks; None -> 4 evenly spaced up to the last (3,6,9,12 for ViT-B)
+    adapter_reduction: PosInt = 2               # r: each tap goes width -> width / r
 
 
-class LoadResult(NamedTuple):
-    kind: str                 # 'pretrain' | 'merged' | 'blip'
-    blip: Optional[object]    # LoadReport of the BLIP weights (None: not loaded here)
-    parts: Optional[object]   # LoadReport of adapter/decoder (None: left at init)
+class ContextBLIPArch(BlipArch, AdapterArch):
+    """A ContextBLIP: BLIP's encoders plus the adapter."""
+
+    @model_validator(mode="after")
+    def _resolve_taps(self):
+        if self.adapter_taps is None:
+            # Recorded so that checkpoints and saved configs say which blocks were tapped.
+            self.adapter_taps = default_taps(self.vit_arch.depth)
+        return self
+
+
+class TMIMArch(Config):
+    """The TMIM decoder (pretraining only); its width is the ViT's."""
+
+    text_adapter_reduction: PosInt = 2          # text adapter: text width -> width / r -> width
+    decoder_depth: PosInt = 4
+    decoder_heads: PosInt = 8
+    decoder_mlp_ratio: PosFloat = 4.0           # FFN = ratio x width (3072 for ViT-B)
+
+
+class PretrainSettings(Config):
+    """The pretraining objective's knobs."""
+
+    mask_strategy: Literal["text", "random"] = "text"  # text-guided (the method) or random (ablation)
+    mask_rate: Annotated[float, Field(gt=0, lt=1)] = 0.25  # masked share of patches: int(mask_rate * N)
+    guide_token: Literal["words", "any"] = "words"  # 'any': released (any of the padded positions)
+    mask_noise: NonNegFloat = 0.02              # uniform noise added to the normalised attention row
+    tmim_condition: Literal["unmasked", "masked"] = "masked"  # image the text condition h sees; 'unmasked': released (leaks)
+    tmim_norm_pix: bool = False                 # targets normalised per patch (MAE) instead of the input
+    itm_neg_temp: PosFloat = 1.0                # hard negatives ~ softmax(sim / T); released: 1 (none)
+    itm_weight: NonNegFloat = 1.0
+    tmim_weight: NonNegFloat = 1.0
 
 
 class ContextBLIP(nn.Module):
@@ -108,6 +125,11 @@ class ContextBLIP(nn.Module):
         if self.blip_frozen:
             self.blip.eval()
         return self
+
+    @property
+    def checkpoint_format(self) -> str:
+        """Tag of what :meth:`checkpoint_state_dict` holds (models/factory.py)."""
+        return "contextblip-trainable" if self.blip_frozen else "contextblip-merged"
 
     def checkpoint_state_dict(self) -> Dict[str, torch.Tensor]:
         """What a training checkpoint stores: the trainable parts only while BLIP is frozen."""
@@ -214,7 +236,7 @@ class ContextBLIP(nn.Module):
         (same idx = same image: never drawn as each other's negative).
         """
         if self.decoder is None:
-            raise RuntimeError("this ContextBLIP has no TMIM decoder (build_contextblip(..., with_decoder=True))")
+            raise RuntimeError("this ContextBLIP has no TMIM decoder (build_contextblip(..., tmim=...))")
         s = self.settings
         plain, image_embeds = self.vision_tokens(pixel_values)
         positive = self.multimodal(input_ids, attention_mask, image_embeds,
@@ -232,71 +254,29 @@ class ContextBLIP(nn.Module):
         return {"loss_itm": s.itm_weight * loss_itm, "loss_tmim": s.tmim_weight * tmim_loss(pred, target, m.mask)}
 
 
-# ---------------------------------------------------------------------- building and loading
+# ---------------------------------------------------------------------- building
 
-def build_contextblip(cfg, tokenizer, with_decoder: bool = False) -> ContextBLIP:
-    """A ContextBLIP from a config with the model keys (``ContextBLIPConfig`` or a subclass).
-    BLIP's weights are NOT loaded here: see :func:`load_contextblip`."""
-    blip = build_blip_retrieval(cfg, tokenizer, with_momentum=False)
+def build_contextblip(arch: ContextBLIPArch, tokenizer, tmim: Optional[TMIMArch] = None,
+                      settings: Optional[PretrainSettings] = None) -> ContextBLIP:
+    """A ContextBLIP with random weights (``tmim``: with the TMIM decoder, for pretraining)."""
+    blip = build_blip_retrieval(arch, tokenizer)
     vit = blip.visual_encoder
-    taps = getattr(cfg, "adapter_taps", None) or default_taps(len(vit.blocks))
+    taps = arch.adapter_taps or default_taps(len(vit.blocks))
+    if arch.use_adapter and (any(not 1 <= t <= len(vit.blocks) for t in taps) or len(set(taps)) != len(taps)):
+        # Checked here, not when the config loads: a run that scores plain BLIP never uses the taps.
+        raise ConfigError(f"invalid value for config key 'adapter_taps': must be distinct block numbers in "
+                         f"[1, {len(vit.blocks)}] (the ViT's depth), got {list(taps)}")
+    if arch.use_adapter and vit.width % arch.adapter_reduction:
+        raise ConfigError(f"invalid value for config key 'adapter_reduction': must divide the ViT width "
+                         f"{vit.width}, got {arch.adapter_reduction}")
     decoder = None
-    if with_decoder:
+    if tmim is not None:
+        if vit.width % tmim.decoder_heads:
+            raise ConfigError(f"invalid value for config key 'decoder_heads': must divide the ViT width "
+                             f"{vit.width}, got {tmim.decoder_heads}")
         decoder = TMIMDecoder(vit.width, vit.num_patches, vit.arch.patch_size, blip.text_encoder.config.hidden_size,
-                              depth=getattr(cfg, "decoder_depth", 4), heads=getattr(cfg, "decoder_heads", 8),
-                              mlp_ratio=getattr(cfg, "decoder_mlp_ratio", 4.0),
-                              text_adapter_reduction=getattr(cfg, "text_adapter_reduction", 2))
-    return ContextBLIP(blip, taps, adapter_reduction=getattr(cfg, "adapter_reduction", 2),
-                       use_adapter=getattr(cfg, "use_adapter", True), decoder=decoder,
-                       settings=PretrainSettings.from_config(cfg))
-
-
-def checkpoint_kind(state: Dict[str, torch.Tensor]) -> str:
-    """'merged' (``blip.*`` present), 'pretrain' (only adapter/decoder) or 'blip' (BLIP's layout)."""
-    if any(k.startswith("blip.") for k in state):
-        return "merged"
-    if state and all(k.startswith(PARTS) for k in state):
-        return "pretrain"
-    return "blip"
-
-
-def _load_parts(model: ContextBLIP, state: Dict[str, torch.Tensor], strict: bool):
-    from utils.checkpoint import load_state_dict_with_report
-    parts = {k: v for k, v in state.items() if k.startswith(PARTS)}
-    # A model built without a decoder (fine-tuning, zero-shot) has no use for the TMIM decoder.
-    extra = ("decoder.",) if model.decoder is None else ()
-    return load_state_dict_with_report(model, parts, strict=strict, expected_extra_prefixes=extra,
-                                       ignore_missing_prefixes=("blip.",))
-
-
-def load_contextblip(model: ContextBLIP, source, base: Optional[str] = "auto", strict: bool = False) -> LoadResult:
-    """Load weights into ``model`` from any of the three checkpoint kinds (see the module doc).
-
-    ``base`` applies to a pretraining checkpoint only: ``'auto'`` loads the BLIP that its config's
-    ``pretrained`` names, a path loads that one, ``None`` keeps ``model.blip`` as it is (already
-    loaded by the caller). Returns which kind it was and the load reports.
-    """
-    from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint
-
-    ckpt = load_checkpoint(source)
-    state = extract_state_dict(ckpt)
-    kind = checkpoint_kind(state)
-    if kind == "blip":
-        report = load_blip_weights(model.blip, state, strict=strict)
-        if model.use_adapter:
-            logger.warning("%s is a plain BLIP checkpoint: the adapter stays at its random init, so this "
-                           "is not BLIP's zero-shot model (set use_adapter: false for that)", source)
-        return LoadResult(kind, report, None)
-    if kind == "merged":
-        blip_state = {k[len("blip."):]: v for k, v in state.items() if k.startswith("blip.")}
-        return LoadResult(kind, load_blip_weights(model.blip, blip_state, strict=strict),
-                          _load_parts(model, state, strict))
-    blip_report = None
-    if base == "auto":
-        base = (ckpt.get("config") or {}).get("pretrained") if isinstance(ckpt, dict) else None
-        if not base:
-            raise CheckpointError(f"{source} holds only the adapter/decoder and its config names no "
-                                  "'pretrained' BLIP; pass base=<BLIP checkpoint> or load BLIP first (base=None)")
-    if base:
-        blip_report = load_blip_weights(model.blip, base, strict=strict)
-    return LoadResult(kind, blip_report, _load_parts(model, state, strict))
+                              depth=tmim.decoder_depth, heads=tmim.decoder_heads, mlp_ratio=tmim.decoder_mlp_ratio,
+                              text_adapter_reduction=tmim.text_adapter_reduction)
+    taps = taps if arch.use_adapter else default_taps(len(vit.blocks))
+    return ContextBLIP(blip, taps, adapter_reduction=arch.adapter_reduction, use_adapter=arch.use_adapter,
+                       decoder=decoder, settings=settings)

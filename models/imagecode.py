@@ -9,25 +9,45 @@
 
 Both scorers map ``pixel_values`` ``[B, K, 3, H, W]`` (or precomputed ``image_embeds``
 ``[B, K, L, Dv]``), ``input_ids`` / ``attention_mask`` ``[B, T]`` and ``video`` ``[B]`` (bool) to
-logits ``[B, K]``. For other tasks (MMVP's 2-image sets), :func:`load_imagecode_model` rebuilds a
+logits ``[B, K]``. For other tasks (MMVP's 2-image sets), ``models.factory.model_from_checkpoint`` rebuilds a
 model from a fine-tuning checkpoint and :func:`score_candidates` scores one set.
 """
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.contextblip import ContextBLIP, build_contextblip
+from models.contextblip import ContextBLIP, ContextBLIPArch, build_contextblip
+from utils.config import Config, PosFloat, PosInt, Probability
 
 logger = logging.getLogger(__name__)
 
 
+class ContextArch(Config):
+    """Which ImageCoDe model, and the stage-2 inter-context encoder."""
+
+    stage: Literal[1, 2] = 1                    # 1: adapter-BLIP + prediction layer; 2: + inter-context encoder
+    all_pos: bool = False                       # stage 2: candidate position embedding for static sets too
+    context_layers: PosInt = 2                  # stage 2 encoder over the 10 candidate features
+    context_heads: PosInt = 8
+    context_mlp_ratio: PosFloat = 4.0           # FFN = ratio x text width (3072 for BERT-base)
+    context_dropout: Probability = 0.1
+    context_zero_init: bool = True              # ours: stage 2 starts at stage 1's output; released: false
+    head_init: Literal['itm', 'random'] = 'random'  # stage 1's prediction layer; released: random; itm: start at
+                                                # zero-shot ITM's ranking (not better on the demo)
+
+
+class ImageCodeArch(ContextBLIPArch, ContextArch):
+    """A stage-1 or stage-2 ImageCoDe model."""
+
+
 class CandidateScorer(nn.Module):
     """Stage 1: ``backbone`` (a ContextBLIP) + ``prediction`` (``Linear(Dt, 1)``)."""
+    checkpoint_format = "imagecode"
 
     def __init__(self, backbone: ContextBLIP):
         super().__init__()
@@ -113,6 +133,7 @@ class InterContextEncoder(nn.Module):
 
 class ContextualScorer(nn.Module):
     """Stage 2: ``stage1`` (frozen, prediction layer included) + ``context``."""
+    checkpoint_format = "imagecode"
 
     def __init__(self, stage1: CandidateScorer, context: InterContextEncoder, all_pos: bool = False):
         super().__init__()
@@ -156,9 +177,9 @@ class ContextualScorer(nn.Module):
 
 # ---------------------------------------------------------------------- building and loading
 
-def build_imagecode_model(cfg, tokenizer) -> nn.Module:
-    """Stage 1 or 2 (``cfg.stage``) with random weights; stage 1's BLIP is trainable."""
-    backbone = build_contextblip(cfg, tokenizer)
+def build_imagecode_model(arch: ImageCodeArch, tokenizer) -> nn.Module:
+    """Stage 1 or 2 (``arch.stage``) with random weights; stage 1's BLIP is trainable."""
+    backbone = build_contextblip(arch, tokenizer)
     backbone.set_blip_frozen(False)  # fine-tuning trains adapter-BLIP as a whole
     # Parts the ImageCoDe objective never reaches get no gradient: DDP requires every trainable
     # parameter to take part in the loss.
@@ -169,28 +190,11 @@ def build_imagecode_model(cfg, tokenizer) -> nn.Module:
     if not backbone.use_adapter:
         backbone.adapter.requires_grad_(False)
     stage1 = CandidateScorer(backbone)
-    if getattr(cfg, "stage", 1) == 1:
+    if arch.stage == 1:
         return stage1
-    context = InterContextEncoder(stage1.width, cfg.context_layers, cfg.context_heads, cfg.context_mlp_ratio,
-                                  cfg.context_dropout, zero_init=cfg.context_zero_init)
-    return ContextualScorer(stage1, context, all_pos=cfg.all_pos)
-
-
-def load_imagecode_model(source, device="cpu", strict: bool = True):
-    """Rebuild a fine-tuned stage-1 or stage-2 model from its checkpoint (``finetune_imagecode.py``
-    output; it stores its config). Returns ``(model in eval mode, tokenizer, config)``."""
-    from models.tokenizer import build_tokenizer
-    from utils.checkpoint import extract_state_dict, load_checkpoint, load_state_dict_with_report
-    from utils.config import ImageCodeConfig, load_config
-
-    ckpt = load_checkpoint(source)
-    if not isinstance(ckpt.get("config"), dict) or "stage" not in ckpt["config"]:
-        raise ValueError(f"{source} is not a finetune_imagecode.py checkpoint (no ImageCoDe config inside)")
-    cfg, _ = load_config(None, ImageCodeConfig, defaults_from=ckpt["config"])
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    model = build_imagecode_model(cfg, tokenizer)
-    load_state_dict_with_report(model, extract_state_dict(ckpt), strict=strict)
-    return model.to(device).eval(), tokenizer, cfg
+    context = InterContextEncoder(stage1.width, arch.context_layers, arch.context_heads, arch.context_mlp_ratio,
+                                  arch.context_dropout, zero_init=arch.context_zero_init)
+    return ContextualScorer(stage1, context, all_pos=arch.all_pos)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """BLIP's retrieval losses, apart from the encoders.
 
 - :func:`itc_momentum_loss`: image-text contrastive loss against momentum keys (batch + queue) with
-  soft targets mixing the momentum model's similarities and the idx-positives (BLIP.md).
+  soft targets mixing the momentum model's similarities and the idx-positives (docs/BLIP.md).
 - :func:`sample_hard_negatives` + :func:`itm_loss`: one hard negative image per text and one hard
   negative text per image, drawn from ``softmax(sim / temp)`` with same-idx entries removed.
 """

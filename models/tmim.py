@@ -1,4 +1,4 @@
-"""Text-guided masked image modelling (TMIM), ContextBLIP's second pretraining task (CONTEXTBLIP.md).
+"""Text-guided masked image modelling (TMIM), ContextBLIP's second pretraining task (docs/CONTEXTBLIP.md).
 
 - :func:`text_guided_mask` / :func:`random_mask`: which patches to hide. The text-guided mask hides
   the patches one guide token of the caption attends to most in the positive ITM pass.
@@ -216,3 +216,29 @@ class TMIMDecoder(nn.Module):
             x = layer(x, cond, padding)
         return self.head(self.norm(x))[:, 1:]
 
+
+# ---------------------------------------------------------------------- reference implementation
+
+def embed_visible_per_patch(vit, pixel_values: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """The released per-patch path of the visible-patch embedding, kept as the reference that the
+    tests and ``bench/bench_pretrain.py`` compare the batched path (``BlipViT.embed_visible``)
+    against; training does not use it.
+
+    Each kept patch is cut out of the image and embedded on its own (one conv call per patch), then
+    given its position embedding, as the ContextBLIP release does. ``vit`` is a ``BlipViT``;
+    ``pixel_values`` ``[B, 3, H, W]``, ``keep_idx`` ``[B, K]`` patch indices in ``[0, N)`` ->
+    ``[B, 1 + K, D]`` (CLS first): the same tokens as ``vit.embed_visible(pixel_values, keep_idx)``.
+    """
+    p = vit.arch.patch_size
+    grid = vit.image_size // p
+    cls = vit.cls_token[0] + vit.pos_embed[0, :1]
+    rows = []
+    for b in range(pixel_values.shape[0]):
+        tokens = [cls]
+        for n in keep_idx[b].tolist():
+            r, c = divmod(n, grid)
+            patch = pixel_values[b:b + 1, :, r * p:(r + 1) * p, c * p:(c + 1) * p]
+            token = vit.patch_embed.norm(vit.patch_embed.proj(patch).flatten(2).transpose(1, 2))[0]
+            tokens.append(token + vit.pos_embed[0, 1 + n:2 + n])
+        rows.append(torch.cat(tokens))
+    return vit.norm_pre(vit.pos_drop(torch.stack(rows)))

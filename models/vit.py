@@ -10,53 +10,76 @@ encoding a subset of patches (the visible patches of a masked image).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
+from utils.config import Config, NonNegInt, PosFloat, PosInt, Probability, unused
 
-@dataclass(frozen=True)
-class ViTArch:
+
+class ViTArch(Config):
     """Width/depth/heads/patch of a ViT; ``base`` and ``large`` are BLIP's two sizes."""
+    model_config = ConfigDict(frozen=True)
 
-    width: int
-    depth: int
-    heads: int
-    patch_size: int = 16
-    mlp_ratio: float = 4.0
+    width: PosInt               # embedding dim
+    depth: PosInt               # number of transformer blocks
+    heads: PosInt               # attention heads; must divide width
+    patch_size: PosInt = 16
+    mlp_ratio: PosFloat = 4.0   # MLP hidden dim = mlp_ratio * width
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.width % self.heads:
+            raise ValueError(f"heads: must divide width {self.width}, got {self.heads}")
+        return self
 
 
 VIT_PRESETS = {
     "base": ViTArch(width=768, depth=12, heads=12, patch_size=16),
     "large": ViTArch(width=1024, depth=24, heads=16, patch_size=16),
 }
+# BLIP trains ViT-L with stochastic depth 0.1 and ViT-B without.
+DEFAULT_DROP_PATH = {"large": 0.1}
 
 
-def resolve_vit_arch(vit) -> Tuple[ViTArch, str]:
-    """Turn the config's ``vit`` (``'base'``, ``'large'`` or a mapping/dataclass) into a ViTArch.
+class ViTSettings(Config):
+    """The config keys that build BLIP's ViT (flat, as in BLIP's YAML files)."""
 
-    Returns the arch and a name (``'base'``, ``'large'`` or ``'custom'``) used for defaults such as
-    drop-path (BLIP always trains ViT-L with drop_path 0.1).
-    """
-    if isinstance(vit, str):
-        if vit not in VIT_PRESETS:
-            raise ValueError(f"config key 'vit': unknown preset {vit!r}; use 'base', 'large' or a "
-                             "mapping {width, depth, heads, patch_size}")
-        return VIT_PRESETS[vit], vit
-    fields = vit if isinstance(vit, dict) else vars(vit)
-    try:
-        arch = ViTArch(**{k: fields[k] for k in ("width", "depth", "heads") },
-                       patch_size=fields.get("patch_size", 16), mlp_ratio=fields.get("mlp_ratio", 4.0))
-    except KeyError as e:
-        raise ValueError(f"config key 'vit': mapping is missing {e.args[0]!r}") from None
-    if arch.width % arch.heads:
-        raise ValueError(f"config key 'vit': width {arch.width} is not divisible by heads {arch.heads}")
-    return arch, "custom"
+    vit: Union[str, ViTArch] = "base"             # 'base' | 'large' | a ViTArch mapping
+    image_size: PosInt = 384                      # square input resolution
+    vit_grad_ckpt: bool = False                   # gradient checkpointing in the ViT (training only)
+    vit_ckpt_layer: NonNegInt = 0                 # checkpoint the last N blocks (0 = all, if enabled)
+    vit_drop_path_rate: Optional[Probability] = None  # None -> 0.1 for large, 0.0 otherwise
+
+    @field_validator("vit")
+    @classmethod
+    def _known_preset(cls, vit):
+        if isinstance(vit, str) and vit not in VIT_PRESETS:
+            raise ValueError(f"must be one of {sorted(VIT_PRESETS)} or a mapping "
+                             f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
+        return vit
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self, info: ValidationInfo):
+        if self.vit_drop_path_rate is None:
+            # Resolved here so checkpoints and the saved config record the rate actually used.
+            self.vit_drop_path_rate = DEFAULT_DROP_PATH.get(self.vit, 0.0) if isinstance(self.vit, str) else 0.0
+        arch = self.vit_arch
+        if self.image_size % arch.patch_size:
+            raise ValueError(f"image_size: must be a multiple of patch_size {arch.patch_size}, got {self.image_size}")
+        if self.vit_grad_ckpt and "vit_grad_ckpt" not in unused(info) and self.vit_ckpt_layer > arch.depth:
+            raise ValueError(f"vit_ckpt_layer: must be in [0, {arch.depth}] (the ViT's depth), "
+                             f"got {self.vit_ckpt_layer}")
+        return self
+
+    @property
+    def vit_arch(self) -> ViTArch:
+        return VIT_PRESETS[self.vit] if isinstance(self.vit, str) else self.vit
 
 
 class BlipViT(VisionTransformer):
@@ -125,12 +148,9 @@ class BlipViT(VisionTransformer):
         return self.run_blocks(x)[0]
 
 
-def build_vit(vit, image_size: int, drop_path_rate: Optional[float] = None, grad_ckpt: bool = False,
-              ckpt_layer: int = 0) -> BlipViT:
-    """Build BLIP's ViT from the config's ``vit`` value."""
-    arch, name = resolve_vit_arch(vit)
-    if drop_path_rate is None:
-        drop_path_rate = 0.1 if name == "large" else 0.0
-    if grad_ckpt and not 0 <= ckpt_layer <= arch.depth:
-        raise ValueError(f"config key 'vit_ckpt_layer': {ckpt_layer} is outside [0, {arch.depth}]")
-    return BlipViT(image_size, arch, drop_path_rate=drop_path_rate, ckpt_layer=ckpt_layer if grad_ckpt else 0)
+def build_vit(settings: ViTSettings) -> BlipViT:
+    """BLIP's ViT from its config keys (gradient checkpointing of the last ``vit_ckpt_layer`` blocks
+    only when ``vit_grad_ckpt`` is on)."""
+    arch = settings.vit_arch
+    return BlipViT(settings.image_size, arch, drop_path_rate=settings.vit_drop_path_rate,
+                   ckpt_layer=min(settings.vit_ckpt_layer, arch.depth) if settings.vit_grad_ckpt else 0)

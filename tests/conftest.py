@@ -1,4 +1,6 @@
-"""Shared test helpers: paths, the fixture config, and launching entry points like a user does."""
+"""Shared test fixtures: paths, the official-layout fixture's config, launching entry points like a
+user does, and tiny synthetic data and configs. Tests take them as fixture arguments (the project
+root is on the import path through pytest.ini's ``pythonpath``)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"
-sys.path.insert(0, str(REPO))
 
 
-def fixture_config(tmp_path: Path, **overrides) -> Path:
+def _fixture_config(tmp_path: Path, **overrides) -> Path:
     """A retrieval config that evaluates the official-layout fixture checkpoint."""
     cfg = {
         "dataset": "custom", "image_root": str(FIXTURE), "ann_root": str(FIXTURE), "test_file": "test.json",
@@ -30,26 +31,29 @@ def fixture_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
+def _run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node N script args`` on CPU (gloo), from the repo root. ``script`` is a
     file (``train_retrieval.py``) or, without ``.py``, a module run like ``python -m`` (``tools``)."""
     target = [str(REPO / script)] if script.endswith(".py") else ["--module", script]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", "--master_addr=127.0.0.1", *target, *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *target, *map(str, args)]
+    # The repo root on the path, as for pytest itself (pytest.ini's pythonpath): helper scripts under
+    # tests/scripts import the project and each other by package path.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
+                **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 
-def run_script(script: str, args, timeout: float = 900, env=None, check=True) -> subprocess.CompletedProcess:
+def _run_script(script: str, args, timeout: float = 900, env=None, check=True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
@@ -59,8 +63,62 @@ def run_script(script: str, args, timeout: float = 900, env=None, check=True) ->
 
 
 @pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
 def fixture_dir() -> Path:
+    """The official-layout BLIP retrieval fixture (tests/fixtures/blip_official_tiny)."""
     return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def fixture_config():
+    """``fixture_config(tmp_path, **overrides) -> Path``: a retrieval config evaluating the fixture."""
+    return _fixture_config
+
+
+@pytest.fixture(scope="session")
+def fixture_model():
+    """``fixture_model(image_size=64) -> (model in eval mode, tokenizer, load report)``: the
+    official-layout fixture loaded strictly through the model factory, as users' files are."""
+    from models.factory import build_model, load_weights
+    from models.tokenizer import build_tokenizer
+    from tasks.retrieval import RetrievalConfig
+
+    def make(image_size: int = 64):
+        cfg = RetrievalConfig(vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16}, image_size=image_size,
+                              med_config=str(FIXTURE / "med_config.json"), tokenizer=str(FIXTURE / "tokenizer"),
+                              embed_dim=32, queue_size=64)
+        tok = build_tokenizer(cfg.tokenizer)
+        model = build_model(cfg, "blip", tok)
+        report = load_weights(model, FIXTURE / "checkpoint.pth", strict=True).blip
+        return model.eval(), tok, report
+    return make
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def run_torchrun():
+    """``run_torchrun(script, args, nproc=2)``: torchrun on CPU (gloo) from the repo root."""
+    return _run_torchrun
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """``run_script(script, args)``: ``python script args`` from the repo root."""
+    return _run_script
+
+
+@pytest.fixture(scope="session")
+def tiny_train_config():
+    """``tiny_train_config(tmp_path, data, **overrides) -> Path``: a seconds-per-epoch retrieval run."""
+    return _tiny_train_config
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +130,7 @@ def synthetic_small(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
+def _tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
     """A very small from-scratch retrieval run on the synthetic data (seconds per epoch)."""
     med = tmp_path / "med_tiny.json"
     med.write_text('{"vocab_size": null, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,'

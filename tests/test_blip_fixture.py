@@ -2,6 +2,8 @@
 key for key and reproduce the original numbers through our entry point."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import types
 
@@ -11,26 +13,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import FIXTURE, fixture_config, run_torchrun
 from data.collate import tokenize
 from data.transforms import build_test_transform
-from models.blip import build_blip_retrieval, load_blip_weights
 from models.tokenizer import build_tokenizer
 import train_retrieval
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "blip_official_tiny"
 
 REF = torch.load(FIXTURE / "reference.pt", weights_only=True)
 
 
-def fixture_model(image_size=64):
-    tok = build_tokenizer(str(FIXTURE / "tokenizer"))
-    cfg = types.SimpleNamespace(vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16}, image_size=image_size,
-                                med_config=str(FIXTURE / "med_config.json"), embed_dim=32, queue_size=64)
-    model = build_blip_retrieval(cfg, tok)
-    report = load_blip_weights(model, FIXTURE / "checkpoint.pth", strict=True)
-    return model.eval(), tok, report
-
-
-def test_fixture_loads_strictly_with_nothing_missing_or_unexpected():
+def test_fixture_loads_strictly_with_nothing_missing_or_unexpected(fixture_model):
     model, tok, report = fixture_model()
     assert report.is_clean
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
@@ -38,7 +31,7 @@ def test_fixture_loads_strictly_with_nothing_missing_or_unexpected():
     assert (tok.convert_tokens_to_ids("[DEC]"), tok.enc_token_id) == (48, 49)
 
 
-def test_preprocessing_and_forward_match_the_original():
+def test_preprocessing_and_forward_match_the_original(fixture_model):
     model, tok, _ = fixture_model()
     transform = build_test_transform(64)
     entries = json.loads((FIXTURE / "test.json").read_text())
@@ -63,7 +56,7 @@ def test_preprocessing_and_forward_match_the_original():
     assert (itm_kv - REF["itm_logit"]).abs().max() < 1e-5
 
 
-def test_evaluate_entry_point_reproduces_reference_scores(tmp_path):
+def test_evaluate_entry_point_reproduces_reference_scores(tmp_path, fixture_config):
     out = tmp_path / "eval"
     record = train_retrieval.main(["--config", str(fixture_config(tmp_path)), "--output_dir", str(out),
                                    "--evaluate", "--save_scores", "--no_progress"])
@@ -87,7 +80,7 @@ def _independent_resize(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
     return torch.cat([cls, img[0].permute(1, 2, 0).reshape(1, new_grid * new_grid, -1)], dim=1)
 
 
-def test_loading_at_another_image_size_interpolates_pos_embed():
+def test_loading_at_another_image_size_interpolates_pos_embed(fixture_model):
     state = torch.load(FIXTURE / "checkpoint.pth", weights_only=True)["model"]
     model, _, report = fixture_model(image_size=96)  # 6x6 patches instead of 4x4
     assert report.is_clean
@@ -101,7 +94,7 @@ def test_loading_at_another_image_size_interpolates_pos_embed():
 
 
 @pytest.mark.dist
-def test_torchrun_two_process_evaluation_equals_one_process(tmp_path):
+def test_torchrun_two_process_evaluation_equals_one_process(tmp_path, fixture_config, run_torchrun):
     cfg = fixture_config(tmp_path, rerank_batch_size=2)
     single, double = tmp_path / "one", tmp_path / "two"
     train_retrieval.main(["--config", str(cfg), "--output_dir", str(single), "--evaluate", "--save_scores", "--no_progress"])

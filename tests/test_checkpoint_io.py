@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -110,13 +109,17 @@ def test_missing_path_names_it(tmp_path):
         load_checkpoint(str(missing))
 
 
-def test_pickle_with_custom_object_is_refused_and_not_run(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy_format"])
+def test_pickle_with_custom_object_is_refused_and_not_run(tmp_path, legacy):
     path = tmp_path / "evil.pth"
-    torch.save({"model": _tiny_sd(), "extra": Payload()}, path)
+    torch.save({"model": _tiny_sd(), "extra": Payload()}, path,
+               _use_new_zipfile_serialization=not legacy)
     RAN_ON_UNPICKLE.clear()
     with pytest.raises(UnsafeCheckpointError) as info:
         load_checkpoint(path)
     assert "for safety" in str(info.value) and str(path) in str(info.value)
+    if not legacy:  # torch lists the globals of zip checkpoints only
+        assert "_record_unpickle" in str(info.value)
     assert RAN_ON_UNPICKLE == []
 
 
@@ -130,8 +133,17 @@ def test_corrupt_file_is_named(tmp_path, damage):
     path.write_bytes(damaged[damage])
     with pytest.raises(CheckpointError, match="corrupt") as info:
         load_checkpoint(path)
-    assert str(path) in str(info.value)
+    assert str(path) in str(info.value) and f"({len(damaged[damage])} bytes)" in str(info.value)
     assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_intact_file_error_is_not_called_corrupt(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model": _tiny_sd()}, path)
+    with pytest.raises(RuntimeError) as info:
+        load_checkpoint(path, map_location="cuda")
+    assert not isinstance(info.value, CheckpointError)
 
 
 # --------------------------------------------------------------------------- URLs
@@ -245,6 +257,24 @@ def test_interpolate_pos_embed_identity_and_resize(caplog):
     resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
     expected = resized[0].reshape(dim, 36).t()
     torch.testing.assert_close(out[0, 1:], expected)
+
+
+def _blip_interpolate_pos_embed(pos_embed, new_size):
+    """BLIP's own formula (models/vit.py interpolate_pos_embed in salesforce/BLIP)."""
+    extra_tokens, pos_tokens = pos_embed[:, :1], pos_embed[:, 1:]
+    orig_size = int(pos_tokens.shape[1] ** 0.5)
+    pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, pos_embed.shape[-1]).permute(0, 3, 1, 2)
+    pos_tokens = F.interpolate(pos_tokens, size=(new_size, new_size), mode="bicubic", align_corners=False)
+    return torch.cat((extra_tokens, pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+
+
+@pytest.mark.parametrize("old,new", [(24, 32), (14, 24), (24, 14)])
+def test_interpolate_pos_embed_matches_blip_reference(old, new):
+    # We resize through timm's resample_abs_pos_embed; it must stay BLIP's bicubic on ViT-B shapes.
+    pos = torch.randn(1, 1 + old * old, 768, generator=torch.Generator().manual_seed(old))
+    out = interpolate_pos_embed(pos, num_patches=new * new)
+    torch.testing.assert_close(out, _blip_interpolate_pos_embed(pos, new), rtol=0, atol=1e-5)
+    assert interpolate_pos_embed(pos.half(), num_patches=new * new).dtype == torch.float16
 
 
 def test_interpolate_pos_embed_rejects_non_square():

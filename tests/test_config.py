@@ -1,11 +1,12 @@
-"""utils/config.py: YAML configs are typed, validated, overridable and saved with their comments."""
-from dataclasses import dataclass, field
+"""utils/config.py and the task schemas: YAML configs are typed, validated, overridable and saved with their comments."""
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
-from utils.config import (ConfigError, RetrievalConfig, ViTSpec, config_to_dict, load_config,
+from models.vit import ViTArch
+from tasks.retrieval import RetrievalConfig
+from utils.config import (Config, ConfigError, config_to_dict, load_config,
                           parse_config, save_config)
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -24,7 +25,7 @@ def write(tmp_path: Path, text: str, name: str = 'cfg.yaml') -> Path:
 
 def test_coco_config_is_the_published_recipe():
     cfg, doc = load_config(COCO, RetrievalConfig)
-    assert cfg.dataset == 'coco' and cfg.vit == 'base' and cfg.vit_spec().width == 768
+    assert cfg.dataset == 'coco' and cfg.vit == 'base' and cfg.vit_arch.width == 768
     assert cfg.pretrained.endswith('/model_base_retrieval_coco.pth')
     assert (cfg.k_test, cfg.negative_all_rank) == (256, True)
     assert (cfg.batch_size_train, cfg.batch_size_test, cfg.image_size) == (32, 64, 384)
@@ -80,7 +81,7 @@ def test_opts_are_yaml_typed():
 
 def test_vit_as_mapping_and_nested_override():
     cfg, doc = load_config(COCO, RetrievalConfig, [TINY_VIT, 'vit_ckpt_layer=1', 'image_size=64'])
-    assert cfg.vit == ViTSpec(width=96, depth=3, heads=3, patch_size=8, mlp_ratio=4.0)
+    assert cfg.vit == ViTArch(width=96, depth=3, heads=3, patch_size=8, mlp_ratio=4.0)
     assert doc['vit']['mlp_ratio'] == 4.0  # nested default filled in
 
     cfg2, _ = load_config(COCO, RetrievalConfig, [TINY_VIT, 'vit.width=48', 'vit_ckpt_layer=0'])
@@ -135,23 +136,27 @@ def test_missing_required_field():
 
 
 def test_semantic_checks_name_the_key():
-    with pytest.raises(ConfigError, match=r"'batch_size_test' in --opts: must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"invalid value for config key 'batch_size_test' in --opts: "
+                                          r"input should be greater than or equal to 1, got 0"):
         load_config(COCO, RetrievalConfig, ['batch_size_test=0'])
     with pytest.raises(ConfigError, match=r"'vit' .*must be one of \['base', 'large'\]"):
         load_config(COCO, RetrievalConfig, ['vit=huge'])
-    with pytest.raises(ConfigError, match=r"'vit_ckpt_layer' in .*retrieval_coco\.yaml: must be in \[0, 3\]"):
+    # A value error is worded as one, and names where the value came from.
+    with pytest.raises(ConfigError, match=r"invalid value for config key 'vit_ckpt_layer' in .*retrieval_coco\.yaml: "
+                                          r"must be in \[0, 3\]"):
         load_config(COCO, RetrievalConfig, [TINY_VIT])  # the file's 4 exceeds the tiny depth
+    # ... unless the run does not use it (gradient checkpointing under --evaluate).
+    assert load_config(COCO, RetrievalConfig, [TINY_VIT], unused_keys=['vit_grad_ckpt'])[0].vit_ckpt_layer == 4
     with pytest.raises(ConfigError, match=r"'vit\.heads' .*must divide width 96"):
         load_config(COCO, RetrievalConfig, ['vit={width: 96, depth: 3, heads: 5}', 'vit_ckpt_layer=0'])
 
 
 def test_generic_field_types(tmp_path):
-    @dataclass
-    class Schema:
-        size: ViTSpec
-        weights: Dict[str, float] = field(default_factory=dict)
-        tags: list = field(default_factory=list)
-        sizes: List[Optional[int]] = field(default_factory=list)
+    class Schema(Config):
+        size: ViTArch
+        weights: Dict[str, float] = {}
+        tags: list = []
+        sizes: List[Optional[int]] = []
 
     path = write(tmp_path, 'size: {width: 8, depth: 1, heads: 2}\nweights: {itc: 1, itm: 0.5}\n')
     cfg, _ = load_config(path, Schema, ['tags=[x, 1]', 'sizes=[1, null]'])

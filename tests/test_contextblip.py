@@ -1,23 +1,23 @@
 """ContextBLIP parts at a tiny size: shapes, the text-guided mask, frozen BLIP, visible-subset
-encoding, the TMIM loss, and the three checkpoint kinds load_contextblip reads."""
+encoding, the TMIM loss, and the three checkpoint kinds the model factory loads into a ContextBLIP."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "bench"))
+from models.adapter import MultiScaleAdapter, TextAdapter
+from models.contextblip import build_contextblip
+from models.factory import checkpoint_format, load_weights
+from models.tmim import (TMIMDecoder, choose_guide_tokens, embed_visible_per_patch, mean_cross_attention, patchify,
+                         random_mask, text_guided_mask, tmim_loss, unpatchify, word_positions)
+from tasks.contextblip_pretrain import PretrainConfig
+from utils.checkpoint import save_checkpoint_atomic
+from utils.config import ConfigError, config_to_dict, load_config
 
-from models.adapter import MultiScaleAdapter, TextAdapter  # noqa: E402
-from models.contextblip import build_contextblip, checkpoint_kind, load_contextblip  # noqa: E402
-from models.tmim import (TMIMDecoder, choose_guide_tokens, mean_cross_attention, patchify, random_mask,  # noqa: E402
-                         text_guided_mask, tmim_loss, unpatchify, word_positions)
-from utils.checkpoint import save_checkpoint_atomic  # noqa: E402
-from utils.config import PretrainConfig, config_to_dict, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # 32 px with 8 px patches: 16 patches, so mask rates have room; text 32 x 2 with cross-attention.
 TINY = ["vit={width: 32, depth: 3, heads: 2, patch_size: 8}", "image_size=32", "embed_dim=16",
@@ -46,7 +46,8 @@ def _cfg(tmp_path, *opts):
 
 def _model(tmp_path, *opts, with_decoder=True):
     torch.manual_seed(0)
-    return build_contextblip(_cfg(tmp_path, *opts), _Tok(), with_decoder=with_decoder)
+    cfg = _cfg(tmp_path, *opts)
+    return build_contextblip(cfg, _Tok(), tmim=cfg if with_decoder else None, settings=cfg)
 
 
 def _batch(B=4, T=9, seed=0):
@@ -180,7 +181,6 @@ def test_blip_gets_no_gradient_and_does_not_change_while_the_adapter_learns(tmp_
 
 
 def test_visible_subset_encoding_equals_the_vit_on_the_kept_tokens(tmp_path):
-    from bench_pretrain import embed_visible_per_patch
     model = _model(tmp_path).eval()
     vit = model.vit
     px = _batch()[0]
@@ -250,7 +250,7 @@ def _blip_only(model):
     return {k[len("blip."):]: v for k, v in model.state_dict().items() if k.startswith("blip.")}
 
 
-def test_load_contextblip_reads_pretrain_merged_and_plain_blip_checkpoints(tmp_path):
+def test_load_weights_reads_pretrain_merged_and_plain_blip_checkpoints(tmp_path):
     trained = _model(tmp_path)
     with torch.no_grad():
         for p in trained.parameters():
@@ -264,24 +264,29 @@ def test_load_contextblip_reads_pretrain_merged_and_plain_blip_checkpoints(tmp_p
     assert all(not k.startswith("blip.") for k in torch.load(pre, weights_only=True)["model"])
     px, ids, mask, _ = _batch()
     want = trained.eval().itm_logits(ids, mask, trained.image_embeds(px))
-    for path, kind in ((pre, "pretrain"), (merged, "merged")):
+    tagged = save_checkpoint_atomic({"model": trained.state_dict(), "format": "contextblip-merged"},
+                                    tmp_path / "tagged.pth")
+    # Untagged files (older ones) are recognised by their layout; tagged ones by the tag.
+    for path, kind in ((pre, "contextblip-trainable"), (merged, "contextblip-merged"), (tagged, "contextblip-merged")):
         fresh = _model(tmp_path).eval()
-        res = load_contextblip(fresh, path, strict=True)
-        assert res.kind == kind and res.blip.is_clean and res.parts.is_clean
+        res = load_weights(fresh, path, strict=True)
+        assert res.format == kind and res.blip.is_clean and res.parts.is_clean
         assert torch.allclose(fresh.itm_logits(ids, mask, fresh.image_embeds(px)), want, atol=1e-6)
     # A stage without the TMIM decoder reads the merged export; the decoder is an expected extra.
     no_dec = _model(tmp_path, with_decoder=False)
-    res = load_contextblip(no_dec, merged)
+    res = load_weights(no_dec, merged)
     assert res.parts.is_clean and any(k.startswith("decoder.") for k in res.parts.expected_extra)
     # Plain BLIP: with use_adapter false, image_embeds are exactly BLIP's ViT tokens.
     plain = _model(tmp_path, "use_adapter=false").eval()
-    res = load_contextblip(plain, base)
-    assert res.kind == "blip" and res.parts is None
+    res = load_weights(plain, base)
+    assert res.format == "blip" and res.parts is None
     with torch.no_grad():
         assert torch.equal(plain.image_embeds(px), trained.blip.visual_encoder(px))
         assert torch.allclose(plain.itm_logits(ids, mask, plain.image_embeds(px)),
                               trained.blip.itm_logits(ids, mask, trained.blip.visual_encoder(px)), atol=1e-6)
-    assert checkpoint_kind({"adapter.up.weight": torch.zeros(1)}) == "pretrain"
+    assert checkpoint_format({"adapter.up.weight": torch.zeros(1)}) == "contextblip-trainable"
+    with pytest.raises(Exception, match="unknown checkpoint format 'mystery'"):
+        checkpoint_format({"model": {"x": torch.zeros(1)}, "format": "mystery"})
 
 
 def test_pretrain_checkpoint_without_a_base_is_a_clear_error(tmp_path):
@@ -289,15 +294,18 @@ def test_pretrain_checkpoint_without_a_base_is_a_clear_error(tmp_path):
     path = save_checkpoint_atomic({"model": model.checkpoint_state_dict(), "config": {"pretrained": ""}},
                                   tmp_path / "p.pth")
     with pytest.raises(Exception, match="names no 'pretrained' BLIP"):
-        load_contextblip(model, path)
-    assert load_contextblip(model, path, base=None).parts.is_clean
+        load_weights(model, path)
+    assert load_weights(model, path, base=None).parts.is_clean
 
 
 def test_pretrain_config_validation_names_the_key(tmp_path):
-    from utils.config import ConfigError
     for opt, key in (("mask_rate=0.02", "mask_rate"), ("adapter_taps=[0, 2]", "adapter_taps"),
-                     ("decoder_heads=5", "decoder_heads"), ("itm_neg_temp=0", "itm_neg_temp"),
-                     ("mask_strategy=grid", "mask_strategy")):
+                     ("itm_neg_temp=0", "itm_neg_temp"), ("mask_strategy=grid", "mask_strategy")):
         with pytest.raises(ConfigError, match=key):
             _cfg(tmp_path, opt)
+    # Checked against the ViT when the model is built (a run that scores plain BLIP never uses the taps).
+    for opt, key in (("decoder_heads=5", "decoder_heads"), ("adapter_taps=[2, 4]", "adapter_taps")):
+        with pytest.raises(ConfigError, match=rf"invalid value for config key '{key}': must"):
+            _model(tmp_path, opt)
+    _model(tmp_path, "adapter_taps=[2, 4]", "use_adapter=false", with_decoder=False)
     assert load_config(None, PretrainConfig, ["train_file=a.json"])[0].adapter_taps == [3, 6, 9, 12]

@@ -5,7 +5,6 @@ import json
 import logging
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,10 +13,14 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from tasks.retrieval import RetrievalConfig
 from data.retrieval import RetrievalEvalDataset, RetrievalTrainDataset, build_retrieval_datasets
 from data.transforms import (IMAGE_MEAN, IMAGE_STD, OPS, RandomAugment, build_test_transform,
                              build_train_transform)
 from data.utils import BadImageError, load_image, pre_caption, read_json
+
+# The data tests use 8-16 px images: a ViT with 8 px patches makes those sizes valid configs.
+TINY_VIT = {"width": 8, "depth": 1, "heads": 1, "patch_size": 8}
 
 
 def _write_json(path: Path, obj) -> Path:
@@ -254,8 +257,20 @@ def test_train_idx_first_seen_order_across_files(tmp_path, images):
     ({"caption": "c", "image_id": 1}, "image"),
     ({"image": "img0.jpg", "image_id": 1}, "caption"),
     ({"image": "img0.jpg", "caption": "c"}, "image_id"),
-    ({"image": "img0.jpg", "caption": ["c"], "image_id": 1}, "caption"),
+    ({"image": "img0.jpg", "caption": {"text": "c"}, "image_id": 1}, "caption"),
+    ({"image": "img0.jpg", "caption": "", "image_id": 1}, "caption"),
+    ({"image": "img0.jpg", "caption": " \t\n", "image_id": 1}, "caption"),
+    ({"image": "img0.jpg", "caption": [], "image_id": 1}, "caption"),
+    ({"image": "img0.jpg", "caption": []}, "caption"),
+    ({"image": "img0.jpg", "caption": ["fine", 3]}, "caption"),
+    ({"image": "img0.jpg", "caption": ["fine", None]}, "caption"),
+    ({"image": "img0.jpg", "caption": ["fine", ["nested"]]}, "caption"),
+    ({"image": "img0.jpg", "caption": ["fine", ""]}, "caption"),
+    ({"image": "img0.jpg", "caption": ["fine", "  "]}, "caption"),
     ({"image": "img0.jpg", "caption": "c", "image_id": 1.5}, "image_id"),
+    ({"image": "img0.jpg", "caption": ["c"], "image_id": True}, "image_id"),
+    ({"image": "img0.jpg", "caption": ["c"], "image_id": None}, "image_id"),
+    ({"caption": ["c"]}, "image"),
 ])
 def test_train_entry_validation_names_index_and_field(tmp_path, images, entry, field):
     ann = _write_json(tmp_path / "train.json", [
@@ -263,6 +278,128 @@ def test_train_entry_validation_names_index_and_field(tmp_path, images, entry, f
     with pytest.raises(ValueError) as err:
         RetrievalTrainDataset([ann], images, None)
     assert f"entry 1 of {ann}" in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_train_caption_list_bad_item_names_its_position(tmp_path, images):
+    ann = _write_json(tmp_path / "flickr_train.json", [
+        {"image": "img0.jpg", "caption": ["a", "b"]}, {"image": "img1.jpg", "caption": ["a", "b", 7]}])
+    with pytest.raises(ValueError) as err:
+        RetrievalTrainDataset([ann], images, None)
+    message = str(err.value)
+    assert f"entry 1 of {ann}" in message and "'caption'" in message and "item 2" in message
+
+
+def test_train_caption_list_one_pair_per_caption(tmp_path, images):
+    """Flickr30k / EasyNLP layout: one item per caption, the image path is the image key."""
+    entries = [
+        {"image": "img0.jpg", "caption": ["Red. One", "red two", "red three"]},
+        {"image": "img1.jpg", "caption": ["green one"]},
+        {"image": "img0.jpg", "caption": ["red four"]},            # same image again: same idx
+        {"image": "img2.jpg", "caption": "blue one", "image_id": "img2.jpg"},  # id == path
+        {"image": "img2.jpg", "caption": ["blue two", "blue three"]},
+    ]
+    ann = _write_json(tmp_path / "flickr30k_train.json", entries)
+    ds = RetrievalTrainDataset(ann, images, build_test_transform(8), max_words=2)
+    assert len(ds) == 8 and len(ds.annotation) == 8 and ds.num_images == 3
+    assert ds.captions == ["red one", "red two", "red three", "green one", "red four", "blue one",
+                           "blue two", "blue three"]  # pre_caption, max_words applied
+    assert ds._idx == [0, 0, 0, 1, 0, 2, 2, 2]
+    assert ds.img_ids == {"img0.jpg": 0, "img1.jpg": 1, "img2.jpg": 2}
+    assert [ds.source(i) for i in range(8)] == [
+        f"entry {k} of {ann}" for k in (0, 0, 0, 1, 2, 3, 4, 4)]
+    assert ds.annotation[1] is ds.annotation[0] and ds.annotation[4]["caption"] == ["red four"]
+    image, caption, idx = ds[6]
+    assert image.shape == (3, 8, 8) and (caption, idx) == ("blue two", 2)
+    assert image[2].mean() > 1.0 and image[0].mean() < -1.0  # the blue image
+    with pytest.raises(FileNotFoundError, match=r"gone\.jpg.*entry 1 of .*gone\.json"):
+        RetrievalTrainDataset(_write_json(tmp_path / "gone.json", [
+            {"image": "img0.jpg", "caption": ["x"]}, {"image": "gone.jpg", "caption": ["y", "z"]}]),
+            images, None)[2]
+
+
+def test_train_mixed_file_groups_by_image_and_explicit_id_wins(tmp_path, images):
+    a = _write_json(tmp_path / "a.json", [
+        {"image": "img0.jpg", "caption": ["red a", "red b"]},          # id given later: 7
+        {"image": "img1.jpg", "caption": "green a", "image_id": "g"},
+        {"image": "img2.jpg", "caption": ["blue a"]},                   # no explicit id: the path
+        {"image": "img1.jpg", "caption": ["green b", "green c"]},     # -> "g"
+        {"image": "img0.jpg", "caption": "red c", "image_id": 7},
+    ])
+    b = _write_json(tmp_path / "b.json", [
+        {"image": "img2.jpg", "caption": "blue b", "image_id": "img2.jpg"},
+        {"image": "img0.jpg", "caption": ["red d"], "image_id": 7},   # a list may carry one
+        {"image": "img1.jpg", "caption": ["green d"]},
+        {"image": "sub/img0.jpg", "caption": ["other path"], "image_id": "g"},  # explicit wins
+    ])
+    ds = RetrievalTrainDataset([a, b], images, None)
+    assert ds.captions == ["red a", "red b", "green a", "blue a", "green b", "green c", "red c",
+                           "blue b", "red d", "green d", "other path"]
+    assert ds._idx == [0, 0, 1, 2, 1, 1, 0, 2, 0, 1, 1]
+    assert ds.img_ids == {7: 0, "g": 1, "img2.jpg": 2} and ds.num_images == 3
+    assert ds.source(8) == f"entry 1 of {b}" and ds.source(5) == f"entry 3 of {a}"
+    assert [ds[i][1:] for i in (0, 9)] == [("red a", 0), ("green d", 1)]
+
+
+def test_train_ambiguous_default_image_id_is_an_error(tmp_path, images):
+    two_ids = _write_json(tmp_path / "two_ids.json", [
+        {"image": "img0.jpg", "caption": "a", "image_id": 1},
+        {"image": "img0.jpg", "caption": "b", "image_id": 2},   # allowed: explicit wins
+        {"image": "img0.jpg", "caption": ["c"]},                # but which one is this?
+    ])
+    with pytest.raises(ValueError) as err:
+        RetrievalTrainDataset([two_ids], images, None)
+    message = str(err.value)
+    assert f"entry 2 of {two_ids}" in message and "'image_id'" in message
+    assert "img0.jpg" in message and f"entry 1 of {two_ids}" in message
+
+    taken = _write_json(tmp_path / "taken.json", [
+        {"image": "img1.jpg", "caption": "a", "image_id": "img0.jpg"},  # another image's path
+        {"image": "img0.jpg", "caption": ["b", "c"]},
+    ])
+    with pytest.raises(ValueError) as err:
+        RetrievalTrainDataset([taken], images, None)
+    message = str(err.value)
+    assert f"entry 1 of {taken}" in message and "'image_id'" in message and "img1.jpg" in message
+    taken_ok = _write_json(tmp_path / "taken_ok.json", [
+        {"image": "img1.jpg", "caption": "a", "image_id": "img0.jpg"},
+        {"image": "img0.jpg", "caption": ["b", "c"], "image_id": "zero"}])
+    assert RetrievalTrainDataset([taken_ok], images, None)._idx == [0, 1, 1]
+
+
+def test_train_csv_blank_image_id_resolves_and_bad_caption_names_row(tmp_path, images):
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("image,caption,image_id\n"
+                        "img0.jpg,Red. A,r\n"
+                        "img1.jpg,green a,\n"
+                        "img0.jpg,red b,\n"     # blank: the explicit id of img0.jpg, "r"
+                        "img1.jpg,green b,\n")
+    ds = RetrievalTrainDataset(csv_file, images, None)
+    assert ds.captions == ["red a", "green a", "red b", "green b"] and ds._idx == [0, 1, 0, 1]
+    assert ds.img_ids == {"r": 0, "img1.jpg": 1}
+    no_col = tmp_path / "no_col.tsv"
+    no_col.write_text("image\tcaption\nimg0.jpg\ta\nimg0.jpg\tb\nimg1.jpg\tc\n")
+    assert RetrievalTrainDataset(no_col, images, None)._idx == [0, 0, 1]
+    # and a json train file may use the CSV's default: the image path
+    js = _write_json(tmp_path / "more.json", [{"image": "img1.jpg", "caption": ["green c"]}])
+    assert RetrievalTrainDataset([csv_file, js], images, None)._idx == [0, 1, 0, 1, 1]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,caption\nimg0.jpg,a\nimg1.jpg,b\nimg2.jpg,  \n")
+    with pytest.raises(ValueError) as err:
+        RetrievalTrainDataset(bad, images, None)
+    assert f"entry 2 of {bad}" in str(err.value) and "'caption'" in str(err.value)
+
+
+def test_build_custom_with_caption_list_train_file(tmp_path, images):
+    _write_json(tmp_path / "train.json", [{"image": "img0.jpg", "caption": ["a", "b"]},
+                                          {"image": "img1.jpg", "caption": "c", "image_id": 1}])
+    _write_json(tmp_path / "test.json", [{"image": "img0.jpg", "caption": ["a", "b"]}])
+    cfg = RetrievalConfig(vit=TINY_VIT, dataset="custom", ann_root=str(tmp_path), image_root=str(images),
+                          train_file="train.json", test_file="test.json", image_size=8)
+    ds = build_retrieval_datasets(cfg, splits=("train", "test"))
+    assert len(ds["train"]) == 3 and ds["train"].num_images == 2
+    assert [ds["train"][i][1:] for i in range(3)] == [("a", 0), ("b", 0), ("c", 1)]
+    assert ds["train"][0][0].shape == (3, 8, 8)
 
 
 def test_eval_entry_validation_names_index_and_field(tmp_path, images):
@@ -354,7 +491,7 @@ def test_build_defaults_for_coco_and_flickr(tmp_path, images):
     ann_root = tmp_path / "ann"
     _coco_like(ann_root, {"train": "coco_karpathy_train.json", "val": "coco_karpathy_val.json",
                           "test": "coco_karpathy_test.json", "ftest": "flickr30k_test.json"})
-    cfg = SimpleNamespace(dataset="coco", ann_root=str(ann_root), image_root=str(images),
+    cfg = RetrievalConfig(vit=TINY_VIT, dataset="coco", ann_root=str(ann_root), image_root=str(images),
                           image_size=16)
     ds = build_retrieval_datasets(cfg)
     assert isinstance(ds["train"], RetrievalTrainDataset)
@@ -373,7 +510,7 @@ def test_build_custom_and_overrides(tmp_path, images):
     ann_root = tmp_path / "ann"
     _coco_like(ann_root, {"train": "t1.json", "val": "v.json", "test": "x.json"})
     _write_json(tmp_path / "t2.json", [{"image": "img1.jpg", "caption": "more", "image_id": 5}])
-    cfg = SimpleNamespace(dataset="custom", ann_root=str(ann_root), image_root=str(images),
+    cfg = RetrievalConfig(vit=TINY_VIT, dataset="custom", ann_root=str(ann_root), image_root=str(images),
                           train_file=["t1.json", str(tmp_path / "t2.json")], val_file="v.json",
                           test_file="x.json", max_words=1, skip_bad_images=False, image_size=8)
     ds = build_retrieval_datasets(cfg, test_transform=lambda img: img.size)
@@ -384,13 +521,13 @@ def test_build_custom_and_overrides(tmp_path, images):
         build_retrieval_datasets(cfg)
     assert list(build_retrieval_datasets(cfg, splits=("val",))) == ["val"]
 
-    cfg = SimpleNamespace(dataset="coco", ann_root=str(ann_root), image_root=str(images),
+    cfg = RetrievalConfig(vit=TINY_VIT, dataset="coco", ann_root=str(ann_root), image_root=str(images),
                           test_file="x.json", image_size=8)
     assert build_retrieval_datasets(cfg, splits=("test",))["test"].text == ["test"]
 
 
 def test_build_unknown_dataset_lists_valid_ones(tmp_path):
     with pytest.raises(ValueError) as err:
-        build_retrieval_datasets(SimpleNamespace(dataset="imagenet", ann_root=str(tmp_path)))
+        build_retrieval_datasets(RetrievalConfig.model_construct(dataset="imagenet", ann_root=str(tmp_path)))
     assert "imagenet" in str(err.value)
     assert all(name in str(err.value) for name in ("coco", "flickr", "custom"))

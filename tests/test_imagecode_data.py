@@ -16,6 +16,8 @@ from data.imagecode import ImageCodeDataset, ImageCodeSetCollator, ImageCodeSets
 from data.transforms import build_test_transform
 from data.utils import BadImageError
 
+REPO = Path(__file__).resolve().parents[1]
+
 FRAMES = [2, 9, 10, 11, 20, 100, 101, 3, 5, 7]  # text order would put img10, img100 before img2
 
 
@@ -164,7 +166,7 @@ def test_wrong_shapes_of_the_json_are_named(tiny):
 # ----------------------------------------------------------------------------- outputs and analysis
 
 def test_predictions_and_submission_format(tiny, tmp_path):
-    from utils.imagecode_eval import write_outputs
+    from tasks.imagecode import write_outputs
 
     test = _dataset(tiny, "test_data_unlabeled.json")
     scores = torch.zeros(3, 10)
@@ -320,7 +322,6 @@ def test_synthetic_part_is_the_same_in_every_process(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
     outs = []
     for hash_seed in ("1", "2"):
         out = tmp_path / hash_seed

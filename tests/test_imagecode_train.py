@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_torchrun
 
 FIELDS = {"set", "description", "target", "pred", "candidates", "scores", "video"}
 
@@ -20,7 +19,8 @@ def ic(tmp_path_factory) -> dict:
     from data.synthetic import generate
     from models.blip import build_blip_retrieval
     from models.tokenizer import build_tokenizer
-    from utils.config import ImageCodeConfig, load_config
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import load_config
 
     root = tmp_path_factory.mktemp("imagecode")
     data = generate(root / "data", seed=1, parts="imagecode", n_train_sets=14, n_valid_sets=5, n_test_sets=3,
@@ -32,14 +32,14 @@ def ic(tmp_path_factory) -> dict:
     cfg = {"image_root": data["imagecode"]["image_root"], "ann_root": data["imagecode"]["ann_root"],
            "tokenizer": data["tokenizer"], "med_config": str(med), "pretrained": "''",
            "vit": "{width: 32, depth: 2, heads: 2, patch_size: 16}", "image_size": 32, "embed_dim": 16,
-           "max_tokens": 32, "decoder_heads": 2, "context_heads": 2, "context_dropout": 0.0,
+           "max_tokens": 32, "context_heads": 2, "context_dropout": 0.0,
            "batch_size_train": 4, "batch_size_test": 3, "init_lr": 1e-3, "head_lr": 1e-2, "max_epoch": 2,
            "num_workers": 0, "device": "cpu", "seed": 5, "log_every": 1000, "train_resize_only": True}
     path = root / "ic.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     model_cfg, _ = load_config(path, ImageCodeConfig)
     torch.manual_seed(0)
-    blip = build_blip_retrieval(model_cfg, build_tokenizer(model_cfg.tokenizer), with_momentum=False)
+    blip = build_blip_retrieval(model_cfg, build_tokenizer(model_cfg.tokenizer))
     torch.save({"model": blip.state_dict()}, root / "blip.pth")
     return {"root": root, "cfg": path, "blip": root / "blip.pth", "data": data}
 
@@ -79,7 +79,8 @@ def test_zero_shot_with_a_plain_blip_checkpoint(ic, tmp_path, score):
 def test_zero_shot_with_a_contextblip_checkpoint_and_the_test_submission(ic, tmp_path):
     from models.contextblip import build_contextblip
     from models.tokenizer import build_tokenizer
-    from utils.config import ImageCodeConfig, load_config
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import load_config
 
     cfg, _ = load_config(ic["cfg"], ImageCodeConfig)
     torch.manual_seed(1)
@@ -99,7 +100,8 @@ def test_zero_shot_with_a_contextblip_checkpoint_and_the_test_submission(ic, tmp
 def test_stage2_heads_freeze_stage1_and_use_positions_only_for_video(ic):
     from models.imagecode import build_imagecode_model
     from models.tokenizer import build_tokenizer
-    from utils.config import ImageCodeConfig, load_config
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import load_config
 
     cfg, _ = load_config(ic["cfg"], ImageCodeConfig, ["stage=2"])
     torch.manual_seed(0)
@@ -141,7 +143,8 @@ def _log(out):
 
 @pytest.mark.slow
 def test_finetune_stage1_resume_stage2_evaluate_and_reuse(ic, tmp_path):
-    from models.imagecode import load_imagecode_model, score_candidates
+    from models.factory import model_from_checkpoint
+    from models.imagecode import score_candidates
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     _finetune(ic, straight)
@@ -169,8 +172,10 @@ def test_finetune_stage1_resume_stage2_evaluate_and_reuse(ic, tmp_path):
     record = finetune_imagecode.main(common + ["--evaluate", "--opts", "stage=2", "split=test"])
     assert record["split"] == "test" and (s2 / "submission.json").is_file()
 
-    model, tokenizer, cfg = load_imagecode_model(s2 / "checkpoint_best.pth")
-    assert cfg.stage == 2 and not model.training
+    ckpt = torch.load(s2 / "checkpoint_best.pth", weights_only=True)
+    assert ckpt["format"] == "imagecode" and ckpt["config"]["stage"] == 2
+    model, tokenizer, stored = model_from_checkpoint(s2 / "checkpoint_best.pth")
+    assert stored["stage"] == 2 and not model.training
     enc = tokenizer(["a red circle"], return_tensors="pt")
     scores = score_candidates(model, torch.randn(2, 3, 32, 32), enc["input_ids"], enc["attention_mask"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
@@ -178,7 +183,7 @@ def test_finetune_stage1_resume_stage2_evaluate_and_reuse(ic, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_torchrun_two_processes_equal_one_process(ic, tmp_path):
+def test_torchrun_two_processes_equal_one_process(ic, tmp_path, run_torchrun):
     opts = [f"pretrained={ic['blip']}", "max_epoch=1", "batch_size_train=5"]  # 23 descriptions: 2 steps either way
     run_torchrun("finetune_imagecode.py", ["--config", ic["cfg"], "--output_dir", tmp_path / "dist", "--no_progress",
                                            "--opts", *opts])
@@ -196,7 +201,8 @@ def test_torchrun_two_processes_equal_one_process(ic, tmp_path):
 def test_head_init_itm_starts_stage1_at_the_itm_direction(ic):
     from models.imagecode import build_imagecode_model
     from models.tokenizer import build_tokenizer
-    from utils.config import ImageCodeConfig, load_config
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import load_config
 
     cfg, _ = load_config(ic["cfg"], ImageCodeConfig)
     model = build_imagecode_model(cfg, build_tokenizer(cfg.tokenizer))

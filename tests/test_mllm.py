@@ -16,7 +16,8 @@ from PIL import Image
 
 from analysis.chat_client import ChatClient, ChatError, parse_image_number
 from analysis.mllm import ask, compare, compare_table, load_sample, read_answers, sample_items, window
-from conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _imagecode(root: Path, n_static: int = 5, n_video: int = 5) -> Path:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FIXTURE, run_script
 from data.mmvp import (IMAGE_FOLDER, PATTERNS, TYPE_FOLDERS, MMVPItem, MMVPPair, choose, evaluate_pairs,
                        markdown_table, read_mmvp)
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "blip_official_tiny"
 
 
 def write_mmvp(root: Path, rows, images=True, header=("Question ID", "Type", "Statement")) -> Path:
@@ -213,7 +214,7 @@ def test_adding_the_mmvp_part_keeps_the_retrieval_part(synth_mmvp, tmp_path):
 # ---------------------------------------------------------------- entry point
 
 @pytest.mark.slow
-def test_eval_mmvp_end_to_end_with_the_official_layout_checkpoint(synth_mmvp, tmp_path):
+def test_eval_mmvp_end_to_end_with_the_official_layout_checkpoint(synth_mmvp, tmp_path, run_script):
     """The fixture BLIP (official state-dict layout) scores the synthetic pairs; the outputs agree."""
     out = tmp_path / "out"
     args = ["--config", "configs/demo/mmvp.yaml", "--output_dir", out, "--opts",
@@ -249,12 +250,13 @@ def test_eval_mmvp_scores_a_stage2_checkpoint_as_two_candidate_sets(synth_mmvp, 
     from data.utils import load_image, pre_caption
     from models.imagecode import build_imagecode_model, score_candidates
     from models.tokenizer import build_tokenizer
-    from utils.config import ImageCodeConfig, ViTSpec, config_to_dict
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import config_to_dict
 
     med = tmp_path / "med.json"
     med.write_text('{"vocab_size": null, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,'
                    ' "intermediate_size": 64, "max_position_embeddings": 40, "encoder_width": 32}')
-    cfg = ImageCodeConfig(vit=ViTSpec(width=32, depth=1, heads=2), image_size=32, med_config=str(med),
+    cfg = ImageCodeConfig(vit={'width': 32, 'depth': 1, 'heads': 2}, image_size=32, med_config=str(med),
                           tokenizer=synth_mmvp["tokenizer"], embed_dim=16, stage=2, all_pos=True,
                           context_layers=1, context_heads=2, context_dropout=0.0)
     torch.manual_seed(0)

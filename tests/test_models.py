@@ -2,6 +2,8 @@
 gradient checkpointing, and the tokenizer's errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import time
 import types
@@ -9,12 +11,15 @@ import types
 import pytest
 import torch
 
-from conftest import FIXTURE
 from models.blip import build_blip_retrieval
 from models.med import MedConfig, MedEncoder
 from models.tokenizer import build_tokenizer
-from models.vit import build_vit
-from utils.evaluation import reference_rerank, rerank_itm, scores_from_itm, topk_pairs
+from models.vit import ViTSettings, build_vit
+from tasks.retrieval import RetrievalConfig
+from tasks.retrieval_eval import reference_rerank, rerank_itm, scores_from_itm, topk_pairs
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "blip_official_tiny"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(tmp_path, width=32, depth=2):
@@ -23,10 +28,10 @@ def tiny_model(tmp_path, width=32, depth=2):
                                "num_attention_heads": 4, "intermediate_size": 4 * width,
                                "max_position_embeddings": 40, "encoder_width": width}))
     tok = build_tokenizer(str(FIXTURE / "tokenizer"))
-    cfg = types.SimpleNamespace(vit={"width": width, "depth": depth, "heads": 4, "patch_size": 8}, image_size=32,
-                                med_config=str(med), embed_dim=16, queue_size=32)
+    cfg = RetrievalConfig(vit={"width": width, "depth": depth, "heads": 4, "patch_size": 8}, image_size=32,
+                          med_config=str(med), embed_dim=16, queue_size=32)
     torch.manual_seed(0)
-    return build_blip_retrieval(cfg, tok).eval(), tok
+    return build_blip_retrieval(cfg, tok, itc=cfg).eval(), tok
 
 
 def random_texts(n, vocab, generator):
@@ -90,8 +95,9 @@ def test_text_encoder_modes():
 
 def test_vit_gradient_checkpointing_changes_nothing_but_memory():
     torch.manual_seed(0)
-    plain = build_vit({"width": 32, "depth": 3, "heads": 4, "patch_size": 8}, 32)
-    ckpt = build_vit({"width": 32, "depth": 3, "heads": 4, "patch_size": 8}, 32, grad_ckpt=True, ckpt_layer=2)
+    vit = {"width": 32, "depth": 3, "heads": 4, "patch_size": 8}
+    plain = build_vit(ViTSettings(vit=vit, image_size=32))
+    ckpt = build_vit(ViTSettings(vit=vit, image_size=32, vit_grad_ckpt=True, vit_ckpt_layer=2))
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(2, 3, 32, 32)
     plain.train(), ckpt.train()
@@ -99,13 +105,16 @@ def test_vit_gradient_checkpointing_changes_nothing_but_memory():
     ckpt(x).square().sum().backward()
     for (n, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), n
-    with pytest.raises(ValueError, match="vit_ckpt_layer"):
-        build_vit("base", 224, grad_ckpt=True, ckpt_layer=13)
+    with pytest.raises(ValueError, match=r"vit_ckpt_layer: must be in \[0, 12\]"):
+        ViTSettings(vit="base", image_size=224, vit_grad_ckpt=True, vit_ckpt_layer=13)
+    # Unused (evaluation: no gradient checkpointing), the same value is no error.
+    assert ViTSettings.model_validate({"vit": "base", "image_size": 224, "vit_grad_ckpt": True, "vit_ckpt_layer": 13},
+                                      context={"unused": {"vit_grad_ckpt"}}).vit_ckpt_layer == 13
 
 
 def test_visible_patch_encoding_equals_vit_on_kept_tokens():
     torch.manual_seed(0)
-    vit = build_vit({"width": 32, "depth": 2, "heads": 4, "patch_size": 8}, 32).eval()
+    vit = build_vit(ViTSettings(vit={"width": 32, "depth": 2, "heads": 4, "patch_size": 8}, image_size=32)).eval()
     x = torch.randn(2, 3, 32, 32)
     keep = torch.tensor([[0, 3, 5, 9], [15, 2, 7, 8]])
     with torch.no_grad():
@@ -130,11 +139,10 @@ def test_tokenizer_errors_are_clear_and_fast(tmp_path, monkeypatch):
     assert time.time() - start < 30
 
 
-def test_tokenizer_unreachable_hub_fails_fast_with_a_clear_message(tmp_path):
+def test_tokenizer_unreachable_hub_fails_fast_with_a_clear_message(tmp_path, free_port):
     """No cache and a hub that refuses connections: a clear OSError within seconds, not a hang."""
     import subprocess
     import sys
-    from conftest import REPO, free_port
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
            "PATH": "/usr/bin:/bin", "HF_HUB_DISABLE_TELEMETRY": "1"}
     code = ("from models.tokenizer import build_tokenizer\n"

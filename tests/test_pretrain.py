@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_torchrun
+REPO = Path(__file__).resolve().parents[1]
+
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +24,8 @@ def setup(tmp_path_factory, synthetic_small):
     from models.blip import build_blip_retrieval
     from models.tokenizer import build_tokenizer
     from utils.checkpoint import save_checkpoint_atomic
-    from utils.config import RetrievalConfig, load_config
+    from tasks.retrieval import RetrievalConfig
+    from utils.config import load_config
 
     tmp = tmp_path_factory.mktemp("pretrain")
     med = tmp / "med.json"
@@ -33,7 +35,7 @@ def setup(tmp_path_factory, synthetic_small):
     blip_cfg = load_config(None, RetrievalConfig, [f"vit={vit}", "image_size=32", f"med_config={med}",
                                                    "embed_dim=16", "queue_size=32"])[0]
     torch.manual_seed(0)
-    blip = build_blip_retrieval(blip_cfg, build_tokenizer(str(synthetic_small / "tokenizer")))
+    blip = build_blip_retrieval(blip_cfg, build_tokenizer(str(synthetic_small / "tokenizer")), itc=blip_cfg)
     base = save_checkpoint_atomic({"model": blip.state_dict(), "epoch": 0}, tmp / "blip_base.pth")
     data = synthetic_small / "retrieval"
     cfg = {
@@ -49,9 +51,13 @@ def setup(tmp_path_factory, synthetic_small):
     return tmp, path
 
 
-def _pretrain(cfg, out, *extra):
-    return run_script("pretrain.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
-                      env={"OMP_NUM_THREADS": "1"})
+@pytest.fixture(scope="module")
+def pretrain_cli(run_script):
+    """``pretrain_cli(cfg, out, *extra)``: ``python pretrain.py`` as a user runs it."""
+    def run(cfg, out, *extra):
+        return run_script("pretrain.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
+                          env={"OMP_NUM_THREADS": "1"})
+    return run
 
 
 def _log(out: Path):
@@ -59,14 +65,16 @@ def _log(out: Path):
 
 
 @pytest.mark.slow
-def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path):
-    from models.contextblip import build_contextblip, load_contextblip
+def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path, run_script, pretrain_cli):
+    from models.contextblip import build_contextblip
+    from models.factory import load_weights
     from models.tokenizer import build_tokenizer
-    from utils.config import PretrainConfig, load_config
+    from tasks.contextblip_pretrain import PretrainConfig
+    from utils.config import load_config
 
     _, cfg = setup
     straight, split = tmp_path / "straight", tmp_path / "split"
-    _pretrain(cfg, straight)
+    pretrain_cli(cfg, straight)
     log = _log(straight)
     assert [r["epoch"] for r in log] == [0, 1]
     assert all(r["train_loss_itm"] > 0 and r["train_loss_tmim"] > 0 for r in log)
@@ -77,8 +85,8 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path):
     assert ckpt["config"]["pretrained"] and ckpt["epoch"] == 2
 
     # Exact resume: one epoch, then --resume auto for the second, equals the straight run.
-    _pretrain(cfg, split, "--opts", "max_epoch=1")
-    _pretrain(cfg, split, "--resume", "auto")
+    pretrain_cli(cfg, split, "--opts", "max_epoch=1")
+    pretrain_cli(cfg, split, "--resume", "auto")
     assert [{k: v for k, v in r.items()} for r in _log(split)] == log
     resumed = torch.load(split / "checkpoint_last.pth", weights_only=True)["model"]
     assert all(torch.equal(resumed[k], v) for k, v in ckpt["model"].items())
@@ -90,20 +98,20 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path):
     c = load_config(None, PretrainConfig, defaults_from=merged["config"])[0]
     tok = build_tokenizer(c.tokenizer)
     a, b = build_contextblip(c, tok).eval(), build_contextblip(c, tok).eval()
-    assert load_contextblip(a, tmp_path / "merged.pth", strict=True).kind == "merged"
-    assert load_contextblip(b, straight / "checkpoint_last.pth").kind == "pretrain"
+    assert load_weights(a, tmp_path / "merged.pth", strict=True).format == "contextblip-merged"
+    assert load_weights(b, straight / "checkpoint_last.pth").format == "contextblip-trainable"
     px = torch.randn(2, 3, 32, 32)
     ids, mask = torch.tensor([[101, 5, 6, 102], [101, 7, 102, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     with torch.no_grad():
         assert torch.equal(a.itm_logits(ids, mask, a.image_embeds(px)), b.itm_logits(ids, mask, b.image_embeds(px)))
 
-    _pretrain(cfg, straight, "--visualize")
+    pretrain_cli(cfg, straight, "--visualize")
     assert (straight / "masks" / "ondemand.png").read_bytes().startswith(PNG)
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_pretrain_under_torchrun_two_processes(setup, tmp_path):
+def test_pretrain_under_torchrun_two_processes(setup, tmp_path, run_torchrun):
     _, cfg = setup
     out = tmp_path / "dist"
     run_torchrun("pretrain.py", ["--config", cfg, "--output_dir", out, "--no_progress", "--opts", "max_epoch=1"])

@@ -1,4 +1,4 @@
-"""Pretraining pair lists (FORMATS.md 2): caption string or list, several files, absolute or
+"""Pretraining pair lists (docs/FORMATS.md 2): caption string or list, several files, absolute or
 image_root-relative paths, BLIP train files as lists, and errors that name file, entry and field."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from data.pretrain import PretrainDataset, build_pretrain_dataset
-from utils.config import PretrainConfig, load_config
+from tasks.contextblip_pretrain import PretrainConfig
+from utils.config import load_config
 
 
 @pytest.fixture()

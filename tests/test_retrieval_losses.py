@@ -1,17 +1,19 @@
 """BLIP's retrieval losses: the fixture's reference training step, and robustness of ITM sampling."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from conftest import FIXTURE
 from data.collate import tokenize
 from models.losses import itm_loss, sample_hard_negatives
-from test_blip_fixture import fixture_model
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "blip_official_tiny"
 
 REF = torch.load(FIXTURE / "reference_train.pt", weights_only=True)
 
 
-def test_itc_momentum_update_and_enqueue_match_the_original():
+def test_itc_momentum_update_and_enqueue_match_the_original(fixture_model):
     model, tok, _ = fixture_model()
     ids, mask = tokenize(tok, REF["captions"], 35)
     with torch.no_grad():
@@ -57,7 +59,7 @@ def test_negatives_never_share_the_query_image_id():
         assert (idx[neg_i] != idx).all() and (idx[neg_t] != idx).all()
 
 
-def test_queue_size_must_be_a_multiple_of_the_global_batch():
+def test_queue_size_must_be_a_multiple_of_the_global_batch(fixture_model):
     model, _, _ = fixture_model()
     model.check_queue(32)
     try:
@@ -68,7 +70,7 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch():
         raise AssertionError("expected a ValueError")
 
 
-def test_dynamic_padding_gives_the_same_losses_as_full_padding():
+def test_dynamic_padding_gives_the_same_losses_as_full_padding(fixture_model):
     model, tok, _ = fixture_model()
     full = tokenize(tok, REF["captions"], 35)
     short = tokenize(tok, REF["captions"], 35, dynamic=True)

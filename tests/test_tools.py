@@ -11,31 +11,31 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_torchrun, tiny_train_config
 from data.collate import tokenize
 from data.pairs import read_pairs
 from data.transforms import build_test_transform
 from data.utils import load_image, pre_caption
-from utils.config import RetrievalConfig, load_config
+from tasks.retrieval import RetrievalConfig
+from utils.config import load_config
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, synthetic_small):
+def tiny(tmp_path_factory, synthetic_small, tiny_train_config):
     """(config path, checkpoint path, annotation folder, image root) of a tiny random BLIP."""
-    from tools.common import build_model
+    from tools.common import inference_model
     tmp = tmp_path_factory.mktemp("tools")
     ckpt = tmp / "tiny.pth"
     cfg_path = tiny_train_config(tmp, synthetic_small, pretrained=str(ckpt), batch_size_test=8)
     cfg, _ = load_config(cfg_path, RetrievalConfig, ["pretrained="])
-    model, _ = build_model(cfg, torch.device("cpu"))
+    model, _ = inference_model(cfg, torch.device("cpu"))
     torch.save({"model": model.state_dict()}, ckpt)
     return cfg_path, ckpt, synthetic_small / "retrieval" / "annotation", synthetic_small / "retrieval" / "images"
 
 
 def _model(cfg_path, **opts):
-    from tools.common import build_model
+    from tools.common import inference_model
     cfg, _ = load_config(cfg_path, RetrievalConfig, [f"{k}={v}" for k, v in opts.items()])
-    model, tokenizer = build_model(cfg, torch.device("cpu"))
+    model, tokenizer = inference_model(cfg, torch.device("cpu"))
     return model, tokenizer, cfg
 
 
@@ -90,7 +90,7 @@ def test_scores_equal_a_direct_forward_of_each_pair(tiny, tmp_path):
 
 
 @pytest.mark.dist
-def test_two_rank_scores_merge_to_the_single_process_scores(tiny, tmp_path):
+def test_two_rank_scores_merge_to_the_single_process_scores(tiny, tmp_path, run_torchrun):
     cfg_path, _, ann, _ = tiny
     inputs = [ann / "synthetic_val.json", _csv_copy(tmp_path / "extra.csv", ann, 20)]
     args = ["--image_col", "file", "--caption_col", "text", "--shard_size", 9]
@@ -333,14 +333,13 @@ def test_custom_csv_annotations_read_like_blip_json_and_evaluate(tiny, tmp_path)
     """The README's "Bring your own data": captions in CSV files, `dataset: custom`."""
     import train_retrieval
     from data.retrieval import build_retrieval_datasets
-    from types import SimpleNamespace
     cfg_path, ckpt, ann, root = tiny
     _json_to_csv(ann / "synthetic_train.json", tmp_path / "train.csv", with_ids=True)
     _json_to_csv(ann / "synthetic_test.json", tmp_path / "test.csv", with_ids=False)
     common = dict(dataset="custom", image_root=str(root), image_size=32)
-    js = build_retrieval_datasets(SimpleNamespace(**common, ann_root=str(ann), train_file="synthetic_train.json",
+    js = build_retrieval_datasets(RetrievalConfig(**common, ann_root=str(ann), train_file="synthetic_train.json",
                                                   test_file="synthetic_test.json"), splits=("train", "test"))
-    cs = build_retrieval_datasets(SimpleNamespace(**common, ann_root=str(tmp_path), train_file="train.csv",
+    cs = build_retrieval_datasets(RetrievalConfig(**common, ann_root=str(tmp_path), train_file="train.csv",
                                                   test_file="test.csv"), splits=("train", "test"))
     assert cs["train"].captions == js["train"].captions and cs["train"]._idx == js["train"]._idx
     assert cs["test"].text == js["test"].text and cs["test"].img2txt == js["test"].img2txt

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, run_torchrun
+REPO = Path(__file__).resolve().parents[1]
 
-sys.path.insert(0, str(REPO / "tests" / "scripts"))
 
 
 @pytest.mark.dist
-def test_itc_loss_and_gradients_two_ranks_equal_one_process_on_the_double_batch(tmp_path):
-    from itc_case import itc_case
+def test_itc_loss_and_gradients_two_ranks_equal_one_process_on_the_double_batch(tmp_path, run_torchrun):
+    from tests.scripts.itc_case import itc_case
     loss, grads = itc_case(0, 1)
     out = tmp_path / "dist.pt"
     run_torchrun("tests/scripts/dist_itc.py", [out])
@@ -30,12 +29,25 @@ def test_itc_loss_and_gradients_two_ranks_equal_one_process_on_the_double_batch(
         assert torch.allclose(dist["grads"][name], g, atol=1e-6, rtol=1e-4), name
 
 
-from conftest import tiny_train_config  # noqa: E402
 
 
-def _train(cfg, out, *extra, check=True):
-    return run_script("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
-                      check=check)
+@pytest.fixture(scope="module")
+def train_cli(run_script):
+    """``train_cli(cfg, out, *extra)``: ``python train_retrieval.py`` as a user runs it."""
+    def run(cfg, out, *extra, check=True):
+        return run_script("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress", *extra],
+                          check=check)
+    return run
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, synthetic_small, tiny_train_config, train_cli):
+    """One uninterrupted 2-epoch run (config, output dir), shared by the resume tests. Checkpoints
+    every 4 steps change nothing in training, and let the SIGKILL test stop mid-epoch."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    cfg = tiny_train_config(tmp, synthetic_small, ckpt_every_steps=4)
+    train_cli(cfg, tmp / "straight")
+    return cfg, tmp / "straight"
 
 
 def _weights(path):
@@ -55,26 +67,25 @@ def _assert_same_weights(a, b):
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, synthetic_small):
-    cfg = tiny_train_config(tmp_path, synthetic_small)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    _train(cfg, straight)
+def test_resume_continues_exactly(tmp_path, baseline, train_cli):
+    cfg, straight = baseline
+    split = tmp_path / "split"
     # Epoch 0's cosine lr does not depend on max_epoch, so a 1-epoch run is the first half.
-    _train(cfg, split, "--opts", "max_epoch=1")
-    _train(cfg, split, "--resume", "auto")
+    train_cli(cfg, split, "--opts", "max_epoch=1")
+    train_cli(cfg, split, "--resume", "auto")
     assert _losses(straight) == _losses(split)
     assert len(_losses(split)) == 2
     _assert_same_weights(straight / "checkpoint_last.pth", split / "checkpoint_last.pth")
     ckpt = torch.load(split / "checkpoint_last.pth", weights_only=True)
-    assert {"model", "optimizer", "scaler", "loop", "config", "rng", "generator", "epoch", "step"} <= set(ckpt)
+    assert {"model", "format", "optimizer", "scaler", "loop", "config", "rng", "generator", "epoch",
+            "step"} <= set(ckpt) and ckpt["format"] == "blip"
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 * 3 // 16)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, synthetic_small):
-    cfg = tiny_train_config(tmp_path, synthetic_small, ckpt_every_steps=4)
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _train(cfg, straight)
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, baseline, train_cli):
+    cfg, straight = baseline
+    killed = tmp_path / "killed"
     cmd = [sys.executable, str(REPO / "train_retrieval.py"), "--config", str(cfg), "--output_dir", str(killed),
            "--no_progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -92,14 +103,14 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, sy
     proc.wait()
     assert torch.load(ckpt, weights_only=True)["loop"]["batch_in_epoch"] > 0  # a mid-epoch checkpoint
     assert not list(killed.glob(".*.tmp")), "a temp file was left next to the checkpoint"
-    _train(cfg, killed, "--resume", "auto")
+    train_cli(cfg, killed, "--resume", "auto")
     assert _losses(straight) == _losses(killed)
     _assert_same_weights(straight / "checkpoint_last.pth", killed / "checkpoint_last.pth")
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, synthetic_small, monkeypatch):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, synthetic_small, monkeypatch, tiny_train_config):
     import train_retrieval
-    import utils.retrieval_train as rt
+    import tasks.retrieval as rt
     from utils.engine import NonFiniteLossError
 
     original = rt.retrieval_loss
@@ -126,7 +137,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 
 
 @pytest.mark.dist
-def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small):
+def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small, run_torchrun, tiny_train_config):
     """2 ranks (gloo, CPU), hard negatives mined across ranks: training runs, val and test are
     evaluated, checkpoints are written once (by rank 0) and resume works under torchrun too."""
     # Global batch 2 x 16 = 32; queue 64 is a multiple of it.
@@ -148,7 +159,7 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small):
 
 
 @pytest.mark.slow
-def test_training_from_scratch_learns_far_above_chance(tmp_path):
+def test_training_from_scratch_learns_far_above_chance(tmp_path, run_script):
     """The demo config through the entry point for 336 steps (6 epochs of 56) on a 600-image synthetic
     benchmark: R@1 on its 50 test images (chance 2%) must be far above chance. Measured 24 / 24."""
     from data.synthetic import generate

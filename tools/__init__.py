@@ -8,3 +8,4 @@
   contact sheet.
 - ``ensemble``: score fusion and feature fusion of several checkpoints, with BLIP's retrieval metrics.
 """
+import utils  # noqa: F401,E402  (first: one clear line on an unsupported Python)

@@ -9,7 +9,6 @@ also grow a ``.partial`` file, one flushed line per row, so a restart skips the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
@@ -22,7 +21,9 @@ import torch
 from data.pairs import FORMATS, PairTable, read_pairs
 from utils import dist as du
 from utils.checkpoint import atomic_write
-from utils.config import RetrievalConfig, parse_config, save_config
+from models.factory import create_model
+from tasks.retrieval import RetrievalConfig
+from utils.config import parse_config, save_config
 from utils.logging import setup_logging
 
 logger = logging.getLogger("tools")
@@ -74,20 +75,12 @@ def start(argv, prog: str, description: str, extra_args) -> ToolRun:
     return ToolRun(args, cfg, info, output_dir)
 
 
-def build_model(cfg, device, pretrained: Optional[str] = None):
-    """The config's model (``pretrained`` overrides the config's checkpoint), in eval mode.
-
-    Random init is seeded with ``cfg.seed`` on every rank, so an untrained model is the same model
-    everywhere (tests use that; real use loads a checkpoint).
-    """
-    from train_retrieval import build_model as build  # the entry scripts' one builder
-
-    if pretrained is not None:
-        cfg = dataclasses.replace(cfg, pretrained=pretrained)
-    if not cfg.pretrained:
-        logger.warning("config has no 'pretrained' checkpoint: using a randomly initialised model")
+def inference_model(cfg, device, pretrained: Optional[str] = None):
+    """The config's BLIP without momentum encoders (``pretrained`` overrides the config's
+    checkpoint), in eval mode. Random init is seeded with ``cfg.seed`` on every rank, so an
+    untrained model is the same model everywhere (tests use that; real use loads a checkpoint)."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build(cfg, device, with_momentum=False)
+    model, tokenizer = create_model(cfg, "blip_inference", device, pretrained=pretrained)
     return model.eval(), tokenizer
 
 

@@ -28,12 +28,12 @@ from data.collate import tokenize
 from data.pairs import PairBatches, PairTable
 from data.transforms import build_test_transform
 from data.utils import pre_caption
-from tools.common import (ShardPlan, add_pair_args, batches_of, build_model, check_run_plan, model_signature,
+from tools.common import (ShardPlan, add_pair_args, batches_of, inference_model, check_run_plan, model_signature,
                           read_pair_args, split_pending, start)
 from utils import dist as du
 from utils.checkpoint import atomic_write
 from utils.engine import autocast
-from utils.evaluation import embed_texts
+from tasks.retrieval_eval import embed_texts
 
 logger = logging.getLogger("tools.embed")
 KINDS = ("image", "text")
@@ -148,7 +148,7 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
         logger.info("%d images, %d texts", len(first_rows), len(table))
         mine = split_pending(jobs, lambda j: shard_paths(run.output_dir, *j, args.array_format)[1].exists(), info)
         if mine:
-            model, tokenizer = build_model(cfg, info.device)
+            model, tokenizer = inference_model(cfg, info.device)
             transform = build_test_transform(cfg.image_size)
         for kind, s in mine:
             rows = plans[kind].rows(s)

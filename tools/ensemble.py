@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 8 -m tools ensemble --config base.yaml --checkpoints base.pth large.pth \\
         --member_configs base.yaml large.yaml
 
-Per member: BLIP's protocol scores (``utils/evaluation.py``: ITC top-k, ``ITM logit + cosine``, -100
+Per member: BLIP's protocol scores (``tasks/retrieval_eval.py``: ITC top-k, ``ITM logit + cosine``, -100
 elsewhere) and its ITC features. Then
 - score fusion: the weighted sum of each member's protocol score matrices, each normalised over its
   re-ranked entries (``--normalize zscore`` | ``minmax`` | ``none``); an entry that a member did
@@ -30,16 +30,17 @@ from torch.utils.data import DataLoader, Subset
 from data.collate import tokenize
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
-from tools.common import build_model, start
+from tools.common import inference_model, start
 from utils import dist as du
-from utils.config import RetrievalConfig, load_config
+from tasks.retrieval import RetrievalConfig
+from utils.config import load_config
 from utils.engine import autocast
-from utils.evaluation import embed_texts, evaluate_retrieval, retrieval_metrics
+from tasks.retrieval_eval import embed_texts, evaluate_retrieval, retrieval_metrics
 
 logger = logging.getLogger("tools.ensemble")
 
 FLOOR = -1e4  # normalised score of an entry a member did not re-rank (BLIP: -100)
-FILL = -100.0  # what utils/evaluation.py writes outside the top k
+FILL = -100.0  # what tasks/retrieval_eval.py writes outside the top k
 
 
 def _extra_args(parser) -> None:
@@ -126,7 +127,7 @@ def main(argv=None, prog: str = "python -m tools ensemble") -> dict:
             dataset = build_retrieval_datasets(cfg, splits=(args.split,),
                                                test_transform=build_test_transform(member.image_size))[args.split]
             txt2img = dataset.txt2img
-            model, tokenizer = build_model(member, info.device, pretrained=ckpt)
+            model, tokenizer = inference_model(member, info.device, pretrained=ckpt)
             out = evaluate_retrieval(model, dataset, tokenizer, k_test=cfg.k_test, max_tokens=member.max_tokens,
                                      batch_size=cfg.batch_size_test, rerank_batch_size=cfg.rerank_batch_size,
                                      num_workers=cfg.num_workers, precision=cfg.precision,

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from data.collate import tokenize
 from data.pairs import PairBatches, PairTable
 from data.transforms import build_test_transform
-from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, build_model, check_run_plan,
+from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, inference_model, check_run_plan,
                           model_signature, read_jsonl, read_pair_args, split_pending, start,
                           write_lines_atomic)
 from utils import dist as du
@@ -191,7 +191,7 @@ def main(argv=None, prog: str = "python -m tools score") -> dict:
         logger.info("%d pairs from %d files in shards of %d", len(table), len(table.files), args.shard_size)
         todo = split_pending(list(range(plan.n_shards)), lambda s: JsonlShard(parts, s).complete, info)
         if todo:
-            model, tokenizer = build_model(cfg, info.device)
+            model, tokenizer = inference_model(cfg, info.device)
             transform = build_test_transform(cfg.image_size)
             for s in todo:
                 score_shard(JsonlShard(parts, s), plan.rows(s), table, model, tokenizer, transform, kinds, cfg,

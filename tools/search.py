@@ -13,7 +13,7 @@ Similarity is the cosine of the normalised ITC features. The top k are exact: th
 multiplied in chunks of ``--chunk_size`` rows and the running top k merged (memory ``[Q, chunk]``);
 with ``--backend faiss`` (or ``auto`` when faiss is installed) an exact inner-product index gives the
 same results. ``--rerank`` re-scores each query's k candidates as BLIP's evaluation does:
-``ITM logit[match] + cosine``, with the image-major reranker of ``utils/evaluation.py``.
+``ITM logit[match] + cosine``, with the image-major reranker of ``tasks/retrieval_eval.py``.
 Writes ``results.json`` (per query, its ranked results with ``score``, ``itc`` and, reranked,
 ``itm``) and ``contact_sheet.png`` (the top results of the first ``--sheet_queries`` queries).
 """
@@ -33,11 +33,11 @@ from data.collate import tokenize
 from data.pairs import PairBatches, PairTable, read_pairs
 from data.transforms import build_test_transform
 from data.utils import load_image, pre_caption
-from tools.common import add_pair_args, batches_of, build_model, model_signature, start
+from tools.common import add_pair_args, batches_of, inference_model, model_signature, start
 from tools.embed import embed_captions, load_embeddings, read_manifest
 from utils import dist as du
 from utils.engine import autocast
-from utils.evaluation import rerank_itm
+from tasks.retrieval_eval import rerank_itm
 
 logger = logging.getLogger("tools.search")
 
@@ -275,7 +275,7 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
         queries, query_feats = load_queries(args, cfg)
         model = tokenizer = None
         if query_feats is None or args.rerank:
-            model, tokenizer = build_model(cfg, info.device)
+            model, tokenizer = inference_model(cfg, info.device)
         if query_feats is None:
             if t2i:
                 query_feats = embed_captions(model, tokenizer, [q["text"] for q in queries], cfg, info.device)

@@ -17,18 +17,20 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class CheckpointError(RuntimeError):
@@ -162,6 +164,8 @@ def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
         logger.info("using cached checkpoint %s for %s", dest, url)
         return dest
     logger.info("downloading %s to %s", url, dest)
+    # Not torch.hub.download_url_to_file: when a server hangs up early it moves the short file into
+    # place as if complete (http.client reports EOF, not IncompleteRead), and it takes no timeout.
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             _atomic_write(dest, lambda f: _copy_response(response, f, url, progress))
@@ -184,41 +188,66 @@ def load_checkpoint(source: str | Path, map_location: Any = "cpu", **resolve_kwa
     path = resolve_checkpoint(source, **resolve_kwargs)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch reports both "needs a forbidden global" and "this is not a pickle" this way;
-        # only the first is a safety refusal.
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        forbidden = next((ln for ln in lines if "GLOBAL" in ln), None)
-        if forbidden is not None:
-            raise UnsafeCheckpointError(
-                f"refusing to load {str(path)!r} for safety: it contains Python objects beyond "
-                f"tensors and plain containers, and unpickling those can run arbitrary code "
-                f"({forbidden}). Re-save it as a plain state dict from a trusted environment."
-            ) from None  # torch's own message recommends weights_only=False, which we never do
-        # Not torch's first line: it advises weights_only=False, the wrong advice for a bad file.
-        marker = "WeightsUnpickler error:"
-        detail = next((b for a, b in zip(lines, lines[1:]) if a.endswith(marker)),
-                      "not a valid pickle")
-        raise _corrupt(path, f"UnpicklingError: {detail}") from err
-    except EOFError as err:
-        raise _corrupt(path, "EOFError: file ends early") from err
-    except RuntimeError as err:
-        # Only the zip reader's errors mean a damaged file; others (e.g. a CUDA map_location on a
-        # CPU-only machine) are passed on unchanged.
-        if "PytorchStreamReader" not in str(err):
-            raise
-        raise _corrupt(path, f"RuntimeError: {str(err).split('. ')[0]}") from err
-    except OSError as err:
-        # The zip reader raises EINVAL when the central directory points past a truncated end.
-        if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError)):
-            raise
-        raise _corrupt(path, f"{type(err).__name__}: {err}") from err
+    except (PermissionError, FileNotFoundError, IsADirectoryError):
+        raise  # about access to the file, not its contents
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
+        # What the error means is decided from the file's structure, not from torch's wording.
+        fmt = _file_format(path)
+        why = fmt
+        if isinstance(err, pickle.UnpicklingError) and fmt == "legacy":
+            raise _unsafe(path, "torch refused this legacy (pre-1.6) file and cannot list the globals "
+                                "of that format; it may also be damaged") from None
+        if isinstance(err, pickle.UnpicklingError) and fmt == "zip":
+            unsafe = _unsafe_globals(path)
+            if unsafe:
+                raise _unsafe(path, f"it needs {', '.join(sorted(unsafe))}") from None
+            why = "its data.pkl is no pickle that weights-only loading can read"
+        elif fmt in ("zip", "legacy"):
+            if not isinstance(err, EOFError):
+                raise  # a well-formed file: the cause lies elsewhere (e.g. a CUDA map_location on a CPU)
+            why = "the pickle ends early"
+        raise _corrupt(path, f"{why}; torch raised {type(err).__name__}") from err
+
+def _file_format(path: Path) -> str:
+    """'zip' (torch.save's format since torch 1.6: an intact archive holding a data.pkl) or
+    'legacy' (a bare pickle stream, the older format), from the bytes; else what the file is."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            has_pickle = any(Path(name).name == "data.pkl" for name in archive.namelist())
+        return "zip" if has_pickle else "a zip archive without data.pkl"
+    except zipfile.BadZipFile:
+        pass
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_ZIP_MAGIC):
+        return "a zip archive cut short or damaged"
+    if head.startswith(b"\x80"):  # the PROTO opcode every pickle of protocol 2 or later starts with
+        return "legacy"
+    return f"neither a zip archive nor a pickle (starts with {head!r})" if head else "an empty file"
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals in the checkpoint's pickle beyond what `weights_only=True` allows, found by reading
+    the opcodes without executing them; empty if the pickle cannot be read that far."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # pickletools stops at a damaged opcode
+        return []
+
+
+def _unsafe(path: Path, why: str) -> UnsafeCheckpointError:
+    # Not chained to torch's error: its message recommends weights_only=False, which we never do.
+    return UnsafeCheckpointError(
+        f"refusing to load {str(path)!r} for safety: weights-only loading allows tensors and plain "
+        f"containers, and unpickling anything else can run arbitrary code ({why}). Re-save it as a "
+        "plain state dict from a trusted environment.")
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
     size = path.stat().st_size
     return CheckpointError(f"cannot read checkpoint {str(path)!r} ({size} bytes): it is corrupt, "
-                           f"truncated or not a torch.save file ({why})")
+                           f"truncated or not a torch.save file ({why}); if it was downloaded, "
+                           "delete it to fetch it again")
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -255,21 +284,18 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens:
     (CLS) rows are kept as they are; the patch rows are treated as a [D, g, g] image and resized
     bicubically (align_corners=False), as the original BLIP loader does.
     """
-    extra, patches = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    old_n = patches.shape[1]
+    old_n = pos_embed.shape[1] - num_extra_tokens
     old_g, new_g = math.isqrt(old_n), math.isqrt(num_patches)
     if old_g * old_g != old_n or new_g * new_g != num_patches:
         raise ValueError(f"position embedding grids must be square: checkpoint has {old_n} patch "
                          f"positions, model wants {num_patches}")
     if old_n == num_patches:
         return pos_embed
-    b, _, dim = patches.shape
-    grid = patches.reshape(b, old_g, old_g, dim).permute(0, 3, 1, 2)
-    # bicubic is not implemented for half precision on CPU; interpolate in float32.
-    grid = F.interpolate(grid.float(), size=(new_g, new_g), mode="bicubic", align_corners=False)
-    patches = grid.permute(0, 2, 3, 1).reshape(b, new_g * new_g, dim).to(pos_embed.dtype)
     logger.info("reshape position embedding from %d to %d", old_n, num_patches)
-    return torch.cat([extra, patches], dim=1)
+    # antialias=False gives BLIP's plain bicubic; timm's default antialiased kernel differs from it by
+    # up to ~0.4 on a 24x24 -> 32x32 resize of unit-variance embeddings.
+    return resample_abs_pos_embed(pos_embed, [new_g, new_g], [old_g, old_g],
+                                  num_prefix_tokens=num_extra_tokens, antialias=False)
 
 
 # --------------------------------------------------------------------------- mapping onto a model

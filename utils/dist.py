@@ -102,27 +102,19 @@ def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        out = [torch.empty_like(t) for _ in range(get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        # Every rank computed a loss on the gathered tensor: a rank's slice receives the sum of
-        # the gradients all ranks produced for it.
-        g = torch.stack(grads)
-        dist.all_reduce(g)
-        return g[get_rank()]
-
-
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Like :func:`concat_all_gather`, but gradients flow back to each rank's own slice."""
+    """Like :func:`concat_all_gather`, but gradients flow back to each rank's own slice.
+
+    Every rank computes a loss on the gathered tensor, so a rank's input receives the sum over all
+    ranks of the gradients for its slice (torch's backward is a sum reduce-scatter; no 1/world factor).
+    """
     if not is_dist():
         return t
-    return torch.cat(_GatherWithGrad.apply(t), dim=0)
+    # Imported here: torch.distributed.nn needs a torch built with distributed support, which a
+    # single process never needs. torch 2.14 deprecates it (one FutureWarning per process) in
+    # favour of the private _functional_collectives.all_gather_single; we stay on the public API.
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(t), dim=0)
 
 
 @torch.no_grad()

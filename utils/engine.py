@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.config import config_to_dict
 from utils.logging import append_json_line
 
 logger = logging.getLogger(__name__)
@@ -102,12 +103,6 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples - self.start
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext()
@@ -147,20 +142,21 @@ class LoopState:
 
 
 class Trainer:
-    """Owns model (DDP-wrapped when distributed), optimiser, schedule, scaler, RNG and state.
+    """Owns model (DDP-wrapped when distributed), optimiser, schedule, scaler, RNG and loop state;
+    :meth:`fit` is the one epoch loop of every training stage.
 
     ``loss_fn(model, batch, ctx) -> dict[str, Tensor]`` returns named losses; their sum is
     optimised. ``ctx`` carries ``epoch``, ``batch_index``, ``batches_per_epoch`` and ``generator``.
 
     A model that trains only part of itself (adapters on a frozen backbone) may define
     ``checkpoint_state_dict()`` and ``load_checkpoint_state_dict(sd)``: checkpoints then hold what
-    those return instead of the full ``state_dict()``.
+    those return instead of the full ``state_dict()``. A model's ``checkpoint_format`` tag is written
+    into every checkpoint (``models/factory.py`` dispatches on it).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int, int], float],
-                 info: du.DistInfo, output_dir: Path, *, precision: str = "fp32", grad_accum_steps: int = 1,
-                 clip_grad_norm: Optional[float] = None, log_every: int = 50, seed: int = 42,
-                 ckpt_every_steps: int = 0, config: Optional[dict] = None, progress: bool = True):
+                 info: du.DistInfo, cfg, progress: bool = True):
+        """``cfg``: the run config (``RunSettings`` + ``LoopSettings`` fields), stored in checkpoints."""
         self.raw_model = model
         self.model = model
         if info.distributed:
@@ -170,25 +166,26 @@ class Trainer:
         self.optimizer = optimizer
         self.schedule = schedule
         self.info = info
-        self.output_dir = Path(output_dir)
-        self.precision = precision
-        if precision == "fp16" and info.device.type != "cuda":
+        self.output_dir = Path(cfg.output_dir)
+        self.precision = cfg.precision
+        if self.precision == "fp16" and info.device.type != "cuda":
             raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-        self.accum = grad_accum_steps
-        self.clip = clip_grad_norm
-        self.log_every = log_every
-        self.ckpt_every_steps = ckpt_every_steps
-        self.config = config or {}
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.accum = cfg.grad_accum_steps
+        self.clip = cfg.clip_grad_norm
+        self.log_every = cfg.log_every
+        self.ckpt_every_steps = cfg.ckpt_every_steps
+        self.config = config_to_dict(cfg)
         self.progress = progress and info.is_main
-        self.generator = torch.Generator(device=info.device).manual_seed(_mix(seed, info.rank, 7))
-        self.seed = seed
+        self.generator = torch.Generator(device=info.device).manual_seed(_mix(cfg.seed, info.rank, 7))
+        self.seed = cfg.seed
         self.state = LoopState()
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         model_state = getattr(self.raw_model, "checkpoint_state_dict", self.raw_model.state_dict)()
-        return {"model": model_state, "optimizer": self.optimizer.state_dict(),
+        return {"model": model_state, "format": getattr(self.raw_model, "checkpoint_format", None),
+                "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "loop": asdict(self.state), "config": self.config,
                 "rng": _rng_state(), "generator": self.generator.get_state(),
                 "epoch": self.state.epoch, "step": self.state.step}
@@ -231,7 +228,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, loader: DataLoader, loss_fn: Callable) -> Dict[str, float]:
-        """Train ``self.state.epoch`` from ``state.batch_in_epoch``; returns epoch-mean losses."""
+        """Train ``self.state.epoch`` from ``state.batch_in_epoch``; returns epoch-mean losses.
+        Logs a line every ``log_every`` steps (step, losses, lr, samples/s)."""
         epoch = self.state.epoch
         loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
         loader.dataset.epoch = epoch
@@ -247,6 +245,9 @@ class Trainer:
             it = tqdm(loader, desc=f"epoch {epoch}", initial=self.state.batch_in_epoch, total=n_batches,
                       dynamic_ncols=True, leave=False)
         t0, seen = time.perf_counter(), 0
+        # No host-device sync per step: non-finiteness is recorded on the device (the first bad
+        # batch, its step and losses) and checked at log steps, before any save and at the end.
+        bad = _NonFinite(self.info.device)
         for batch in it:
             i = self.state.batch_in_epoch
             batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -257,11 +258,7 @@ class Trainer:
                 with autocast(self.info.device, self.precision):
                     losses = loss_fn(self.model, batch, ctx)
                 total = sum(losses.values())
-                if not torch.isfinite(total.detach()):
-                    raise NonFiniteLossError(
-                        f"non-finite loss at epoch {epoch}, batch {i}, step {self.state.step}: "
-                        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                        + f"; the last good checkpoint in {self.output_dir} is kept")
+                bad.record(total, losses, i, self.state.step)
                 self.scaler.scale(total / self.accum).backward()
             if boundary:
                 for g in self.optimizer.param_groups:
@@ -279,17 +276,21 @@ class Trainer:
             self.state.epoch_count = count
             seen += batch[next(iter(batch))].shape[0] if batch else 0
             self.state.batch_in_epoch = i + 1
-            if self.progress:
+            save_now = (self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0
+                        and i + 1 < n_batches)
+            if (self.log_every and (i + 1) % self.log_every == 0) or save_now:
+                bad.check(epoch, self.output_dir)
+                values = " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
                 rate = seen * self.info.world_size / max(time.perf_counter() - t0, 1e-9)
-                it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
-                                "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
-            if self.log_every and (i + 1) % self.log_every == 0:
-                logger.info("epoch %d batch %d/%d step %d %s", epoch, i + 1, n_batches, self.state.step,
-                            " ".join(f"{k}={v.item():.4f}" for k, v in losses.items()))
-            if self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0 \
-                    and i + 1 < n_batches:
+                logger.info("epoch %d batch %d/%d step %d %s lr=%.3g samples/s=%.1f", epoch, i + 1, n_batches,
+                            self.state.step, values, self.optimizer.param_groups[0]["lr"], rate)
+                if self.progress:
+                    it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
+                                    "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
+            if save_now:
                 self.state.epoch_sums = {k: float(v) for k, v in sums.items()}
                 self.save("checkpoint_last.pth")
+        bad.check(epoch, self.output_dir)
         means = {}
         for k, v in sums.items():
             t = torch.stack([v, torch.tensor(float(count), device=v.device)])
@@ -298,8 +299,9 @@ class Trainer:
         return means
 
     def end_epoch(self, record: dict, metric: Optional[float] = None) -> bool:
-        """Log the epoch's record, advance the state; returns True if ``metric`` is a new best."""
-        is_best = metric is not None and metric > self.state.best
+        """Decide whether ``metric`` is a new best (the one place this is decided), log the
+        epoch's record and advance the state. Returns the decision."""
+        is_best = self.is_new_best(metric)
         if is_best:
             self.state.best, self.state.best_epoch = metric, self.state.epoch
         record = {**record, "epoch": self.state.epoch, "best_epoch": self.state.best_epoch}
@@ -310,6 +312,69 @@ class Trainer:
         self.state.batch_in_epoch = 0
         self.state.epoch_sums, self.state.epoch_count = {}, 0
         return is_best
+
+    def is_new_best(self, metric: Optional[float]) -> bool:
+        return metric is not None and metric > self.state.best
+
+    def fit(self, loader: DataLoader, loss_fn: Callable, max_epoch: int, *,
+            evaluate: Optional[Callable[[int], Tuple[dict, float]]] = None, eval_every: int = 1,
+            after_epoch: Optional[Callable[..., Optional[dict]]] = None, resume: Optional[str] = None) -> dict:
+        """Train until ``max_epoch``: per epoch, train, evaluate when due, decide best once, let the
+        task add to the record, log, and save ``checkpoint_best.pth`` (on a new best) and
+        ``checkpoint_last.pth`` atomically. Returns the last epoch's record.
+
+        - ``evaluate(epoch) -> (record, metric)``: called every ``eval_every`` epochs and on the
+          last; a higher ``metric`` is better.
+        - ``after_epoch(epoch, is_best=..., is_last=...) -> dict | None``: what differs per task
+          (test split on a new best, prediction files, pictures); its dict joins the record.
+        - ``resume``: ``'auto'`` or a checkpoint path (see :meth:`resume`).
+        """
+        if resume:
+            self.resume(resume)
+            if self.state.epoch >= max_epoch:
+                logger.info("nothing to train: the run in %s already finished %d epochs", self.output_dir, max_epoch)
+        while self.state.epoch < max_epoch:
+            epoch = self.state.epoch
+            is_last = epoch + 1 == max_epoch
+            losses = self.train_epoch(loader, loss_fn)
+            record = {"train_lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in losses.items()}}
+            metric = None
+            if evaluate is not None and ((epoch + 1) % eval_every == 0 or is_last):
+                extra, metric = evaluate(epoch)
+                record.update(extra)
+            is_best = self.is_new_best(metric)
+            if after_epoch is not None:
+                record.update(after_epoch(epoch, is_best=is_best, is_last=is_last) or {})
+            self.end_epoch(record, metric)
+            logger.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
+                                                for k, v in record.items()})
+            if is_best:
+                self.save("checkpoint_best.pth")
+            self.save("checkpoint_last.pth")
+        return self.state.history[-1] if self.state.history else {}
+
+
+class _NonFinite:
+    """The first non-finite total loss of an epoch, recorded on the device without a sync."""
+
+    def __init__(self, device: torch.device):
+        self.where = torch.full((2,), -1, dtype=torch.long, device=device)  # (batch, step)
+        self.losses: Dict[str, torch.Tensor] = {}
+
+    def record(self, total: torch.Tensor, losses: Dict[str, torch.Tensor], batch: int, step: int) -> None:
+        first = ~torch.isfinite(total.detach()) & (self.where[0] < 0)
+        self.where = torch.where(first, torch.tensor([batch, step], device=self.where.device), self.where)
+        for k, v in losses.items():
+            v = v.detach().float()
+            self.losses[k] = torch.where(first, v, self.losses.get(k, torch.zeros_like(v)))
+
+    def check(self, epoch: int, output_dir: Path) -> None:
+        batch, step = self.where.tolist()
+        if batch >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, batch {batch}, step {step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in self.losses.items())
+                + f"; the last good checkpoint in {output_dir} is kept")
 
 
 # ---------------------------------------------------------------------- entry scripts

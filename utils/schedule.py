@@ -13,23 +13,25 @@ import torch
 @dataclass
 class CosineSchedule:
     """BLIP: ``min_lr + (init_lr - min_lr) * (1 + cos(pi * epoch / max_epoch)) / 2``, set per epoch,
-    optionally after a linear per-step warm-up from 0."""
+    optionally after a linear per-step warm-up from ``warmup_lr``."""
 
     init_lr: float
     min_lr: float
     max_epoch: int
     warmup_steps: int = 0
+    warmup_lr: float = 0.0
 
     def __call__(self, epoch: int, step: int) -> float:
         if step < self.warmup_steps:
-            return self.init_lr * (step + 1) / self.warmup_steps
+            return self.warmup_lr + (self.init_lr - self.warmup_lr) * (step + 1) / self.warmup_steps
         return (self.init_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / self.max_epoch)) + self.min_lr
 
 
 @dataclass
 class WarmupStepSchedule:
     """ContextBLIP/BLIP pretraining: linear warm-up from ``warmup_lr`` to ``init_lr`` over
-    ``warmup_steps`` steps of the first epoch, then ``max(min_lr, init_lr * decay_rate ** epoch)``."""
+    ``warmup_steps`` steps of the first epoch, then ``max(min_lr, init_lr * decay_rate ** epoch)``
+    (with no warm-up: ImageCoDe fine-tuning's ``lr *= 0.95`` per epoch)."""
 
     init_lr: float
     min_lr: float
@@ -41,24 +43,6 @@ class WarmupStepSchedule:
         if epoch == 0 and step < self.warmup_steps:
             return self.warmup_lr + (self.init_lr - self.warmup_lr) * step / self.warmup_steps
         return max(self.min_lr, self.init_lr * self.decay_rate ** epoch)
-
-
-@dataclass
-class StepSchedule:
-    """``init_lr * decay_rate ** epoch`` (ImageCoDe fine-tuning's ``lr *= 0.95`` per epoch)."""
-
-    init_lr: float
-    decay_rate: float
-    min_lr: float = 0.0
-
-    def __call__(self, epoch: int, step: int) -> float:
-        return max(self.min_lr, self.init_lr * self.decay_rate ** epoch)
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr; a group with ``lr_scale`` gets ``lr * lr_scale`` (two-rate recipes)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def build_adamw(params: Iterable, lr: float, weight_decay: float, betas=(0.9, 0.999),

@@ -9,8 +9,8 @@ so the real dataset code paths run on them; a BERT tokenizer folder is built fro
 The output is a pure function of the arguments (same json bytes, same pixels); a stamp
 `DIR/.complete` holding the arguments, written last, makes a repeated call return at once.
 
-Parts: `retrieval` (BLIP retrieval json, FORMATS.md section 1), `imagecode` (ImageCoDe sets,
-FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, FORMATS.md section 4). Further parts are
+Parts: `retrieval` (BLIP retrieval json, docs/FORMATS.md section 1), `imagecode` (ImageCoDe sets,
+docs/FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, docs/FORMATS.md section 4). Further parts are
 (spec, writer, paths) entries of `PARTS` built on `scenes`.
 """
 

@@ -1,6 +1,6 @@
 """The ImageCoDe part: sets of 10 near-identical images and contextual descriptions.
 
-Layout under `<out>/imagecode/`, exactly as the official release (FORMATS.md section 3):
+Layout under `<out>/imagecode/`, exactly as the official release (docs/FORMATS.md section 3):
 
     image-sets/<set_name>/img<N>.jpg      10 per set; video sets: N = frame numbers, not contiguous
     data/train_data.json                  {set_name: {"<position>": description, ...}}

@@ -1,4 +1,4 @@
-"""The MMVP part: MMVP-VLM-style pairs of shape images in the release's exact layout (FORMATS.md 4).
+"""The MMVP part: MMVP-VLM-style pairs of shape images in the release's exact layout (docs/FORMATS.md 4).
 
 Layout under `<out>/mmvp/` (the folder `eval_mmvp.py` takes as `data_root`):
 

@@ -1,6 +1,6 @@
 """The retrieval part: shape scenes with captions in the BLIP retrieval json format.
 
-Layout under `<out>/retrieval/` (FORMATS.md section 1, `image_root` = `images`, `ann_root` =
+Layout under `<out>/retrieval/` (docs/FORMATS.md section 1, `image_root` = `images`, `ann_root` =
 `annotation`):
 
     images/{train,val,test}/<split>_<i>.png

@@ -1,14 +1,11 @@
 """Run under torchrun by tests/test_train_retrieval.py: the ITC loss and its gradients of N ranks
 on B samples each, written by rank 0 for comparison with one process on N*B samples."""
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import dist as du  # noqa: E402
-from itc_case import itc_case  # noqa: E402
+from tests.scripts.itc_case import itc_case
+from utils import dist as du
 
 
 def main(out: str) -> None:

@@ -2,12 +2,12 @@
 share of the loss and gradients. Shared by the single-process and torchrun sides of the test."""
 import json
 import tempfile
-import types
 from pathlib import Path
 
 import torch
 
 from models.blip import build_blip_retrieval
+from tasks.retrieval import RetrievalConfig
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "blip_official_tiny"
 
@@ -20,10 +20,10 @@ def itc_case(rank: int, world: int):
         med.write_text(json.dumps({"vocab_size": None, "hidden_size": 32, "num_hidden_layers": 2,
                                    "num_attention_heads": 4, "intermediate_size": 64, "max_position_embeddings": 40,
                                    "encoder_width": 32}))
-        cfg = types.SimpleNamespace(vit={"width": 32, "depth": 2, "heads": 4, "patch_size": 8}, image_size=32,
-                                    med_config=str(med), embed_dim=16, queue_size=64)
+        cfg = RetrievalConfig(vit={"width": 32, "depth": 2, "heads": 4, "patch_size": 8}, image_size=32,
+                              med_config=str(med), embed_dim=16, queue_size=64)
         torch.manual_seed(0)
-        model = build_blip_retrieval(cfg, tok).eval()  # eval: no dropout, so both sides are deterministic
+        model = build_blip_retrieval(cfg, tok, itc=cfg).eval()  # eval: no dropout, so both sides are deterministic
     g = torch.Generator().manual_seed(1)
     pixels = torch.randn(8, 3, 32, 32, generator=g)
     ids = torch.randint(8, 48, (8, 12), generator=g)

@@ -1,6 +1,6 @@
 """BLIP's retrieval evaluation protocol, computed image-major.
 
-Protocol (BLIP.md): cosine ITC similarities of all images and texts; for each image its top
+Protocol (docs/BLIP.md): cosine ITC similarities of all images and texts; for each image its top
 ``k_test`` texts and for each text its top ``k_test`` images are re-scored with ``ITM logit[:, 1] +
 sim``; every other entry is -100; recall@K from the ranks.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch

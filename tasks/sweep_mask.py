@@ -7,7 +7,7 @@ config's rate) or ``random:R``. A ``random`` run at the config's rate is added u
 one. A failed run is reported in the table (status and exit code) and the sweep goes on; the exit
 status is 1 if any run failed.
 
-    python -m utils.sweep --items "0.25 0.5" --config configs/demo/pretrain.yaml --out outputs/sweep \\
+    python -m tasks.sweep_mask --items "0.25 0.5" --config configs/demo/pretrain.yaml --out outputs/sweep \\
         -- --opts max_epoch=1
 """
 from __future__ import annotations
@@ -59,23 +59,6 @@ def parse_items(items: str) -> List[SweepRun]:
     return runs
 
 
-def split_opts(extra: List[str]) -> Tuple[List[str], List[str]]:
-    """Separate the ``--opts`` entries from the other pass-through arguments: argparse keeps only
-    the last ``--opts``, so the sweep's own overrides must join the user's in one list."""
-    args, opts, in_opts = [], [], False
-    for token in extra:
-        if token == "--opts":
-            in_opts = True
-        elif token.startswith("--"):
-            in_opts = False
-            args.append(token)
-        elif in_opts:
-            opts.append(token)
-        else:
-            args.append(token)
-    return args, opts
-
-
 def final_record(output_dir: Path) -> Optional[dict]:
     log = output_dir / "log.txt"
     if not log.is_file():
@@ -85,10 +68,10 @@ def final_record(output_dir: Path) -> Optional[dict]:
 
 
 def run_one(run: SweepRun, config: str, out: Path, extra: List[str]) -> dict:
-    args, opts = split_opts(extra)
     output_dir = out / run.label
-    cmd = ["bash", str(REPO / "run.sh"), "pretrain", config, "--output_dir", str(output_dir), *args,
-           "--opts", *opts, *run.opts]
+    # --opts may be given several times: the run's own overrides come last and win.
+    cmd = ["bash", str(REPO / "run.sh"), "pretrain", config, "--output_dir", str(output_dir), *extra,
+           "--opts", *run.opts]
     logger.info("sweep run %s: %s", run.label, " ".join(cmd))
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "sweep_stdout.txt", "w") as fh:

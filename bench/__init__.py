@@ -1,0 +1,1 @@
+"""Speed benchmarks (docs/PERFORMANCE.md); run from the repo root as ``python -m bench.<script>``."""

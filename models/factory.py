@@ -1,0 +1,242 @@
+"""One door to every model: build it from its config, load any checkpoint kind into it.
+
+    model, tokenizer = create_model(cfg, "blip", device)           # BLIP retrieval, momentum encoders + queues
+    model, tokenizer = create_model(cfg, "blip_inference", device) # the same without them (half the memory)
+    model, tokenizer = create_model(cfg, "contextblip_pretrain")    # ContextBLIP + TMIM decoder
+    model, tokenizer = create_model(cfg, "zero_shot")              # ContextBLIP; a plain BLIP file -> BLIP itself
+    model, tokenizer = create_model(cfg, "imagecode")              # ImageCoDe stage 1 or 2 (cfg.stage)
+    load_weights(model, "any checkpoint")                          # dispatches on the file's format
+
+Every checkpoint we write carries a ``format`` tag (:class:`Format`); official BLIP files carry
+none and are recognised by their layout (and so are files written before the tag existed).
+
+| format | holds | loads into |
+|---|---|---|
+| ``blip`` (official or ours) | BLIP's state dict (``visual_encoder.*``, ``text_encoder.*``, ...) | BLIP; ContextBLIP's ``blip``; stage 1's backbone |
+| ``contextblip-trainable`` | ``adapter.*`` (+ ``decoder.*``); the config names the base BLIP | ContextBLIP (base BLIP loaded too) |
+| ``contextblip-merged`` | ``blip.*``, ``adapter.*``, ``decoder.*`` | ContextBLIP; stage 1's backbone |
+| ``imagecode`` | a whole stage-1 or stage-2 model (``stage`` in its config) | the same stage; stage 1 into stage 2's frozen part |
+
+Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from models.blip import BLIPRetrieval, build_blip_retrieval
+from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
+from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
+from models.tokenizer import build_tokenizer
+from utils.checkpoint import (CheckpointError, LoadReport, extract_state_dict, interpolate_pos_embed,
+                              load_checkpoint, load_state_dict_with_report)
+
+logger = logging.getLogger(__name__)
+
+
+class Format:
+    BLIP = "blip"
+    CONTEXTBLIP_TRAINABLE = "contextblip-trainable"
+    CONTEXTBLIP_MERGED = "contextblip-merged"
+    IMAGECODE = "imagecode"
+    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE)
+
+
+KINDS = ("blip", "blip_inference", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode")
+
+# Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
+# `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
+PRETRAIN_EXTRAS = ("text_decoder.",)
+PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
+# What a model built without momentum encoders leaves unused in any BLIP checkpoint.
+MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
+QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
+CONTEXTBLIP_PARTS = ("adapter.", "decoder.")
+
+
+class LoadResult(NamedTuple):
+    format: str                       # one of Format.ALL
+    blip: Optional[LoadReport]        # report of the BLIP weights (None: not loaded here)
+    parts: Optional[LoadReport]       # report of the rest (adapter/decoder, or a whole ImageCoDe model)
+
+
+# ---------------------------------------------------------------------- building
+
+def build_model(cfg, kind: str, tokenizer) -> nn.Module:
+    """A model of ``kind`` with random weights, from the config's architecture fields."""
+    if kind == "blip":
+        return build_blip_retrieval(cfg, tokenizer, itc=cfg)
+    if kind == "blip_inference":
+        return build_blip_retrieval(cfg, tokenizer)
+    if kind in ("contextblip", "zero_shot"):
+        # A pretraining config's mask settings come along (compute_mask reads them); others: defaults.
+        return build_contextblip(cfg, tokenizer, settings=cfg if isinstance(cfg, PretrainSettings) else None)
+    if kind == "contextblip_pretrain":
+        return build_contextblip(cfg, tokenizer, tmim=cfg, settings=cfg)
+    if kind == "imagecode":
+        return build_imagecode_model(cfg, tokenizer)
+    raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
+
+
+def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] = None,
+                 load: bool = True) -> Tuple[nn.Module, Any]:
+    """Tokenizer + model of ``kind`` with ``pretrained`` (default ``cfg.pretrained``) loaded.
+
+    ``zero_shot``: a plain BLIP checkpoint is scored as BLIP itself (no adapter: ``model.use_adapter``
+    tells what was built). ``imagecode`` stage 2 needs its stage-1 checkpoint, loaded strictly.
+    """
+    source = cfg.pretrained if pretrained is None else pretrained
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    ckpt = load_checkpoint(source) if load and source else None
+    if kind == "zero_shot" and ckpt is not None and cfg.use_adapter and checkpoint_format(ckpt) == Format.BLIP:
+        logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", source)
+        cfg = cfg.model_copy(update={"use_adapter": False})
+    model = build_model(cfg, kind, tokenizer)
+    if ckpt is not None:
+        load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source))
+        if kind == "imagecode" and cfg.stage == 1 and cfg.head_init == "itm":
+            model.init_prediction_from_itm()
+    elif load and kind == "imagecode" and cfg.stage == 2:
+        raise ValueError("stage 2 needs `pretrained`: the stage-1 checkpoint (finetune_imagecode.py, stage: 1)")
+    elif load:
+        logger.warning("`pretrained` is empty: the %s model starts from random weights", kind)
+    if kind == "zero_shot":
+        model.eval()
+    return model.to(device), tokenizer
+
+
+def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> Tuple[nn.Module, Any, Dict]:
+    """Rebuild a fine-tuned ImageCoDe model from its own checkpoint (it stores its config).
+    Returns ``(model in eval mode, tokenizer, the stored config as a dict)``."""
+    ckpt = load_checkpoint(source)
+    stored = ckpt.get("config") if isinstance(ckpt, Mapping) else None
+    if checkpoint_format(ckpt) != Format.IMAGECODE or not isinstance(stored, Mapping):
+        raise CheckpointError(f"{source} is not a finetune_imagecode.py checkpoint (format "
+                              f"{checkpoint_format(ckpt)!r}, config inside: {isinstance(stored, Mapping)})")
+    arch = ImageCodeArch.model_validate({k: v for k, v in stored.items() if k in ImageCodeArch.model_fields})
+    tokenizer = build_tokenizer(stored["tokenizer"])
+    model = build_imagecode_model(arch, tokenizer)
+    load_weights(model, ckpt, strict=strict, source_name=str(source))
+    return model.to(device).eval(), tokenizer, dict(stored)
+
+
+# ---------------------------------------------------------------------- loading
+
+def checkpoint_format(ckpt: Mapping) -> str:
+    """The ``format`` tag of a loaded checkpoint, or the format its layout shows (official files)."""
+    tag = ckpt.get("format") if isinstance(ckpt, Mapping) else None
+    if tag is not None:
+        if tag not in Format.ALL:
+            raise CheckpointError(f"unknown checkpoint format {tag!r}; this version reads {Format.ALL}")
+        return tag
+    state = extract_state_dict(ckpt)
+    if any(k.startswith(("backbone.", "stage1.")) for k in state):
+        return Format.IMAGECODE
+    if any(k.startswith("blip.") for k in state):
+        return Format.CONTEXTBLIP_MERGED
+    if state and all(k.startswith(CONTEXTBLIP_PARTS) for k in state):
+        return Format.CONTEXTBLIP_TRAINABLE
+    return Format.BLIP
+
+
+def _imagecode_stage(ckpt: Mapping, state: Mapping) -> int:
+    stored = ckpt.get("config") if isinstance(ckpt, Mapping) else None
+    if isinstance(stored, Mapping) and stored.get("stage") in (1, 2):
+        return stored["stage"]
+    return 2 if any(k.startswith("stage1.") for k in state) else 1
+
+
+def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[str] = "auto",
+                 source_name: Optional[str] = None) -> LoadResult:
+    """Load ``source`` (a path/URL, or a checkpoint already loaded) into ``model``, with a report.
+
+    ``base`` matters for a ``contextblip-trainable`` checkpoint only: ``'auto'`` loads the BLIP its
+    config's ``pretrained`` names, a path loads that one, None keeps ``model.blip`` as it is.
+    """
+    name = source_name or (str(source) if not isinstance(source, Mapping) else "a checkpoint")
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    state = extract_state_dict(ckpt)
+    fmt = checkpoint_format(ckpt)
+    if isinstance(model, BLIPRetrieval):
+        if fmt == Format.CONTEXTBLIP_MERGED:
+            state = _strip(state, "blip.")
+        elif fmt != Format.BLIP:
+            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
+                                  f"'contextblip-merged' files")
+        return LoadResult(fmt, _load_blip(model, state, strict, name), None)
+    if isinstance(model, ContextBLIP):
+        return _load_contextblip(model, ckpt, state, fmt, strict, base, name)
+    if isinstance(model, (CandidateScorer, ContextualScorer)):
+        if fmt == Format.IMAGECODE:
+            stage = _imagecode_stage(ckpt, state)
+            target = model.stage1 if isinstance(model, ContextualScorer) and stage == 1 else model
+            if (stage == 2) != isinstance(target, ContextualScorer):
+                raise CheckpointError(f"{name} is a stage-{stage} ImageCoDe checkpoint; this model is stage "
+                                      f"{2 if isinstance(model, ContextualScorer) else 1}")
+            # Stage 2 trains on top of exactly its stage 1: everything must load.
+            strict = strict or target is not model
+            return LoadResult(fmt, None, load_state_dict_with_report(target, state, strict=strict))
+        if isinstance(model, ContextualScorer):
+            raise CheckpointError(f"stage 2 starts from a stage-1 checkpoint (finetune_imagecode.py, stage: 1); "
+                                  f"{name} is a {fmt!r} checkpoint")
+        return _load_contextblip(model.backbone, ckpt, state, fmt, strict, base, name)
+    raise TypeError(f"load_weights: no loader for {type(model).__name__}")
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_blip(model: BLIPRetrieval, state: Dict[str, torch.Tensor], strict: bool, name: str) -> LoadReport:
+    """BLIP's layout, official or ours. ``visual_encoder(_m).pos_embed`` is resized to the model's
+    patch grid first, so a 384 px checkpoint loads into a 224 px model and vice versa."""
+    state = dict(state)
+    own = model.state_dict()
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    pretrain_layout = any(k.startswith(PRETRAIN_EXTRAS) for k in state) or "queue_ptr" in state
+    ignore_missing = ("idx_queue", "ptr_queue") if pretrain_layout else ()
+    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS
+    if not model.with_momentum:
+        extra_prefixes, extra_keys = extra_prefixes + MOMENTUM_PREFIXES, extra_keys + QUEUE_KEYS
+    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=extra_prefixes,
+                                         expected_extra_keys=extra_keys, ignore_missing_prefixes=ignore_missing)
+    logger.info("loaded BLIP weights from %s", name)
+    return report
+
+
+def _load_parts(model: ContextBLIP, state: Mapping[str, torch.Tensor], strict: bool) -> LoadReport:
+    parts = {k: v for k, v in state.items() if k.startswith(CONTEXTBLIP_PARTS)}
+    # A model built without a decoder (fine-tuning, zero-shot) has no use for the TMIM decoder.
+    extra = ("decoder.",) if model.decoder is None else ()
+    return load_state_dict_with_report(model, parts, strict=strict, expected_extra_prefixes=extra,
+                                       ignore_missing_prefixes=("blip.",))
+
+
+def _load_contextblip(model: ContextBLIP, ckpt: Mapping, state: Dict[str, torch.Tensor], fmt: str, strict: bool,
+                      base: Optional[str], name: str) -> LoadResult:
+    if fmt == Format.BLIP:
+        report = _load_blip(model.blip, state, strict, name)
+        if model.use_adapter and model.decoder is None:  # pretraining starts from plain BLIP by design
+            logger.warning("%s is a plain BLIP checkpoint: the adapter stays at its random init, so this "
+                           "is not BLIP's zero-shot model (set use_adapter: false for that)", name)
+        return LoadResult(fmt, report, None)
+    if fmt == Format.CONTEXTBLIP_MERGED:
+        return LoadResult(fmt, _load_blip(model.blip, _strip(state, "blip."), strict, name),
+                          _load_parts(model, state, strict))
+    if fmt != Format.CONTEXTBLIP_TRAINABLE:
+        raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a ContextBLIP loads BLIP, ContextBLIP "
+                              "pretraining or merged files")
+    blip_report = None
+    if base == "auto":
+        base = (ckpt.get("config") or {}).get("pretrained")
+        if not base:
+            raise CheckpointError(f"{name} holds only the adapter/decoder and its config names no "
+                                  "'pretrained' BLIP; pass base=<BLIP checkpoint> or load BLIP first (base=None)")
+    if base:
+        blip_report = _load_blip(model.blip, extract_state_dict(load_checkpoint(base)), strict, str(base))
+    return LoadResult(fmt, blip_report, _load_parts(model, state, strict))

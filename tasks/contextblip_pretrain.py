@@ -1,0 +1,200 @@
+"""ContextBLIP adapter pretraining: its config, loss, mask pictures and hooks into the shared loop
+(``pretrain.py``).
+
+Each epoch: train (ITM + TMIM, BLIP frozen), write one ``log.txt`` JSON line (``train_lr``,
+``train_loss_itm``, ``train_loss_tmim``), ``checkpoint_last.pth`` (atomic; trainable parts + config)
+and the mask picture ``masks/epoch_NN.png``: images with their caption, the guide token and the
+masked patches tinted red.
+"""
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from pydantic import model_validator
+
+from data.collate import RetrievalCollator
+from data.pretrain import build_pretrain_dataset
+from data.transforms import IMAGE_MEAN, IMAGE_STD, build_test_transform
+from data.utils import load_image
+from models.contextblip import ContextBLIPArch, PretrainSettings, TMIMArch
+from tasks.retrieval import train_transform
+from utils import dist as du
+from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
+from utils.engine import Trainer, autocast
+from utils.schedule import WarmupStepSchedule, build_adamw
+from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
+                            TextSettings, WarmupSettings, WeightsSettings)
+
+logger = logging.getLogger(__name__)
+
+# The pictures use their own generator: the same guide tokens every epoch (so the grids show how
+# the mask moves as the adapter learns), and the training stream is left untouched.
+VIS_SEED = 1234
+
+
+class PretrainConfig(ContextBLIPArch, TMIMArch, PretrainSettings, TextSettings, WeightsSettings, AugmentSettings,
+                     OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+    """ContextBLIP adapter pretraining (pretrain.py). Defaults are the released recipe
+    (configs/pretrain.yaml, docs/CONTEXTBLIP.md); BLIP stays frozen."""
+    image_size: PosInt = 224
+    max_tokens: PosInt = 30                     # released: padded/truncated to 30 tokens
+    train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
+    image_root: str = ''                        # prefix for relative image paths ('' = as written)
+    skip_bad_images: bool = False               # log and skip unreadable images instead of failing
+    batch_size_train: PosInt = 256              # per GPU (released: 4 GPUs x 256)
+    init_lr: PosFloat = 3e-4
+    min_lr: NonNegFloat = 1e-6
+    warmup_steps: NonNegInt = 3000              # linear per-step warm-up in epoch 0
+    warmup_lr: NonNegFloat = 1e-6
+    max_epoch: NonNegInt = 20
+    train_crop_min_scale: Fraction = 0.2           # RandomResizedCrop scale=(min, 1)
+    visualize_samples: NonNegInt = 4            # images in the per-epoch mask grid (0: none)
+
+    @model_validator(mode='after')
+    def _pretraining_checks(self):
+        if not self.train_file:
+            raise ValueError('train_file: must name at least one pretraining json file')
+        n = (self.image_size // self.vit_arch.patch_size) ** 2
+        if not 1 <= int(self.mask_rate * n) < n:
+            raise ValueError(f'mask_rate: masks int({self.mask_rate} * {n}) patches; need 1 to {n - 1}')
+        return self
+
+
+def pretrain_loss(model, batch, ctx):
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["idx"],
+                 generator=ctx["generator"])
+
+
+def collator(cfg: PretrainConfig, tokenizer) -> RetrievalCollator:
+    # The released guide token is drawn from all max_tokens positions, padding included: pad fully
+    # then. With real-word guides dynamic padding changes no result and saves compute.
+    return RetrievalCollator(tokenizer, cfg.max_tokens, dynamic_padding=cfg.guide_token != "any")
+
+def visual_batch(dataset, n: int, image_size: int, collate) -> Optional[dict]:
+    """The first ``n`` distinct images of ``dataset`` (test transform, first caption) as a batch."""
+    transform, seen, items = build_test_transform(image_size), set(), []
+    for i in range(len(dataset)):
+        if len(items) == n:
+            break
+        if dataset.image_idx(i) in seen:
+            continue
+        seen.add(dataset.image_idx(i))
+        image = load_image(dataset.image_path(i), context=dataset.source(i))
+        items.append((transform(image), dataset.captions[i][0], dataset.image_idx(i)))
+    return collate(items) if items else None
+
+
+@torch.no_grad()
+def draw_masks(model, tokenizer, batch: dict, path: Path, title: str, precision: str = "fp32") -> Path:
+    """Draw the masks ``model`` picks for ``batch`` (a collated batch) into ``path``."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(VIS_SEED)
+    with autocast(device, precision):
+        m = model.compute_mask(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], gen)
+    model.train(was_training)
+    captions: List[str] = []
+    guides: List[Optional[str]] = []
+    for b in range(batch["input_ids"].shape[0]):
+        length = int(batch["attention_mask"][b].sum())
+        tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][b, :length].tolist())
+        g = int(m.guide[b])
+        guides.append(None if g < 0 else tokens[g])
+        captions.append(caption_with_guide(tokens[1:-1], g - 1))
+    return save_mask_grid(path, batch["pixel_values"], m.mask, model.vit.arch.patch_size, captions, guides, title)
+
+
+def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, resume: Optional[str] = None,
+          progress: bool = True) -> dict:
+    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size))
+    optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
+    schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
+    trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)
+    collate = collator(cfg, tokenizer)
+    loader = trainer.loader(dataset, cfg.batch_size_train, collate, num_workers=cfg.num_workers)
+    logger.info("pretraining on %d pairs of %d images, %d batches per epoch per rank; trainable parameters: %d",
+                len(dataset), dataset.num_images, len(loader),
+                sum(p.numel() for p in model.parameters() if p.requires_grad))
+    vis = visual_batch(dataset, cfg.visualize_samples, cfg.image_size, collate) \
+        if info.is_main and cfg.visualize_samples else None
+
+    def after_epoch(epoch: int, is_best: bool, is_last: bool) -> None:
+        if vis is not None:
+            draw_masks(model, tokenizer, vis, trainer.output_dir / "masks" / f"epoch_{epoch:02d}.png",
+                       f"epoch {epoch}: {cfg.mask_strategy} mask, rate {cfg.mask_rate}", cfg.precision)
+
+    return trainer.fit(loader, pretrain_loss, cfg.max_epoch, after_epoch=after_epoch, resume=resume)
+
+
+# ---------------------------------------------------------------------- pictures
+
+MASK_COLOUR = (1.0, 0.1, 0.1)
+MASK_ALPHA = 0.55
+
+
+def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` mean/std-normalised -> ``[B, H, W, 3]`` floats in [0, 1]."""
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    x = pixel_values.detach().float().cpu() * std + mean
+    return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """Tint the masked patches of ``image`` ``[H, W, 3]``; ``mask`` ``[N]`` bool in row-major patch order."""
+    out = image.copy()
+    grid = image.shape[1] // patch_size
+    for n in np.flatnonzero(mask):
+        r, c = divmod(int(n), grid)
+        tile = out[r * patch_size:(r + 1) * patch_size, c * patch_size:(c + 1) * patch_size]
+        tile[:] = (1 - MASK_ALPHA) * tile + MASK_ALPHA * np.array(MASK_COLOUR)
+    return out
+
+
+def caption_with_guide(tokens: Sequence[str], guide: int) -> str:
+    """WordPiece tokens of a caption (no special tokens) with the guide token in [brackets]."""
+    words = [f"[{t}]" if i == guide else t for i, t in enumerate(tokens)]
+    return " ".join(words).replace(" ##", "")
+
+
+def save_mask_grid(path: str | Path, pixel_values: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                   captions: Sequence[str], guides: Sequence[Optional[str]], title: str = "",
+                   columns: int = 4) -> Path:
+    """Write the grid: per image its caption, the guide token (``None``: random mask), and the
+    masked patches tinted red; the original picture on the left of each cell for comparison."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = denormalize(pixel_values)
+    masks = mask.detach().cpu().numpy().astype(bool)
+    n = len(images)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(3.0 * cols, 2.0 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, cols)
+        axes[r, 2 * c].imshow(images[i], interpolation="nearest")
+        axes[r, 2 * c + 1].imshow(overlay_mask(images[i], masks[i], patch_size), interpolation="nearest")
+        guide = "random mask" if guides[i] is None else f"guide: {guides[i]}"
+        text = "\n".join(textwrap.wrap(captions[i], 38)[:4])
+        axes[r, 2 * c].set_title(text, fontsize=6, loc="left")
+        axes[r, 2 * c + 1].set_title(f"{guide}\n{int(masks[i].sum())}/{masks[i].size} masked", fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    logger.info("wrote mask grid %s", path)
+    return path

@@ -1,0 +1,115 @@
+"""BLIP image-text retrieval: its config, its data and loss, and its hooks into the shared loop
+(``train_retrieval.py``; the evaluation protocol is ``tasks/retrieval_eval.py``).
+
+Each epoch: train (ITC + ITM), evaluate val (BLIP's protocol), evaluate test on a new best val
+``r_mean`` (or after the last epoch when there is no val split); ``log.txt`` gets one JSON line with
+BLIP's key names (``train_loss_ita``, ``val_txt_r1``, ``test_r_mean``, ...).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Literal, Optional, Tuple, Union
+
+from data.collate import RetrievalCollator
+from data.retrieval import build_retrieval_datasets
+from data.transforms import build_test_transform, build_train_transform
+from models.blip import BlipArch, ITCSettings
+from tasks.retrieval_eval import evaluate_retrieval
+from utils import dist as du
+from utils.config import PosInt
+from utils.engine import Trainer
+from utils.schedule import CosineSchedule, build_adamw
+from utils.settings import (AugmentSettings, EvalSettings, LoopSettings, OptimSettings, RunSettings,
+                            TextSettings, WarmupSettings, WeightsSettings)
+
+logger = logging.getLogger(__name__)
+
+
+class RetrievalData(AugmentSettings):
+    image_root: str = ''                        # prefix joined to the annotations' image paths
+    ann_root: str = ''                          # folder with the train/val/test files
+    dataset: Literal['coco', 'flickr', 'custom'] = 'coco'
+    train_file: Optional[Union[str, List[str]]] = None  # None -> the dataset's standard split
+    val_file: Optional[str] = None
+    test_file: Optional[str] = None
+    skip_bad_images: bool = False               # log and skip unreadable images instead of failing
+
+    @property
+    def has_val(self) -> bool:
+        return self.dataset != 'custom' or self.val_file is not None
+
+    @property
+    def has_test(self) -> bool:
+        return self.dataset != 'custom' or self.test_file is not None
+
+
+class RetrievalConfig(BlipArch, ITCSettings, TextSettings, WeightsSettings, RetrievalData, OptimSettings,
+                      WarmupSettings, LoopSettings, EvalSettings, RunSettings):
+    """Image-text retrieval fine-tuning and evaluation (train_retrieval.py); BLIP's key names."""
+    k_test: PosInt = 256                        # candidates re-ranked with ITM at eval
+    rerank_batch_size: PosInt = 128             # (query, candidate) pairs per ITM forward
+
+
+def train_transform(cfg: AugmentSettings, image_size: int):
+    """The train transform of the ``train_*`` augmentation keys (shared by every training stage)."""
+    if cfg.train_resize_only:
+        return build_test_transform(image_size)
+    return build_train_transform(image_size, scale=(cfg.train_crop_min_scale, 1.0), hflip=cfg.train_hflip,
+                                 randaug=cfg.train_randaug)
+
+
+def eval_splits(cfg: RetrievalConfig) -> Tuple[str, ...]:
+    return (('val',) if cfg.has_val else ()) + (('test',) if cfg.has_test else ())
+
+
+def retrieval_loss(cfg: RetrievalConfig):
+    """The per-batch loss: ITC + ITM, with alpha ramped linearly over the first epoch (BLIP)."""
+    def loss_fn(model, batch, ctx):
+        alpha = cfg.alpha
+        if ctx['epoch'] == 0:
+            alpha *= min(1.0, ctx['batch_index'] / ctx['batches_per_epoch'])
+        return model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], batch['idx'],
+                     alpha=alpha, generator=ctx['generator'])
+    return loss_fn
+
+
+def run_evaluation(model, dataset, tokenizer, cfg: RetrievalConfig, progress: bool = True):
+    return evaluate_retrieval(model, dataset, tokenizer, k_test=cfg.k_test, max_tokens=cfg.max_tokens,
+                              batch_size=cfg.batch_size_test, rerank_batch_size=cfg.rerank_batch_size,
+                              num_workers=cfg.num_workers, precision=cfg.precision, progress=progress)
+
+
+def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, resume: Optional[str] = None,
+          progress: bool = True) -> dict:
+    # Fail at start-up, not after an hour: the queue takes whole global batches.
+    model.check_queue(cfg.batch_size_train * info.world_size)
+    datasets = build_retrieval_datasets(cfg, splits=('train',) + eval_splits(cfg),
+                                        train_transform=train_transform(cfg, cfg.image_size),
+                                        test_transform=build_test_transform(cfg.image_size))
+    optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
+    trainer = Trainer(model, optimizer, CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps,
+                                                       cfg.warmup_lr),
+                      info, cfg, progress=progress)
+    # Gathering token ids across ranks (negative_all_rank) needs one fixed length on every rank.
+    dynamic = not (cfg.negative_all_rank and info.distributed)
+    loader = trainer.loader(datasets['train'], cfg.batch_size_train,
+                            RetrievalCollator(tokenizer, cfg.max_tokens, dynamic_padding=dynamic),
+                            num_workers=cfg.num_workers)
+    logger.info('training: %d captions of %d images, %d batches per epoch per rank', len(datasets['train']),
+                datasets['train'].num_images, len(loader))
+
+    def evaluate_split(split: str) -> dict:
+        metrics = run_evaluation(model, datasets[split], tokenizer, cfg, progress).metrics
+        return {f'{split}_{k}': v for k, v in metrics.items()}
+
+    def evaluate(epoch: int):
+        record = evaluate_split('val')
+        return record, record['val_r_mean']
+
+    def after_epoch(epoch: int, is_best: bool, is_last: bool) -> dict:
+        if cfg.has_test and (is_best or not cfg.has_val and is_last):
+            return evaluate_split('test')
+        return {}
+
+    return trainer.fit(loader, retrieval_loss(cfg), cfg.max_epoch, evaluate=evaluate if cfg.has_val else None,
+                       eval_every=cfg.eval_every, after_epoch=after_epoch, resume=resume)

@@ -1,0 +1,70 @@
+"""The config groups every task shares (optimiser, schedule, loop, evaluation, augmentation, run,
+weights, text). A task's schema inherits the ones it uses; each key is declared here once."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import model_validator
+
+from utils.config import Config, Device, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
+
+
+class RunSettings(Config):
+    precision: Literal['fp32', 'bf16', 'fp16'] = 'fp32'  # autocast dtype
+    device: Device = 'auto'                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
+    seed: int = 42
+    output_dir: str = 'outputs/run'             # checkpoints, logs and the resolved config
+
+
+class WeightsSettings(Config):
+    pretrained: str = ''                        # checkpoint path, URL, or '' for random init
+    strict_load: bool = False                   # fail on missing/unexpected/mismatched weights
+
+
+class TextSettings(Config):
+    tokenizer: str = 'bert-base-uncased'        # local folder or hub id (BLIP adds [DEC] and [ENC])
+    max_tokens: PosInt = 35                     # text pad/truncate length (tokens)
+    max_words: PosInt = 30                      # pre_caption word limit
+
+
+class OptimSettings(Config):
+    init_lr: PosFloat = 1e-5
+    min_lr: NonNegFloat = 0.0                   # end value of the schedule
+    weight_decay: NonNegFloat = 0.05
+
+    @model_validator(mode='after')
+    def _min_below_init(self):
+        if self.min_lr > self.init_lr:
+            raise ValueError(f'min_lr: must be <= init_lr {self.init_lr}, got {self.min_lr}')
+        return self
+
+
+class LoopSettings(Config):
+    max_epoch: NonNegInt = 6
+    batch_size_train: PosInt = 32               # per process
+    grad_accum_steps: PosInt = 1
+    clip_grad_norm: Optional[PosFloat] = None   # None = no clipping
+    num_workers: NonNegInt = 4                  # dataloader workers per process
+    log_every: PosInt = 50                      # steps between training log lines
+    ckpt_every_steps: NonNegInt = 0             # also save checkpoint_last.pth every N steps (0: per epoch)
+
+
+class EvalSettings(Config):
+    batch_size_test: PosInt = 64                # per process
+    eval_every: PosInt = 1                      # epochs between validation runs
+
+
+class AugmentSettings(Config):
+    train_crop_min_scale: Fraction = 0.5        # RandomResizedCrop scale=(min, 1)
+    train_hflip: bool = True                    # horizontal flip (off for data whose captions say left/right)
+    train_randaug: bool = True                  # BLIP's RandAugment(2, 5)
+    train_resize_only: bool = False             # train transform = the test transform (no augmentation)
+
+
+class WarmupSettings(Config):
+    warmup_steps: NonNegInt = 0                 # linear per-step warm-up at the start of training
+    warmup_lr: NonNegFloat = 0.0                # the warm-up starts from this lr
+
+
+class DecaySettings(Config):
+    lr_decay_rate: Fraction = 0.9               # lr = max(min_lr, init_lr * rate ** epoch)
