@@ -5,8 +5,10 @@
     python eval_mmvp.py --config configs/demo/mmvp.yaml        # the synthetic MMVP-style part
 
 Reads ``data_root`` (``Questions.csv`` + ``MLLM_VLM Images/``) exactly as distributed and applies
-the official protocol (``data/mmvp.py``). The two images of a pair form a 2-candidate set and each
-statement is a description of it, scored like ImageCoDe candidates:
+the official protocol (``data/mmvp.py``); the CSV and every image are checked before the model is
+built. A ``Type`` outside the release's nine is an error unless listed in ``extra_patterns`` (a
+custom benchmark's own patterns, reported under their own names). The two images of a pair form a
+2-candidate set and each statement is a description of it, scored like ImageCoDe candidates:
 
 - ``model_type: zero_shot``: a BLIP checkpoint (or a ContextBLIP pretraining one, with its adapter),
   ``score: itm | itc | itm+itc`` as in ``zero_shot.py``;
@@ -25,13 +27,15 @@ import utils  # noqa: F401  (first: one clear line on an unsupported Python)
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Literal, Sequence, Tuple
+from typing import Callable, List, Literal, Sequence, Tuple
 
 import numpy as np
 import torch
+from pydantic import model_validator
 
 from data.collate import tokenize
-from data.mmvp import MMVPPair, bar_chart, evaluate_pairs, markdown_table, read_mmvp
+from data.mmvp import TYPE_FOLDERS, MMVPPair, bar_chart, evaluate_pairs, markdown_table, prompts_for, read_mmvp
+from data.preflight import log_unk_rate
 from data.transforms import build_test_transform
 from data.utils import load_image, pre_caption
 from models.contextblip import ContextBLIPArch
@@ -39,8 +43,7 @@ from models.factory import create_model, model_from_checkpoint
 from tasks.imagecode import model_scores, zero_shot_scorer
 from utils.config import PosInt, parse_config, save_config
 from utils.dist import resolve_device
-from utils.engine import autocast, run_entry
-from utils.logging import setup_logging
+from utils.engine import autocast, run_entry, start_run
 from utils.settings import RunSettings, TextSettings, WeightsSettings
 
 logger = logging.getLogger("eval_mmvp")
@@ -57,7 +60,16 @@ class MMVPConfig(ContextBLIPArch, TextSettings, WeightsSettings, RunSettings):
     prompt_prefix: str = 'a photo of '          # the official prompt: prefix + statement
     clean_text: bool = True                     # BLIP's pre_caption on the prompt (lowercase, no . ! ...)
     pairs_per_pattern: PosInt = 15              # pattern of pair p = PATTERNS[p // pairs_per_pattern]
+    extra_patterns: List[str] = []              # Types beyond the nine (a custom benchmark): each its own pattern
     batch_size: PosInt = 16                     # pairs per forward pass (4 image-text matches each)
+
+    @model_validator(mode='after')
+    def _extra_patterns(self):
+        known = [p for p in self.extra_patterns if p in TYPE_FOLDERS]
+        if known:
+            raise ValueError(f'extra_patterns: {known} are among the nine MMVP Types already '
+                             f'({", ".join(TYPE_FOLDERS)})')
+        return self
 
 
 class PairScorer:
@@ -124,12 +136,13 @@ def _extra_args(parser) -> None:
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(MMVPConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args,
                                   unused_keys=lambda _: ("vit_grad_ckpt",))
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir))
-    torch.manual_seed(cfg.seed)
-    pairs = read_mmvp(cfg.data_root, cfg.pairs_per_pattern)  # every image checked before the model loads
+    _, output_dir = start_run(cfg, doc, args, trains=False)
+    # The CSV and every image checked before the model loads.
+    pairs = read_mmvp(cfg.data_root, cfg.pairs_per_pattern, extra_patterns=cfg.extra_patterns)
     logger.info("%d pairs from %s", len(pairs), cfg.data_root)
     scorer, doc["use_adapter"] = build_scorer(cfg, resolve_device(cfg.device))  # off for a plain BLIP file
+    log_unk_rate(scorer.tokenizer, [t for p in pairs for t in prompts_for(p, cfg.prompt_prefix)], "the prompts",
+                 clean=lambda t: pre_caption(t, scorer.max_words) if cfg.clean_text else t)
     save_config(doc, output_dir / "config.yaml")
     result = evaluate_pairs(pairs, scorer, cfg.batch_size, cfg.prompt_prefix)
     kind = "ImageCoDe fine-tuned" if cfg.model_type == "finetuned" else f"zero-shot {cfg.score}"

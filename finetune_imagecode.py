@@ -10,7 +10,8 @@ Stage 1 (``stage: 1``) starts from a ContextBLIP pretraining checkpoint, a merge
 BLIP checkpoint (``pretrained``) and trains adapter-BLIP + the prediction layer; stage 2 starts from
 a stage-1 checkpoint, freezes it and trains the inter-context encoder. ``--evaluate`` scores
 ``split`` with ``--checkpoint`` (default ``output_dir/checkpoint_best.pth``) and writes
-``predictions.json`` (+ ``submission.json`` on test).
+``predictions.json`` (+ ``submission.json`` on test). Every split the run reads is parsed and its
+candidate images checked before the model is built.
 """
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ import utils  # noqa: F401  (first: one clear line on an unsupported Python)
 import logging
 from pathlib import Path
 
-from data.imagecode import build_imagecode_dataset
-from data.transforms import build_test_transform
+from data.preflight import log_unk_rate
 from models.factory import create_model, load_weights
-from tasks.imagecode import ImageCodeConfig, evaluate_model, format_accuracy, train, write_outputs
+from tasks.imagecode import ImageCodeConfig, build_datasets, evaluate_model, format_accuracy, train, write_outputs
 from utils import dist as du
 from utils.config import parse_config
 from utils.engine import run_entry, start_run
@@ -43,10 +43,10 @@ def _unused(args) -> tuple:
     return ("vit_grad_ckpt",) if args.evaluate else ()
 
 
-def evaluate_only(args, cfg, model, tokenizer, info, output_dir: Path) -> dict:
+def evaluate_only(args, cfg, model, tokenizer, info, dataset, output_dir: Path) -> dict:
     source = args.checkpoint or output_dir / "checkpoint_best.pth"
     load_weights(model, source, strict=True)
-    dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
+    log_unk_rate(tokenizer, dataset.text, f"the {cfg.split} descriptions")
     scores = evaluate_model(model, dataset, tokenizer, cfg, info.device, progress=not args.no_progress)
     metrics = write_outputs(output_dir, dataset, scores)
     record = {"split": cfg.split, "checkpoint": str(source), **{f"{cfg.split}_{k}": v for k, v in metrics.items()}}
@@ -59,14 +59,15 @@ def evaluate_only(args, cfg, model, tokenizer, info, output_dir: Path) -> dict:
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, unused_keys=_unused)
-    info, output_dir = start_run(cfg, doc)
+    info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
     try:
+        datasets = build_datasets(cfg, (cfg.split,) if args.evaluate else ("train", "valid"))
         # Stage 1 starts from `pretrained` (ContextBLIP/BLIP weights), stage 2 from a stage-1
         # checkpoint; --evaluate loads the fine-tuned checkpoint itself.
         model, tokenizer = create_model(cfg, "imagecode", info.device, load=not args.evaluate)
         if args.evaluate:
-            return evaluate_only(args, cfg, model, tokenizer, info, output_dir)
-        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
+            return evaluate_only(args, cfg, model, tokenizer, info, datasets[cfg.split], output_dir)
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

@@ -31,9 +31,8 @@ import utils  # noqa: F401  (first: one clear line on an unsupported Python)
 import logging
 from pathlib import Path
 
-from data.pretrain import build_pretrain_dataset
 from models.factory import create_model, load_weights
-from tasks.contextblip_pretrain import PretrainConfig, collator, draw_masks, train, visual_batch
+from tasks.contextblip_pretrain import PretrainConfig, build_dataset, collator, draw_masks, train, visual_batch
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
 from utils.config import config_to_dict, load_config, parse_config
@@ -68,14 +67,14 @@ def export_merged(source: str, target: str | None = None) -> Path:
     return target
 
 
-def visualize(args, cfg, model, tokenizer, output_dir: Path) -> Path:
+def visualize(args, cfg, model, tokenizer, dataset, output_dir: Path) -> Path:
     source = args.resume if args.resume not in (None, "auto") else output_dir / "checkpoint_last.pth"
     if Path(source).is_file():
         load_weights(model, source, base=None)  # BLIP itself came from `pretrained`
     else:
         logger.warning("no checkpoint %s: drawing the masks of the untrained adapter", source)
     collate = collator(cfg, tokenizer)
-    batch = visual_batch(build_pretrain_dataset(cfg, None), max(1, cfg.visualize_samples), cfg.image_size, collate)
+    batch = visual_batch(dataset, max(1, cfg.visualize_samples), cfg.image_size, collate)
     return draw_masks(model, tokenizer, batch, output_dir / "masks" / "ondemand.png",
                       f"{Path(source).name}: {cfg.mask_strategy} mask, rate {cfg.mask_rate}", cfg.precision)
 
@@ -86,12 +85,13 @@ def main(argv=None) -> dict:
     if args.export:
         setup_logging()
         return {"export": str(export_merged(args.export, args.export_to))}
-    info, output_dir = start_run(cfg, doc)
+    info, output_dir = start_run(cfg, doc, args, trains=not args.visualize)
     try:
+        dataset = build_dataset(cfg)  # parsed and checked before the model is built
         model, tokenizer = create_model(cfg, "contextblip_pretrain", info.device)
         if args.visualize:
-            return {"picture": str(visualize(args, cfg, model, tokenizer, output_dir))} if info.is_main else {}
-        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
+            return {"picture": str(visualize(args, cfg, model, tokenizer, dataset, output_dir))} if info.is_main else {}
+        return train(cfg, model, tokenizer, info, dataset, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

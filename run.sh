@@ -44,10 +44,14 @@ case "$cmd" in
       printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$DEMO/stage_seconds.tsv"
     }
     D="$DEMO/data"
+    # DEMO_SEED=N: every training stage with seed N (the data stay the same): the spread over seeds
+    # is the run-to-run noise of each demo figure (README, Reproducibility).
+    SEED=(); [ -n "${DEMO_SEED:-}" ] && SEED=("seed=$DEMO_SEED")
     stage "data generation" "$PYTHON" -m data.synthetic --out "$D" --seed 0
+    # --overwrite: a second `make demo` trains afresh instead of refusing the previous run's directory.
     stage "1 retrieval fine-tuning" "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml \
-      --output_dir "$DEMO/retrieval" --no_progress --opts "image_root=$D/retrieval/images" \
-      "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer" "$@"
+      --output_dir "$DEMO/retrieval" --no_progress --overwrite --opts "image_root=$D/retrieval/images" \
+      "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer" ${SEED[@]+"${SEED[@]}"} "$@"
     stage "fixture evaluation" "$PYTHON" train_retrieval.py --config configs/demo/fixture_eval.yaml \
       --output_dir "$DEMO/fixture_eval" --evaluate --no_progress
     # ContextBLIP adapter pretraining on the synthetic pairs, over the BLIP just trained; then the
@@ -56,7 +60,7 @@ case "$cmd" in
     stage "2 ContextBLIP pretraining" "$PYTHON" pretrain.py --config configs/demo/pretrain.yaml \
       --output_dir "$DEMO/pretrain" --no_progress \
       --opts "train_file=[$D/retrieval/annotation/synthetic_train.json]" "image_root=$D/retrieval/images" \
-             "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+             "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
     stage "merged export" "$PYTHON" pretrain.py --export "$DEMO/pretrain/checkpoint_last.pth"
     IC=(--opts "image_root=$D/imagecode/image-sets" "ann_root=$D/imagecode/data" "tokenizer=$D/tokenizer"
         "tag_file=$D/imagecode/data/analysis/manual_annotation_valid.yaml")
@@ -64,9 +68,11 @@ case "$cmd" in
       --output_dir "$DEMO/imagecode_zeroshot" --no_progress "${IC[@]}" "pretrained=$DEMO/pretrain/contextblip_merged.pth"
     rm -rf "$DEMO/imagecode_stage1" "$DEMO/imagecode_stage2"
     stage "4 ImageCoDe stage 1" "$PYTHON" finetune_imagecode.py --config configs/demo/imagecode_stage1.yaml \
-      --output_dir "$DEMO/imagecode_stage1" --no_progress "${IC[@]}" "pretrained=$DEMO/pretrain/contextblip_merged.pth"
+      --output_dir "$DEMO/imagecode_stage1" --no_progress "${IC[@]}" "pretrained=$DEMO/pretrain/contextblip_merged.pth" \
+      ${SEED[@]+"${SEED[@]}"}
     stage "5 ImageCoDe stage 2" "$PYTHON" finetune_imagecode.py --config configs/demo/imagecode_stage2.yaml \
-      --output_dir "$DEMO/imagecode_stage2" --no_progress "${IC[@]}" "pretrained=$DEMO/imagecode_stage1/checkpoint_best.pth"
+      --output_dir "$DEMO/imagecode_stage2" --no_progress "${IC[@]}" "pretrained=$DEMO/imagecode_stage1/checkpoint_best.pth" \
+      ${SEED[@]+"${SEED[@]}"}
     stage "ImageCoDe analysis" "$PYTHON" -m analysis.imagecode report "$DEMO/imagecode_zeroshot/predictions.json" \
       "$DEMO/imagecode_stage1/predictions.json" "$DEMO/imagecode_stage2/predictions.json" \
       --names zero-shot,stage1,stage2 --tags "$D/imagecode/data/analysis/manual_annotation_valid.yaml" \

@@ -6,6 +6,7 @@
 
 Evaluation follows BLIP's protocol exactly (ITC top-k, ITM rerank, recall@K); see
 ``tasks/retrieval_eval.py`` for how it is computed fast; the training wiring is ``tasks/retrieval.py``.
+Every split the run reads is parsed and its images checked before the model is built.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.retrieval import build_retrieval_datasets
-from data.transforms import build_test_transform
+from data.preflight import log_unk_rate
 from models.factory import create_model
-from tasks.retrieval import RetrievalConfig, eval_splits, run_evaluation, train
+from tasks.retrieval import RetrievalConfig, build_datasets, eval_splits, run_evaluation, train
 from utils import dist as du
 from utils.config import parse_config
 from utils.engine import run_entry, start_run
@@ -43,16 +43,26 @@ def _unused(args) -> tuple:
     return ("vit_grad_ckpt",) if args.evaluate else ()
 
 
-def evaluate_only(args, cfg, model, tokenizer, output_dir: Path) -> dict:
-    splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip()) if args.eval_splits \
-        else eval_splits(cfg)
-    datasets = build_retrieval_datasets(cfg, splits=splits, test_transform=build_test_transform(cfg.image_size))
+def _splits(args, cfg) -> tuple:
+    if not args.evaluate:
+        return ("train",) + eval_splits(cfg)
+    if args.eval_splits:
+        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
+        if not splits or not set(splits) <= {"val", "test"}:
+            raise ValueError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
+        return splits
+    return eval_splits(cfg)
+
+
+def evaluate_only(args, cfg, model, tokenizer, datasets, output_dir: Path) -> dict:
     record = {}
-    for split in splits:
-        out = run_evaluation(model, datasets[split], tokenizer, cfg, progress=not args.no_progress)
+    for split, dataset in datasets.items():
+        log_unk_rate(tokenizer, dataset.text, f"the {split} captions")
+        out = run_evaluation(model, dataset, tokenizer, cfg, progress=not args.no_progress)
         record.update({f"{split}_{k}": v for k, v in out.metrics.items()})
         if du.is_main_process() and args.save_scores:
-            np.savez(output_dir / f"scores_{split}.npz", score_i2t=out.score_i2t, score_t2i=out.score_t2i)
+            np.savez(output_dir / f"scores_{split}.npz", score_i2t=out.score_i2t, score_t2i=out.score_t2i,
+                     **out.index_arrays())
         logger.info("%s: %s", split, {k: round(v, 2) for k, v in out.metrics.items()})
     if du.is_main_process():
         append_json_line(output_dir / "evaluate.txt", record)
@@ -62,13 +72,14 @@ def evaluate_only(args, cfg, model, tokenizer, output_dir: Path) -> dict:
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, unused_keys=_unused)
-    info, output_dir = start_run(cfg, doc)
+    info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
     try:
+        datasets = build_datasets(cfg, _splits(args, cfg))
         # Evaluation needs no momentum encoders or queues: half the memory.
         model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device)
         if args.evaluate:
-            return evaluate_only(args, cfg, model, tokenizer, output_dir)
-        return train(cfg, model, tokenizer, info, resume=args.resume, progress=not args.no_progress)
+            return evaluate_only(args, cfg, model, tokenizer, datasets, output_dir)
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)
     finally:
         du.cleanup()
 

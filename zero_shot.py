@@ -9,7 +9,8 @@ Scores (``--score``): ``itm`` softmax(itm_head)[:, 1] (default, as released), ``
 ITC projections, ``itm+itc`` ITM logit + cosine. A plain BLIP checkpoint is scored as BLIP (no
 adapter); a ContextBLIP pretraining checkpoint or merged export with its adapter. Writes
 ``predictions.json``, ``evaluate.txt`` (accuracy overall / video / static) and, on the unlabelled
-test file, the leaderboard ``submission.json``.
+test file, the leaderboard ``submission.json``. The split is parsed and every candidate image checked
+before the model is built.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import logging
 
 import torch
 
-from data.imagecode import build_imagecode_dataset
-from data.transforms import build_test_transform
+from data.preflight import log_unk_rate
 from models.factory import create_model
 from models.imagecode import ZERO_SHOT_SCORES
-from tasks.imagecode import ImageCodeConfig, format_accuracy, map_over_sets, write_outputs, zero_shot_scorer
+from tasks.imagecode import (ImageCodeConfig, build_datasets, format_accuracy, map_over_sets, write_outputs,
+                             zero_shot_scorer)
 from utils import dist as du
 from utils.config import parse_config, save_config
 from utils.engine import run_entry, start_run
@@ -43,14 +44,15 @@ def main(argv=None) -> dict:
                                   extra_args=_extra_args, unused_keys=lambda _: ("vit_grad_ckpt",))
     if args.score:
         cfg.score = doc["score"] = args.score
-    info, output_dir = start_run(cfg, doc)
+    info, output_dir = start_run(cfg, doc, args, trains=False)
     try:
+        dataset = build_datasets(cfg, (cfg.split,))[cfg.split]
         model, tokenizer = create_model(cfg, "zero_shot", info.device)
         if model.use_adapter != cfg.use_adapter:  # a plain BLIP checkpoint: record what was run
             doc["use_adapter"] = model.use_adapter
             if info.is_main:
                 save_config(doc, output_dir / "config.yaml")
-        dataset = build_imagecode_dataset(cfg, cfg.split, build_test_transform(cfg.image_size))
+        log_unk_rate(tokenizer, dataset.text, f"the {cfg.split} descriptions")
         k = len(dataset.items[0].candidates) if len(dataset) else 10
         with torch.no_grad():
             scores = map_over_sets(zero_shot_scorer(model, cfg.score), dataset, tokenizer, cfg.max_tokens, (k,),

@@ -8,7 +8,9 @@
   shared by the 10 frames (one crop for the whole set).
 
 Bad input fails when the dataset is built (or, for undecodable pixels, when the image is loaded)
-with a message naming the file, the set and the field.
+with a message naming the file, the set and the field; a file without descriptions is an error.
+Every candidate image's existence and header are checked before a model is built
+(``image_checks``, ``data/preflight.py``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .utils import load_image, pre_caption, read_json
+from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +56,11 @@ def candidate_files(set_dir: Path, where: str, num_candidates: int = NUM_CANDIDA
             continue  # .DS_Store, thumbnails, ...
         n = int(m.group(1))
         if n in frames:
-            raise ValueError(f"{where}: two files for frame {n} in {set_dir}: {frames[n]}, {name}")
+            raise DataError(f"{where}: two files for frame {n} in {set_dir}: {frames[n]}, {name}")
         frames[n] = name
     if len(frames) != num_candidates:
         shown = ", ".join(frames[n] for n in sorted(frames)) or "none"
-        raise ValueError(f"{where}: expected {num_candidates} images img<N>.jpg in {set_dir}, "
+        raise DataError(f"{where}: expected {num_candidates} images img<N>.jpg in {set_dir}, "
                          f"found {len(frames)} ({shown})")
     return [frames[n] for n in sorted(frames)]
 
@@ -79,15 +82,15 @@ def _position(key: Any, where: str, num_candidates: int) -> int:
     try:
         pos = int(str(key).strip())
     except ValueError:
-        raise ValueError(f"{where}: target position {key!r} is not an integer") from None
+        raise DataError(f"{where}: target position {key!r} is not an integer") from None
     if not 0 <= pos < num_candidates:
-        raise ValueError(f"{where}: target position {pos} is out of range 0-{num_candidates - 1}")
+        raise DataError(f"{where}: target position {pos} is out of range 0-{num_candidates - 1}")
     return pos
 
 
 def _description(text: Any, where: str) -> str:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: description must be a non-empty string, got {text!r}")
+        raise DataError(f"{where}: description must be a non-empty string, got {text!r}")
     return text
 
 
@@ -99,15 +102,15 @@ def read_imagecode(ann_file: PathLike, image_root: PathLike, labelled: Optional[
     ann_file, image_root = Path(ann_file), Path(image_root)
     data = read_json(ann_file)
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a json object {{set_name: descriptions}}, got {type(data).__name__}")
+        raise DataError(f"{ann_file}: expected a json object {{set_name: descriptions}}, got {type(data).__name__}")
     items: list[ImageCodeItem] = []
     for set_name, entry in data.items():
         where = f"{ann_file}, set {set_name!r}"
         is_labelled = isinstance(entry, dict) if labelled is None else labelled
         if is_labelled and not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected {{\"<position>\": description}}, got {type(entry).__name__}")
+            raise DataError(f"{where}: expected {{\"<position>\": description}}, got {type(entry).__name__}")
         if not is_labelled and not isinstance(entry, list):
-            raise ValueError(f"{where}: expected a list of descriptions, got {type(entry).__name__}")
+            raise DataError(f"{where}: expected a list of descriptions, got {type(entry).__name__}")
         candidates = candidate_files(image_root / set_name, where, num_candidates)
         video = is_video(set_name)
         if is_labelled:
@@ -119,6 +122,9 @@ def read_imagecode(ann_file: PathLike, image_root: PathLike, labelled: Optional[
             for i, text in enumerate(entry):
                 items.append(ImageCodeItem(set_name, _description(text, f"{where}, description {i}"), None,
                                            candidates, video))
+    if not items:
+        raise DataError(f"{ann_file}: no descriptions (an empty file, or sets without descriptions); the split "
+                         "needs at least one")
     return items
 
 
@@ -154,10 +160,22 @@ class ImageCodeDataset(Dataset):
         it = self.items[index]
         return [self.image_root / it.set_name / name for name in it.candidates]
 
+    def _where(self, it: ImageCodeItem, pos: int) -> str:
+        return f"set {it.set_name!r}, candidate {pos} of {self.ann_file}"
+
     def _load(self, index: int) -> list:
         it = self.items[index]
-        return [load_image(p, context=f"set {it.set_name!r}, candidate {pos} of {self.ann_file}")
-                for pos, p in enumerate(self.image_paths(index))]
+        return [load_image(p, context=self._where(it, pos)) for pos, p in enumerate(self.image_paths(index))]
+
+    def image_checks(self) -> tuple[list[str], Callable[[int], str]]:
+        """Every candidate of every set (each set once) and how to name the k-th in a message."""
+        first: dict[str, int] = {}
+        for i, it in enumerate(self.items):
+            first.setdefault(it.set_name, i)
+        refs = [(i, pos) for i in first.values() for pos in range(len(self.items[i].candidates))]
+        items = self.items
+        return ([str(self.image_root / items[i].set_name / items[i].candidates[pos]) for i, pos in refs],
+                lambda k: self._where(items[refs[k][0]], refs[k][1]))
 
     def _transform_all(self, images: list) -> torch.Tensor:
         if not self.shared_randomness:
@@ -227,10 +245,10 @@ class ImageCodeSetCollator:
 def build_imagecode_dataset(cfg_like: Any, split: str, transform: Callable, shared_randomness: bool = True):
     """``split`` in train/valid/test -> the dataset of ``ann_root/<official file name>``."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown ImageCoDe split {split!r}; expected one of {sorted(SPLIT_FILES)}")
+        raise DataError(f"unknown ImageCoDe split {split!r}; expected one of {sorted(SPLIT_FILES)}")
     for key, value in (("ann_root", cfg_like.ann_root), ("image_root", cfg_like.image_root)):
         if not value:
-            raise ValueError(f"config key {key!r} must be set for ImageCoDe")
+            raise DataError(f"config key {key!r} must be set for ImageCoDe")
     return ImageCodeDataset(Path(cfg_like.ann_root) / SPLIT_FILES[split], cfg_like.image_root, transform,
                             max_words=cfg_like.max_words, shared_randomness=shared_randomness,
                             labelled=split != "test")

@@ -6,6 +6,8 @@ Layout, read as it is (spaces in folder names included)::
     <data_root>/MLLM_VLM Images/<Type>/<qid>.jpg     e.g. "MLLM_VLM Images/Camera Perspective/241.jpg"
 
 Rows come in consecutive pairs (2k-1, 2k); each statement describes the image with its own qid.
+A ``Type`` must be one of the release's nine (``TYPE_FOLDERS``), or one listed in ``extra_patterns``
+(a custom benchmark's own patterns, reported under their own names next to the nine).
 
 Protocol (``evaluate_pairs``, a pure function over a *scorer*): prompt = ``"a photo of " + statement``;
 for each statement of a pair both images are scored and the higher wins, a tie going to the second
@@ -16,6 +18,7 @@ pattern (15 in the release), and the average is the mean over the patterns.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data.utils import check_image
+from data import preflight
+from data.utils import read_text
+from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +65,8 @@ class MMVPItem:
 @dataclass(frozen=True)
 class MMVPPair:
     index: int      # 0-based pair index in file order
-    pattern: str    # PATTERNS[index // pairs_per_pattern]
+    pattern: str    # PATTERNS[k // pairs_per_pattern], k = index among the pairs of the nine Types;
+                    # an extra pattern's pairs: their Type
     first: MMVPItem
     second: MMVPItem
 
@@ -74,19 +80,18 @@ def _read_rows(csv_path: Path) -> List[Tuple[int, List[str]]]:
     if not csv_path.is_file():
         raise FileNotFoundError(f"MMVP questions file not found: {csv_path} (data_root must hold "
                                 f"{QUESTIONS_FILE!r} and {IMAGE_FOLDER!r}/)")
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(csv_path), newline="")))
     if not rows:
-        raise ValueError(f"{csv_path}: empty file; expected the header {','.join(COLUMNS)}")
+        raise DataError(f"{csv_path}: empty file; expected the header {','.join(COLUMNS)}")
     header = tuple(h.strip() for h in rows[0])
     if header != COLUMNS:
-        raise ValueError(f"{csv_path}: expected the columns {','.join(COLUMNS)}, got {','.join(header)}")
+        raise DataError(f"{csv_path}: expected the columns {','.join(COLUMNS)}, got {','.join(header)}")
     out = []
     for n, fields in enumerate(rows[1:], start=1):
         if not any(x.strip() for x in fields):
             continue  # a trailing blank line
         if len(fields) != len(COLUMNS):
-            raise ValueError(f"{csv_path}: row {n} has {len(fields)} fields, expected "
+            raise DataError(f"{csv_path}: row {n} has {len(fields)} fields, expected "
                              f"{len(COLUMNS)} ({','.join(COLUMNS)}): {fields!r}")
         out.append((n, fields))
     return out
@@ -97,67 +102,80 @@ def _item(root: Path, csv_path: Path, row: int, fields: List[str]) -> MMVPItem:
     try:
         qid = int(qid_text)
     except ValueError:
-        raise ValueError(f"{csv_path}: row {row}, field 'Question ID': {qid_text!r} is not an integer") from None
+        raise DataError(f"{csv_path}: row {row}, field 'Question ID': {qid_text!r} is not an integer") from None
     if not qtype:
-        raise ValueError(f"{csv_path}: row {row} (Question ID {qid}), field 'Type' is empty")
+        raise DataError(f"{csv_path}: row {row} (Question ID {qid}), field 'Type' is empty")
     if not statement:
-        raise ValueError(f"{csv_path}: row {row} (Question ID {qid}), field 'Statement' is empty")
+        raise DataError(f"{csv_path}: row {row} (Question ID {qid}), field 'Statement' is empty")
     return MMVPItem(qid, qtype, statement, root / IMAGE_FOLDER / qtype / f"{qid}.jpg", row)
 
 
 def check_patterns(pairs: Sequence[MMVPPair]) -> Optional[str]:
     """A warning when a Type does not sit in its pattern's block (e.g. rows in another order)."""
     for pair in pairs:
-        k = PATTERNS.index(pair.pattern)
-        if pair.first.type in TYPE_FOLDERS and TYPE_FOLDERS.index(pair.first.type) != k:
+        if pair.first.type in TYPE_FOLDERS and TYPE_FOLDERS.index(pair.first.type) != PATTERNS.index(pair.pattern):
             return (f"pair {pair.index} (Question ID {pair.first.qid}) has Type {pair.first.type!r} but "
                     f"its position makes it {pair.pattern!r}: the protocol goes by position")
     return None
 
 
-def read_mmvp(data_root, pairs_per_pattern: int = PAIRS_PER_PATTERN, check_images: bool = True) -> List[MMVPPair]:
+def read_mmvp(data_root, pairs_per_pattern: int = PAIRS_PER_PATTERN, check_images: bool = True,
+              extra_patterns: Sequence[str] = ()) -> List[MMVPPair]:
     """Read ``data_root`` (``Questions.csv`` + ``MLLM_VLM Images/``) into pairs, in file order.
 
     Raises ValueError naming the file, row and field for a malformed CSV (other columns, a row with
-    another field count, an odd number of rows, a pair whose rows differ in Type, more pairs than
-    the nine patterns hold), and FileNotFoundError naming the image and its row when an image is
-    missing (``check_images``: checked up front, before any model runs).
+    another field count, an odd number of rows, a pair whose rows differ in Type, a Type that is
+    neither one of the nine nor in ``extra_patterns``, more pairs than the nine patterns hold), and
+    FileNotFoundError / BadImageError naming the image, its Question ID and row when an image is
+    missing or its header unreadable (``check_images``: checked up front, in parallel, before any
+    model runs).
     """
     root = Path(data_root)
     csv_path = root / QUESTIONS_FILE
     rows = _read_rows(csv_path)
     if not rows:
-        raise ValueError(f"{csv_path}: no data rows under the header")
+        raise DataError(f"{csv_path}: no data rows under the header")
     if len(rows) % 2:
-        raise ValueError(f"{csv_path}: {len(rows)} data rows, an odd number; rows come in consecutive "
+        raise DataError(f"{csv_path}: {len(rows)} data rows, an odd number; rows come in consecutive "
                          f"pairs (2k-1, 2k), so the last row (Question ID {rows[-1][1][0].strip()}) has no partner")
-    max_pairs = len(PATTERNS) * pairs_per_pattern
-    if len(rows) // 2 > max_pairs:
-        raise ValueError(f"{csv_path}: {len(rows) // 2} pairs, but {len(PATTERNS)} patterns x "
-                         f"{pairs_per_pattern} pairs hold at most {max_pairs}")
     items = [_item(root, csv_path, n, fields) for n, fields in rows]
     seen: Dict[int, int] = {}
     for it in items:
         if it.qid in seen:
-            raise ValueError(f"{csv_path}: row {it.row}, field 'Question ID': {it.qid} repeats row {seen[it.qid]}")
+            raise DataError(f"{csv_path}: row {it.row}, field 'Question ID': {it.qid} repeats row {seen[it.qid]}")
         seen[it.qid] = it.row
-    pairs = []
+        if it.type not in TYPE_FOLDERS and it.type not in extra_patterns:
+            # It would be scored, by its position, as one of the nine: say so instead.
+            raise DataError(f"{csv_path}: row {it.row} (Question ID {it.qid}), field 'Type': {it.type!r} is not one "
+                             f"of the nine MMVP Types ({', '.join(TYPE_FOLDERS)}); a custom benchmark lists its own "
+                             "patterns in the config key extra_patterns")
+    max_pairs = len(PATTERNS) * pairs_per_pattern
+    known = sum(items[2 * p].type in TYPE_FOLDERS for p in range(len(items) // 2))
+    if known > max_pairs:
+        raise DataError(f"{csv_path}: {known} pairs of the nine Types, but {len(PATTERNS)} patterns x "
+                         f"{pairs_per_pattern} pairs hold at most {max_pairs}")
+    pairs, k = [], 0
     for p in range(len(items) // 2):
         a, b = items[2 * p], items[2 * p + 1]
         if a.type != b.type:
-            raise ValueError(f"{csv_path}: rows {a.row} and {b.row} form pair {p} but their field "
+            raise DataError(f"{csv_path}: rows {a.row} and {b.row} form pair {p} but their field "
                              f"'Type' differs ({a.type!r} vs {b.type!r}); are the rows out of order?")
-        pairs.append(MMVPPair(p, PATTERNS[p // pairs_per_pattern], a, b))
+        if a.type in TYPE_FOLDERS:
+            pairs.append(MMVPPair(p, PATTERNS[k // pairs_per_pattern], a, b))
+            k += 1
+        else:
+            pairs.append(MMVPPair(p, a.type, a, b))
     if check_images:
-        for pair in pairs:
-            for it in pair.items:
-                check_image(it.image, context=f"Question ID {it.qid}, row {it.row} of {csv_path}")
+        images = [it for pair in pairs for it in pair.items]
+        preflight.check_images([str(it.image) for it in images],
+                               lambda n: f"Question ID {images[n].qid}, row {images[n].row} of {csv_path}",
+                               str(csv_path), skip=False, hint="")
     misplaced = check_patterns(pairs)
     if misplaced:
         logger.warning("%s: %s", csv_path, misplaced)
-    if len(pairs) != max_pairs:
-        logger.warning("%s: %d pairs, not the release's %d; patterns without pairs are left out",
-                       csv_path, len(pairs), max_pairs)
+    if known != max_pairs:
+        logger.warning("%s: %d pairs of the nine Types, not the release's %d; patterns without pairs are left out",
+                       csv_path, known, max_pairs)
     return pairs
 
 
@@ -193,7 +211,7 @@ def evaluate_pairs(pairs: Sequence[MMVPPair], scorer: Scorer, batch_size: int = 
         chunk = pairs[s:s + batch_size]
         out = np.asarray(scorer(chunk, [prompts_for(p, prompt_prefix) for p in chunk]), dtype=np.float64)
         if out.shape != (len(chunk), 2, 2):
-            raise ValueError(f"scorer returned shape {out.shape} for {len(chunk)} pairs, expected ({len(chunk)}, 2, 2)")
+            raise DataError(f"scorer returned shape {out.shape} for {len(chunk)} pairs, expected ({len(chunk)}, 2, 2)")
         scores.append(out)
     scores_all = np.concatenate(scores) if scores else np.zeros((0, 2, 2))
     return summarize(pairs, scores_all)
@@ -214,7 +232,8 @@ def summarize(pairs: Sequence[MMVPPair], scores: np.ndarray) -> MMVPResult:
                         "statements": [pair.first.statement, pair.second.statement],
                         "scores": s.tolist(), "chosen": [pair.items[int(i)].qid for i in pick],
                         "correct": bool(ok)})
-    accuracy = {p: 100.0 * counts[p][0] / counts[p][1] for p in PATTERNS if p in counts}
+    order = [p for p in PATTERNS if p in counts] + [p for p in counts if p not in PATTERNS]  # extras: file order
+    accuracy = {p: 100.0 * counts[p][0] / counts[p][1] for p in order}
     accuracy["Average"] = float(np.mean(list(accuracy.values()))) if accuracy else float("nan")
     return MMVPResult(accuracy, {p: (c[0], c[1]) for p, c in counts.items()}, records)
 
@@ -230,14 +249,20 @@ PUBLISHED_AVERAGES = {
 }
 
 
+def _extra(accuracy: Dict[str, float]) -> List[str]:
+    """The patterns of ``accuracy`` beyond the nine (``extra_patterns``), in their order."""
+    return [p for p in accuracy if p not in PATTERNS and p != "Average"]
+
+
 def markdown_table(accuracy: Dict[str, float], name: str = "ours") -> str:
-    """The nine patterns and the average for ``name``, with the published CLIP rows for reference."""
-    cols = [*PATTERNS, "Average"]
+    """The nine patterns (and any extra ones) and the average for ``name``, with the published CLIP
+    rows for reference."""
+    cols = [*PATTERNS, *_extra(accuracy), "Average"]
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|",
              f"| {name} | " + " | ".join(fmt(accuracy.get(c)) for c in cols) + " |"]
     for model, avg in PUBLISHED_AVERAGES.items():
-        lines.append(f"| {model} (published) | " + " | ".join("–" for _ in PATTERNS) + f" | {avg:.1f} |")
+        lines.append(f"| {model} (published) | " + " | ".join("–" for _ in cols[:-1]) + f" | {avg:.1f} |")
     lines += ["", f"Pair accuracy (%); chance is {CHANCE:.0f}. Published rows: average only (docs/FORMATS.md)."]
     return "\n".join(lines) + "\n"
 
@@ -251,7 +276,7 @@ def bar_chart(accuracy: Dict[str, float], path, title: str = "MMVP-VLM") -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [p for p in PATTERNS if p in accuracy] + ["Average"]
+    names = [p for p in PATTERNS if p in accuracy] + _extra(accuracy) + ["Average"]
     values = [accuracy[n] for n in names]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     x_avg = len(names) - 1

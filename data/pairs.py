@@ -6,12 +6,15 @@ Formats (docs/FORMATS.md sections 1 and 2):
   pair per caption (a list holds several captions of one image);
 - CSV with a header row: the image and caption columns are chosen by name.
 
-Every pair remembers where it came from (file, entry or row, position in a caption list), so a
-message names the exact line a user must fix, and a filtered copy of a file is written in the file's
-own format (``write_filtered``). Image paths are joined to ``image_root`` unless absolute.
+Every pair remembers where it came from (file, entry or row and line, position in a caption list),
+so a message names the exact line a user must fix, and a filtered copy of a file is written in the
+file's own format (``write_filtered``). Image paths are joined to ``image_root`` unless absolute.
+Empty or whitespace-only captions and images, CSV rows with more or fewer fields than the header,
+text that is not UTF-8 and files without pairs are errors naming the file and the entry or line.
 
 ``PairBatches`` loads batches of pairs for the tools: each distinct image of a batch is decoded once,
-and an image that is missing or unreadable is reported for its rows instead of failing the batch.
+and an image that is missing or unreadable (known from the pre-flight check, or failing to decode)
+is reported for its rows instead of failing the batch.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .retrieval import _join, _require_captions, _require_dict, _require_image, _where
-from .utils import BadImageError, load_image, pre_caption, read_json
+from .retrieval import _captions, _join, _require_dict, _require_image, _where
+from .utils import BadImageError, csv_delimiter, load_image, pre_caption, read_csv, read_json
+from utils.errors import DataError
 
 PathLike = str | os.PathLike
 FORMATS = ("auto", "json", "csv")
@@ -41,28 +46,26 @@ def _file_format(path: str, fmt: str) -> str:
     return "csv" if path.lower().endswith((".csv", ".tsv")) else "json"
 
 
-def _csv_dialect(path: str) -> dict:
-    return {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
-
-
 @dataclass
 class PairTable:
     """Parallel per-pair lists; pair ``r`` is ``(image[r], caption[r])``."""
     files: list[str]
     formats: list[str]                                         # per file: 'json' | 'csv'
+    image_fields: list[str]                                    # per file: the image field / column
     image: list[str] = field(default_factory=list)            # path as written in the file
     caption: list[str] = field(default_factory=list)          # raw caption (cleaned when tokenized)
     source: list[str] = field(default_factory=list)           # file label, or the source column/field
     file_index: list[int] = field(default_factory=list)
     entry: list[int] = field(default_factory=list)            # json entry / csv data row, 0-based
     caption_index: list[int] = field(default_factory=list)    # position in a caption list, -1: a string
+    line: array = field(default_factory=lambda: array("l"))   # csv: the row's first line; json: -1
 
     @classmethod
     def from_images(cls, paths: Sequence[str]) -> "PairTable":
         """A table of bare image files (empty captions), e.g. query images."""
-        table = cls(files=["<image files>"], formats=["json"])
+        table = cls(files=["<image files>"], formats=["json"], image_fields=["image"])
         for i, path in enumerate(paths):
-            table._add(str(path), "", "", 0, i, -1)
+            table._add(str(path), "", "", 0, i, -1, -1)
         return table
 
     def __len__(self) -> int:
@@ -72,7 +75,7 @@ class PairTable:
         """``"entry 3 of a.json (caption 1)"`` or ``"row 3 (line 5) of a.csv"`` for pair ``row``."""
         f, e = self.file_index[row], self.entry[row]
         if self.formats[f] == "csv":
-            return f"row {e} (line {e + 2}) of {self.files[f]}"
+            return f"row {e} (line {self.line[row]}) of {self.files[f]}"
         k = self.caption_index[row]
         return _where(self.files[f], e) + (f" (caption {k})" if k >= 0 else "")
 
@@ -90,13 +93,22 @@ class PairTable:
             seen.setdefault(image, r)
         return list(seen.values())
 
-    def _add(self, image: str, caption: str, source: str, f: int, entry: int, k: int) -> None:
+    def image_checks(self, image_root: Optional[PathLike]) -> tuple[list[str], Callable[[int], str]]:
+        """The distinct image paths (joined to ``image_root``) and how to name the k-th in a message
+        (its first pair and the field); for ``data/preflight.py``."""
+        rows = self.first_rows_of_images()
+        root = str(image_root) if image_root else None
+        return ([_join(root, self.image[r]) for r in rows],
+                lambda k: f"{self.where(rows[k])}, field {self.image_fields[self.file_index[rows[k]]]!r}")
+
+    def _add(self, image: str, caption: str, source: str, f: int, entry: int, k: int, line: int) -> None:
         self.image.append(image)
         self.caption.append(caption)
         self.source.append(source)
         self.file_index.append(f)
         self.entry.append(entry)
         self.caption_index.append(k)
+        self.line.append(line)
 
 
 def _source_labels(files: Sequence[str]) -> list[str]:
@@ -109,42 +121,40 @@ def _source_of(record: dict, source_key: Optional[str], default: str, where: str
     if not source_key:
         return default
     if source_key not in record:
-        raise ValueError(f"{where}: missing field '{source_key}' (the source key; has {sorted(record)})")
+        raise DataError(f"{where}: missing field '{source_key}' (the source key; has {sorted(record)})")
     return str(record[source_key])
 
 
 def _read_json_pairs(table: PairTable, path: str, f: int, label: str, source_key: Optional[str]) -> None:
     entries = read_json(path)
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a json list of entries, got {type(entries).__name__}")
+        raise DataError(f"{path}: expected a json list of entries, got {type(entries).__name__}")
     for index, entry in enumerate(entries):
-        _require_dict(entry, path, index)
-        image = _require_image(entry, path, index)
-        captions = _require_captions(entry, path, index)
-        source = _source_of(entry, source_key, label, _where(path, index))
+        where = _where(path, index)
+        _require_dict(entry, where)
+        image = _require_image(entry, where)
+        captions = _captions(entry, where)
+        source = _source_of(entry, source_key, label, where)
         single = isinstance(entry["caption"], str)  # written back as a string, not a list
         for k, caption in enumerate(captions):
-            table._add(image, caption, source, f, index, -1 if single else k)
+            table._add(image, caption, source, f, index, -1 if single else k, -1)
 
 
 def _read_csv_pairs(table: PairTable, path: str, f: int, label: str, image_col: str, caption_col: str,
                     source_key: Optional[str]) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"csv file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh, **_csv_dialect(path))
-        columns = reader.fieldnames or []
-        for col in (image_col, caption_col) + ((source_key,) if source_key else ()):
-            if col not in columns:
-                raise ValueError(f"{path}: no column {col!r} (columns: {columns}); choose the image and "
-                                 "caption columns with --image_col / --caption_col")
-        for index, row in enumerate(reader):
-            where = f"row {index} (line {reader.line_num}) of {path}"
-            image, caption = row[image_col], row[caption_col]
-            for name, value in ((image_col, image), (caption_col, caption)):
-                if value is None or not value.strip():
-                    raise ValueError(f"{where}: empty field {name!r}")
-            table._add(image, caption, _source_of(row, source_key, label, where), f, index, -1)
+    header, rows = read_csv(path)
+    for col in (image_col, caption_col) + ((source_key,) if source_key else ()):
+        if col not in header:
+            raise DataError(f"{path}: no column {col!r} (columns: {header}); choose the image and "
+                             "caption columns with --image_col / --caption_col")
+    for row in rows:
+        where = row.where(path)
+        record = dict(zip(header, row.fields))
+        for name in (image_col, caption_col):
+            if not record[name].strip():
+                raise DataError(f"{where}: empty field {name!r}")
+        table._add(record[image_col], record[caption_col], _source_of(record, source_key, label, where), f,
+                   row.index, -1, row.line)
 
 
 def read_pairs(files: Sequence[PathLike] | PathLike, fmt: str = "auto", image_col: str = "image",
@@ -160,17 +170,21 @@ def read_pairs(files: Sequence[PathLike] | PathLike, fmt: str = "auto", image_co
         ValueError naming the file, entry (or row and line) and field of the first bad record.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown annotation format {fmt!r}; valid: {FORMATS}")
+        raise DataError(f"unknown annotation format {fmt!r}; valid: {FORMATS}")
     files = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
     if not files:
-        raise ValueError("no annotation files given")
+        raise DataError("no annotation files given")
     formats = [_file_format(f, fmt) for f in files]
-    table = PairTable(files=files, formats=formats)
+    table = PairTable(files=files, formats=formats,
+                      image_fields=[image_col if kind == "csv" else "image" for kind in formats])
     for f, (path, kind, label) in enumerate(zip(files, formats, _source_labels(files))):
+        before = len(table)
         if kind == "csv":
             _read_csv_pairs(table, path, f, label, image_col, caption_col, source_key)
         else:
             _read_json_pairs(table, path, f, label, source_key)
+        if len(table) == before:
+            raise DataError(f"{path}: no pairs (an empty json list, or a CSV with only its header)")
     return table
 
 
@@ -198,7 +212,7 @@ def write_filtered(table: PairTable, keep: np.ndarray, out_dir: PathLike) -> lis
     """
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (len(table),):
-        raise ValueError(f"keep mask has shape {keep.shape}, expected ({len(table)},)")
+        raise DataError(f"keep mask has shape {keep.shape}, expected ({len(table)},)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept: list[dict[int, set[int]]] = [{} for _ in table.files]
@@ -210,14 +224,12 @@ def write_filtered(table: PairTable, keep: np.ndarray, out_dir: PathLike) -> lis
         # Two inputs with one name (coco/train.json, vg/train.json) get their position as a prefix.
         dest = out_dir / (names[f] if names.count(names[f]) == 1 else f"{f}_{names[f]}")
         if kind == "csv":
-            with open(path, newline="", encoding="utf-8-sig") as src, open(dest, "w", newline="",
-                                                                               encoding="utf-8") as dst:
-                reader = csv.reader(src, **_csv_dialect(path))
-                writer = csv.writer(dst, **_csv_dialect(path))
-                writer.writerow(next(reader))
-                for index, row in enumerate(reader):
-                    if index in kept[f]:
-                        writer.writerow(row)
+            # The rows as read_pairs numbered them (blank lines skipped), so kept indices match.
+            header, rows = read_csv(path)
+            with open(dest, "w", newline="", encoding="utf-8") as dst:
+                writer = csv.writer(dst, delimiter=csv_delimiter(path))
+                writer.writerow(header)
+                writer.writerows(row.fields for row in rows if row.index in kept[f])
         else:
             dest.write_text(json.dumps(_filtered_json(read_json(path), kept[f]), ensure_ascii=False))
         written.append(dest)
@@ -234,16 +246,19 @@ class PairBatches(Dataset):
     ``[U, 3, H, W]`` of the batch's U distinct loadable images (None when U == 0), ``image_index``
     ``[n]`` (row -> its image in ``pixel_values``; -1 when the image could not be loaded) and
     ``errors`` {row: message naming the row, the file entry and the image path}. Use with
-    ``DataLoader(batch_size=None)``: the batches are formed here.
+    ``DataLoader(batch_size=None)``: the batches are formed here. ``bad_images`` {joined path:
+    message}: images the pre-flight check found missing or unreadable, reported without a try.
     """
 
     def __init__(self, table: PairTable, batches: Sequence[Sequence[int]], image_root: Optional[PathLike],
-                 transform: Callable[[Any], torch.Tensor], max_words: int = 30):
+                 transform: Callable[[Any], torch.Tensor], max_words: int = 30,
+                 bad_images: Optional[dict[str, str]] = None):
         self.table = table
         self.batches = [list(b) for b in batches]
         self.image_root = str(image_root) if image_root else None
         self.transform = transform
         self.max_words = max_words
+        self.bad_images = bad_images or {}
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -256,7 +271,9 @@ class PairBatches(Dataset):
         index, errors = [], {}
         for r in rows:
             path = _join(self.image_root, self.table.image[r])
-            if path not in slot and path not in failed:
+            if path in self.bad_images:
+                failed[path] = self.bad_images[path]
+            elif path not in slot and path not in failed:
                 try:
                     images.append(self.transform(load_image(path)))
                     slot[path] = len(images) - 1

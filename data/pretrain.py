@@ -16,8 +16,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .retrieval import (PathLike, RetrievalTrainDataset, Transform, _join, _require_dict, _require_field,
-                        _require_image, _where)
+from .retrieval import PathLike, RetrievalTrainDataset, Transform, _captions, _join, _require_dict, _require_image
 from .utils import BadImageError, load_image, pre_caption
 
 
@@ -33,21 +32,14 @@ class PretrainDataset(RetrievalTrainDataset):
         super().__init__(files, image_root or None, transform, max_words=max_words,
                          skip_bad_images=skip_bad_images)
 
-    def _add(self, entry: Any, ann_file: str, index: int) -> None:
-        _require_dict(entry, ann_file, index)
-        image = _require_image(entry, ann_file, index)
-        caption = _require_field(entry, "caption", ann_file, index)
-        captions = [caption] if isinstance(caption, str) else caption
-        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{_where(ann_file, index)}: invalid field 'caption': expected a string or a "
-                             f"non-empty list of strings, got {caption!r}"[:400])
+    def _add(self, entry: Any, ann_file: str, where: str) -> None:
+        _require_dict(entry, where)
+        image = _require_image(entry, where)
+        captions = _captions(entry, where)
         self.annotation.append(entry)
         self.captions.append(tuple(pre_caption(c, self.max_words) for c in captions))
         path = os.path.normpath(_join(self.image_root, image))
         self._idx.append(self.img_ids.setdefault(path, len(self.img_ids)))
-
-    def image_path(self, index: int) -> str:
-        return _join(self.image_root, self.annotation[index]["image"])
 
     def image_idx(self, index: int) -> int:
         return self._idx[index]

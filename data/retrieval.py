@@ -15,8 +15,9 @@ Accepted train entries (a json list; one file may mix both layouts):
   one training pair per caption, all with the entry's image.
 
 Every caption is cleaned with ``pre_caption``; an empty or whitespace-only caption, an empty list or
-a non-string list item is an error naming the file, the entry and the field. Val/test entries are
-``{"image": path, "caption": [str, ...] | str}``, one per image.
+a non-string list item is an error naming the file, the entry and the field, in train and val/test
+files alike. Val/test entries are ``{"image": path, "caption": [str, ...] | str}``, one per image. A
+file without entries (``[]``, a CSV with only its header) is an error naming the file.
 
 Contrastive index of a train item: captions with the same image key share one ``idx`` (contiguous,
 in first-seen order over all train files together). The key is the entry's explicit ``image_id``
@@ -30,24 +31,29 @@ entry and the field ``'image_id'``, stop an ambiguous grouping: the image has se
 image (the two would merge). Give that entry an explicit ``image_id`` to settle it.
 
 A ``.csv`` / ``.tsv`` annotation file (columns ``image``, ``caption``, optional ``image_id``; one row
-per caption) is read as the equivalent BLIP-json entries, for ``dataset: custom``; "entry k" of a
-CSV is its k-th data row (0-based, header not counted).
+per caption) is read as the equivalent BLIP-json entries, for ``dataset: custom``; a message names a
+CSV row as ``row k (line L) of FILE`` (k 0-based among the data rows, L the file's line).
+
+The datasets only parse: whether every image exists and has a readable header is checked once, in
+parallel and before any model is built, by ``data/preflight.py`` through ``image_checks`` and
+``drop_images`` (``skip_bad_images``: drop those entries up front).
 """
 from __future__ import annotations
 
 import bisect
-import csv
 import logging
 import os
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .transforms import build_test_transform, build_train_transform
-from .utils import BadImageError, check_image, load_image, pre_caption, read_json
+from .utils import BadImageError, load_image, pre_caption, read_csv, read_json, short_repr
+from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -64,117 +70,119 @@ DEFAULT_FILES = {
 SPLITS = ("train", "val", "test")
 
 
+Where = Callable[[int], str]  # entry index -> "entry 3 of FILE" / "row 3 (line 5) of FILE"
+
+
 def _where(ann_file: PathLike, index: int) -> str:
     return f"entry {index} of {ann_file}"
 
 
-def _read_entries(ann_file: PathLike, one_per_image: bool = False) -> list:
+def _read_entries(ann_file: PathLike, one_per_image: bool = False) -> tuple[list, Where]:
+    """The entries of an annotation file and how a message names entry k. An empty file is an error:
+    a split without entries would train or evaluate on nothing."""
     if _is_csv(ann_file):
-        return _csv_entries(ann_file, one_per_image)
-    data = read_json(ann_file)
-    if not isinstance(data, list):
-        raise ValueError(f"{ann_file}: expected a json list of entries, got {type(data).__name__}")
-    return data
+        entries, where = _csv_entries(ann_file, one_per_image)
+    else:
+        entries, where = read_json(ann_file), (lambda k: _where(ann_file, k))
+        if not isinstance(entries, list):
+            raise DataError(f"{ann_file}: expected a json list of entries, got {type(entries).__name__}")
+    if not entries:
+        raise DataError(f"{ann_file}: no entries (an empty json list, or a CSV with only its header); every "
+                         "annotation file a run reads needs at least one")
+    return entries, where
 
 
-def _csv_entries(ann_file: PathLike, one_per_image: bool) -> list:
+def _csv_entries(ann_file: PathLike, one_per_image: bool) -> tuple[list, Where]:
     """BLIP-json entries from a CSV (TSV: ``.tsv``) with a header row and the columns ``image``,
     ``caption`` and optionally ``image_id``. One entry per row for training, without ``image_id``
     where the column is absent or blank (the train set then resolves it like a caption-list
     entry's: see the module docstring; alone, that is the image path); with ``one_per_image``
-    (evaluation) one per distinct image, its captions in row order."""
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"annotation file not found: {ann_file}")
-    with open(ann_file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter="\t" if str(ann_file).lower().endswith(".tsv") else ",")
-        missing = [c for c in ("image", "caption") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{ann_file}: no column {missing} (columns: {reader.fieldnames}); a retrieval "
-                             "CSV needs 'image' and 'caption', and may have 'image_id'")
-        rows = [{"image": r["image"], "caption": r["caption"],
-                 **({"image_id": r["image_id"]} if r.get("image_id") else {})} for r in reader]
-    if not one_per_image:
-        return rows
-    images: dict[str, dict] = {}
-    for r in rows:
-        images.setdefault(r["image"], {"image": r["image"], "caption": []})["caption"].append(r["caption"])
-    return list(images.values())
+    (evaluation) one per distinct image, its captions in row order, named by its first row.
+    Every row's image and caption are checked here, where its line is known."""
+    header, rows = read_csv(ann_file)
+    missing = [c for c in ("image", "caption") if c not in header]
+    if missing:
+        raise DataError(f"{ann_file}: no column {missing} (columns: {header}); a retrieval "
+                         "CSV needs 'image' and 'caption', and may have 'image_id'")
+    col = {name: header.index(name) for name in ("image", "caption", "image_id") if name in header}
+    entries: list[dict] = []
+    first_row: dict[str, int] = {}  # one_per_image: image -> its entry
+    # Per entry, the data row and line that name it (not the rows themselves: they hold every field).
+    named_row, named_line = array("l"), array("l")
+    for row in rows:
+        where = row.where(ann_file)
+        entry = {"image": row.fields[col["image"]], "caption": row.fields[col["caption"]]}
+        image_id = row.fields[col["image_id"]] if "image_id" in col else ""
+        if image_id.strip():
+            entry["image_id"] = image_id
+        _require_image(entry, where)
+        _captions(entry, where)
+        if one_per_image and entry["image"] in first_row:
+            entries[first_row[entry["image"]]]["caption"].append(entry["caption"])
+            continue
+        if one_per_image:
+            first_row[entry["image"]] = len(entries)
+            entry = {"image": entry["image"], "caption": [entry["caption"]]}
+        entries.append(entry)
+        named_row.append(row.index)
+        named_line.append(row.line)
+    return entries, lambda k: f"row {named_row[k]} (line {named_line[k]}) of {ann_file}"
 
 
-def _require_dict(entry: Any, ann_file: PathLike, index: int) -> None:
+def _require_dict(entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
-        raise ValueError(f"{_where(ann_file, index)}: expected an object, "
-                         f"got {type(entry).__name__}")
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
 
 
-def _require_field(entry: dict, field: str, ann_file: PathLike, index: int) -> Any:
+def _require_field(entry: dict, field: str, where: str) -> Any:
     if field not in entry:
-        raise ValueError(f"{_where(ann_file, index)}: missing field '{field}' "
-                         f"(has {sorted(entry)})")
+        raise DataError(f"{where}: missing field '{field}' (has {sorted(entry)})")
     return entry[field]
 
 
-def _require_image(entry: dict, ann_file: PathLike, index: int) -> str:
-    image = _require_field(entry, "image", ann_file, index)
-    if not isinstance(image, str) or not image:
-        raise ValueError(f"{_where(ann_file, index)}: invalid field 'image': expected a non-empty "
-                         f"path string, got {image!r}")
+def _require_image(entry: dict, where: str) -> str:
+    image = _require_field(entry, "image", where)
+    if not isinstance(image, str) or not image.strip():
+        raise DataError(f"{where}: invalid field 'image': expected a non-empty path string, got {image!r}")
     return image
 
 
-def _require_captions(entry: dict, ann_file: PathLike, index: int) -> list[str]:
-    """The entry's ``caption``, a string or a non-empty list of strings, as a list."""
-    captions = _require_field(entry, "caption", ann_file, index)
-    if isinstance(captions, str):
-        return [captions]
-    if (not isinstance(captions, list) or not captions
-            or not all(isinstance(c, str) for c in captions)):
-        # An image without captions has no image->text rank: reject rather than skew recall.
-        raise ValueError(f"{_where(ann_file, index)}: invalid field 'caption': expected a "
-                         f"string or a non-empty list of strings, got {captions!r}")
-    return captions
+def _captions(entry: dict, where: str) -> list[str]:
+    """The raw captions of an entry: ``[caption]`` for a string, the list itself for a list.
 
-
-def _short(value: Any, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _train_captions(entry: dict, ann_file: PathLike, index: int) -> list[str]:
-    """The raw captions of a train entry: ``[caption]`` for a string, the list itself for a list.
-
-    Rejects what would train on nothing: an empty or whitespace-only caption, an empty list, a
-    non-string list item (the message names the item's position in the list)."""
-    caption = _require_field(entry, "caption", ann_file, index)
-    bad = f"{_where(ann_file, index)}: invalid field 'caption'"
+    Rejects what would train or evaluate on nothing: an empty or whitespace-only caption, an empty
+    list (an image without captions has no image->text rank), a non-string list item (the message
+    names the item's position in the list)."""
+    caption = _require_field(entry, "caption", where)
+    bad = f"{where}: invalid field 'caption'"
     if isinstance(caption, str):
         if not caption.strip():
-            raise ValueError(f"{bad}: the caption is empty or whitespace only ({caption!r})")
+            raise DataError(f"{bad}: the caption is empty or whitespace only ({caption!r})")
         return [caption]
     if not isinstance(caption, list):
-        raise ValueError(f"{bad}: expected a string or a non-empty list of strings, got "
-                         f"{type(caption).__name__} {_short(caption)}")
+        raise DataError(f"{bad}: expected a string or a non-empty list of strings, got "
+                         f"{type(caption).__name__} {short_repr(caption)}")
     if not caption:
-        raise ValueError(f"{bad}: the caption list is empty (a list needs at least one caption)")
+        raise DataError(f"{bad}: the caption list is empty (a list needs at least one caption)")
     for k, item in enumerate(caption):
         if not isinstance(item, str):
-            raise ValueError(f"{bad}: item {k} of the caption list is {type(item).__name__} "
-                             f"{_short(item)}, expected a string")
+            raise DataError(f"{bad}: item {k} of the caption list is {type(item).__name__} "
+                             f"{short_repr(item)}, expected a string")
         if not item.strip():
-            raise ValueError(f"{bad}: item {k} of the caption list is empty or whitespace only "
+            raise DataError(f"{bad}: item {k} of the caption list is empty or whitespace only "
                              f"({item!r})")
     return caption
 
 
-def _train_image_id(entry: dict, ann_file: PathLike, index: int, required: bool) -> str | int | None:
+def _train_image_id(entry: dict, where: str, required: bool) -> str | int | None:
     """The entry's explicit ``image_id``, or None when it has none and none is ``required``."""
     if "image_id" not in entry and not required:
         return None
-    image_id = _require_field(entry, "image_id", ann_file, index)
+    image_id = _require_field(entry, "image_id", where)
     # bool is an int subclass in Python; a json true/false id is certainly a mistake.
     if isinstance(image_id, bool) or not isinstance(image_id, (str, int)):
-        raise ValueError(f"{_where(ann_file, index)}: invalid field 'image_id': expected a "
-                         f"string or an integer, got {_short(image_id)}")
+        raise DataError(f"{where}: invalid field 'image_id': expected a string or an integer, "
+                         f"got {short_repr(image_id)}")
     return image_id
 
 
@@ -201,15 +209,15 @@ class RetrievalTrainDataset(Dataset):
             entry appears once per caption, the same object each time).
         captions: the cleaned caption of each item (``pre_caption`` applied at construction).
         img_ids: image key (explicit ``image_id``, or the resolved default) -> idx.
-        num_images: number of distinct image keys.
+        num_images: number of distinct image keys among the items.
         num_skipped: distinct unreadable images met so far *in this process* (each DataLoader
             worker counts its own) when ``skip_bad_images`` is on.
 
     ``__getitem__(i)`` -> ``(transform(image), caption, idx)``; image is ``[3, H, W]`` for the
     usual transforms (the PIL image itself when ``transform`` is None).
-    With ``skip_bad_images`` an unreadable image is logged once, remembered, and replaced by the
-    next item (wrapping around) whose image loads; without it the error names the path and the
-    entry.
+    With ``skip_bad_images`` an image that fails to load (one the pre-flight check could not see:
+    pixel data truncated past the header) is logged once, remembered, and replaced by the next item
+    (wrapping around) whose image loads; without it the error names the path and the entry.
     """
 
     def __init__(self, ann_files: Sequence[PathLike] | PathLike, image_root: PathLike | None,
@@ -219,7 +227,7 @@ class RetrievalTrainDataset(Dataset):
             ann_files = [ann_files]
         self.ann_files = [str(f) for f in ann_files]
         if not self.ann_files:
-            raise ValueError("RetrievalTrainDataset needs at least one annotation file")
+            raise DataError("RetrievalTrainDataset needs at least one annotation file")
         self.image_root = image_root
         self.transform = transform
         self.max_words = max_words
@@ -233,6 +241,7 @@ class RetrievalTrainDataset(Dataset):
         # item back to (file, entry) for error messages (a compact int array: 566k items on COCO).
         self._file_starts: list[int] = []
         self._entry_of = array("l")
+        self._where_in_file: list[Where] = []
         # Until _assign_idx: per item (explicit?, image_id or image path), and the explicit ids seen
         # per image path and the image paths seen per explicit id (each -> its first item).
         self._keys: list[tuple[bool, str | int]] = []
@@ -240,23 +249,25 @@ class RetrievalTrainDataset(Dataset):
         self._images_of_id: dict[str | int, dict[str, int]] = {}
         for ann_file in self.ann_files:
             self._file_starts.append(len(self.annotation))
-            for index, entry in enumerate(_read_entries(ann_file)):
+            entries, where = _read_entries(ann_file)
+            self._where_in_file.append(where)
+            for index, entry in enumerate(entries):
                 before = len(self.annotation)
-                self._add(entry, ann_file, index)
+                self._add(entry, ann_file, where(index))
                 self._entry_of.extend([index] * (len(self.annotation) - before))
         self._assign_idx()
 
         self.num_skipped = 0
         self._bad_images: set[str] = set()
 
-    def _add(self, entry: Any, ann_file: str, index: int) -> None:
-        _require_dict(entry, ann_file, index)
-        image = _require_image(entry, ann_file, index)
-        captions = _train_captions(entry, ann_file, index)
+    def _add(self, entry: Any, ann_file: str, where: str) -> None:
+        _require_dict(entry, where)
+        image = _require_image(entry, where)
+        captions = _captions(entry, where)
         # A single-caption json entry needs its image_id (BLIP's layout); a caption list or a CSV row
         # may leave it out.
         required = isinstance(entry["caption"], str) and not _is_csv(ann_file)
-        image_id = _train_image_id(entry, ann_file, index, required)
+        image_id = _train_image_id(entry, where, required)
         item = len(self.annotation)
         if image_id is not None:
             self._ids_of_image.setdefault(image, {}).setdefault(image_id, item)
@@ -286,31 +297,59 @@ class RetrievalTrainDataset(Dataset):
             return next(iter(ids))
         if ids:
             seen = "; ".join(f"{i!r} ({self.source(first)})" for i, first in list(ids.items())[:3])
-            raise ValueError(f"{self.source(item)}: missing field 'image_id': needed because image "
+            raise DataError(f"{self.source(item)}: missing field 'image_id': needed because image "
                              f"{image!r} has {len(ids)} different explicit image_ids elsewhere "
                              f"({seen}), so its group is ambiguous")
         owners = self._images_of_id.get(image, {})
         if owners:  # not `image` itself: that would have put an id in `ids`
             other, first = next(iter(owners.items()))
-            raise ValueError(f"{self.source(item)}: missing field 'image_id': its default, the image "
+            raise DataError(f"{self.source(item)}: missing field 'image_id': its default, the image "
                              f"path {image!r}, is the explicit image_id of another image, {other!r} "
                              f"({self.source(first)}); the two would share one contrastive index")
         return image
 
     @property
     def num_images(self) -> int:
-        return len(self.img_ids)
+        return len(set(self._idx))
 
     def __len__(self) -> int:
         return len(self.annotation)
 
     def source(self, index: int) -> str:
-        """``"entry <k> of <file>"`` for dataset item ``index``."""
+        """``"entry <k> of <file>"`` (json) or ``"row <k> (line <L>) of <file>"`` (CSV) for dataset
+        item ``index``."""
         file_pos = bisect.bisect_right(self._file_starts, index) - 1
-        return _where(self.ann_files[file_pos], self._entry_of[index])
+        return self._where_in_file[file_pos](self._entry_of[index])
+
+    def image_path(self, index: int) -> str:
+        return _join(self.image_root, self.annotation[index]["image"])
+
+    def image_checks(self) -> tuple[list[str], Where]:
+        """The distinct image paths, in first-seen order, and how to name the k-th in a message
+        (the entry of its first item, and the field); for ``data/preflight.py``."""
+        first: dict[str, int] = {}
+        for i in range(len(self)):
+            first.setdefault(self.image_path(i), i)
+        items = list(first.values())
+        return list(first), lambda k: f"{self.source(items[k])}, field 'image'"
+
+    def drop_images(self, bad: Collection[str]) -> int:
+        """Drop every item whose image path is in ``bad`` (``skip_bad_images`` at pre-flight);
+        returns how many items were dropped. The other items keep their ``idx``."""
+        keep = [i for i in range(len(self)) if self.image_path(i) not in bad]
+        dropped = len(self) - len(keep)
+        if dropped:
+            # A file's items stay contiguous and in order: each file now starts at the number of
+            # kept items before its old start.
+            self._file_starts = [bisect.bisect_left(keep, start) for start in self._file_starts]
+            self.annotation = [self.annotation[i] for i in keep]
+            self.captions = [self.captions[i] for i in keep]
+            self._idx = [self._idx[i] for i in keep]
+            self._entry_of = array("l", (self._entry_of[i] for i in keep))
+        return dropped
 
     def _load(self, index: int) -> tuple[Any, str, int]:
-        path = _join(self.image_root, self.annotation[index]["image"])
+        path = self.image_path(index)
         if path in self._bad_images:
             raise BadImageError(f"known bad image: {path} ({self.source(index)})")
         image = load_image(path, context=self.source(index))
@@ -327,7 +366,7 @@ class RetrievalTrainDataset(Dataset):
             try:
                 return self._load(j)
             except (FileNotFoundError, BadImageError) as exc:
-                path = _join(self.image_root, self.annotation[j]["image"])
+                path = self.image_path(j)
                 if path not in self._bad_images:
                     self._bad_images.add(path)
                     self.num_skipped += 1
@@ -338,7 +377,7 @@ class RetrievalTrainDataset(Dataset):
 
 
 class RetrievalEvalDataset(Dataset):
-    """Image-level val/test set over one BLIP json file.
+    """Image-level val/test set over one BLIP json (or CSV) file.
 
     Entries: ``{"image": rel_path, "caption": [str, ...] | str}``.
 
@@ -348,13 +387,15 @@ class RetrievalEvalDataset(Dataset):
         text: cleaned captions, flattened in file order.
         img2txt: dict image i -> list of its caption indices into ``text``.
         txt2img: dict caption t -> its image index (dicts, as BLIP's evaluation expects).
-        num_skipped: entries dropped because their image is missing or its header unreadable
-            (only with ``skip_bad_images``; checked once at construction, captions dropped with them
-            so every index stays consistent).
+
+    ``drop_images`` removes entries together with their captions (``skip_bad_images`` at
+    pre-flight), so every index stays consistent.
 
     ``__getitem__(i)`` -> ``(transform(image), i)``; image ``[3, H, W]`` for the usual transforms.
-    An image that passed the header check but fails to decode still raises at load time, naming its
-    path and entry: an eval set cannot drop an image after its captions were counted.
+    An image that passed the pre-flight header check but fails to decode raises at load time,
+    naming its path and entry; with ``skip_bad_images`` it is logged and the item is
+    ``(transform(blank image), -1)`` instead: the evaluation leaves that image and its captions out
+    (``tasks/retrieval_eval.py``) and counts them.
     """
 
     def __init__(self, ann_file: PathLike, image_root: PathLike | None,
@@ -366,48 +407,63 @@ class RetrievalEvalDataset(Dataset):
         self.max_words = max_words
         self.skip_bad_images = skip_bad_images
 
+        entries, self._where = _read_entries(self.ann_file, one_per_image=True)
         self.annotation: list[dict] = []
         self.image: list[str] = []
+        self._captions: list[list[str]] = []   # cleaned, per image
+        self._entry_index: list[int] = []      # kept item -> its index in the file, for messages
+        for index, entry in enumerate(entries):
+            where = self._where(index)
+            _require_dict(entry, where)
+            self.annotation.append(entry)
+            self.image.append(_require_image(entry, where))
+            self._captions.append([pre_caption(c, max_words) for c in _captions(entry, where)])
+            self._entry_index.append(index)
+        self._flatten()
+
+    def _flatten(self) -> None:
         self.text: list[str] = []
         self.img2txt: dict[int, list[int]] = {}
         self.txt2img: dict[int, int] = {}
-        self._entry_index: list[int] = []  # kept item -> its index in the file, for messages
-        self.num_skipped = 0
+        for img_i, captions in enumerate(self._captions):
+            self.img2txt[img_i] = list(range(len(self.text), len(self.text) + len(captions)))
+            self.txt2img.update({t: img_i for t in self.img2txt[img_i]})
+            self.text.extend(captions)
 
-        for index, entry in enumerate(_read_entries(self.ann_file, one_per_image=True)):
-            image, captions = self._validate(entry, index)
-            if skip_bad_images and not self._image_ok(image, index):
-                continue
-            img_i = len(self.image)
-            self.annotation.append(entry)
-            self.image.append(image)
-            self._entry_index.append(index)
-            self.img2txt[img_i] = []
-            for caption in captions:
-                self.txt2img[len(self.text)] = img_i
-                self.img2txt[img_i].append(len(self.text))
-                self.text.append(pre_caption(caption, max_words))
+    def source(self, index: int) -> str:
+        """``"entry <k> of <file>"`` (json) or ``"row <k> (line <L>) of <file>"`` (CSV) of image ``index``."""
+        return self._where(self._entry_index[index])
 
-    def _validate(self, entry: Any, index: int) -> tuple[str, list[str]]:
-        _require_dict(entry, self.ann_file, index)
-        image = _require_image(entry, self.ann_file, index)
-        return image, _require_captions(entry, self.ann_file, index)
+    def image_checks(self) -> tuple[list[str], Where]:
+        """The image paths and how to name the k-th in a message (its entry and the field); for
+        ``data/preflight.py``."""
+        return [_join(self.image_root, image) for image in self.image], lambda k: f"{self.source(k)}, field 'image'"
 
-    def _image_ok(self, image: str, index: int) -> bool:
-        try:
-            check_image(_join(self.image_root, image), context=_where(self.ann_file, index))
-        except (FileNotFoundError, BadImageError) as exc:
-            self.num_skipped += 1
-            logger.warning("dropping eval image and its captions: %s", exc)
-            return False
-        return True
+    def drop_images(self, bad: Collection[str]) -> int:
+        """Drop the entries whose image path is in ``bad``, with their captions; returns how many."""
+        keep = [i for i, image in enumerate(self.image) if _join(self.image_root, image) not in bad]
+        dropped = len(self.image) - len(keep)
+        if dropped:
+            for name in ("annotation", "image", "_captions", "_entry_index"):
+                values = getattr(self, name)
+                setattr(self, name, [values[i] for i in keep])
+            self._flatten()
+        return dropped
 
     def __len__(self) -> int:
         return len(self.image)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path = _join(self.image_root, self.image[index])
-        image = load_image(path, context=_where(self.ann_file, self._entry_index[index]))
+        try:
+            image = load_image(path, context=self.source(index))
+        except (FileNotFoundError, BadImageError) as exc:
+            if not self.skip_bad_images:
+                raise
+            logger.warning("left out of the evaluation with its %d captions (skip_bad_images): %s",
+                           len(self.img2txt[index]), exc)
+            # Any size: the transform resizes. Index -1 tells the evaluation to leave it out.
+            image, index = Image.new("RGB", (16, 16)), -1
         if self.transform is not None:
             image = self.transform(image)
         return image, index
@@ -431,10 +487,10 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
     """
     name = cfg_like.dataset
     if name not in DEFAULT_FILES:
-        raise ValueError(f"unknown retrieval dataset {name!r}; valid: {sorted(DEFAULT_FILES)}")
+        raise DataError(f"unknown retrieval dataset {name!r}; valid: {sorted(DEFAULT_FILES)}")
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; valid: {list(SPLITS)}")
+        raise DataError(f"unknown split(s) {unknown}; valid: {list(SPLITS)}")
 
     ann_root, image_root = cfg_like.ann_root, cfg_like.image_root
     max_words, skip = cfg_like.max_words, cfg_like.skip_bad_images
@@ -443,11 +499,11 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
         given = {"train": cfg_like.train_file, "val": cfg_like.val_file, "test": cfg_like.test_file}[split]
         given = given if given is not None else DEFAULT_FILES[name].get(split)
         if given is None or (isinstance(given, (list, tuple)) and not given):
-            raise ValueError(f"dataset '{name}' needs '{split}_file' for split '{split}' "
+            raise DataError(f"dataset '{name}' needs '{split}_file' for split '{split}' "
                              f"(file name relative to ann_root, or an absolute path)")
         names = list(given) if isinstance(given, (list, tuple)) else [given]
         if split != "train" and len(names) != 1:
-            raise ValueError(f"'{split}_file' must be a single file, got {names}")
+            raise DataError(f"'{split}_file' must be a single file, got {names}")
         return [_resolve(ann_root, n) for n in names]
 
     def transform_for(given: Transform | None, builder: Callable[[int], Transform]) -> Transform:

@@ -1,4 +1,5 @@
-"""Small, dependency-free helpers shared by the datasets: caption cleaning, image and json loading.
+"""Small, dependency-free helpers shared by the datasets: caption cleaning, image, text, json and CSV
+reading, and time-based progress lines for long loops.
 
 Every error raised here names the file it is about, and ``context`` (for example
 ``"entry 17 of /x/coco_karpathy_test.json"``) so that a user with 500k annotation entries can find
@@ -6,15 +7,21 @@ the one that is broken without a debugger.
 """
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
+
+from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image file exists but cannot be decoded (corrupt, truncated, unsupported mode, bomb)."""
 
 
@@ -162,24 +169,101 @@ def check_image(path: PathLike, *, context: str = "") -> None:
         raise BadImageError(f"unreadable image: {_describe(path, context)}: size {width}x{height}")
 
 
+def read_text(path: PathLike) -> str:
+    """The text of a UTF-8 file (a leading BOM is dropped).
+
+    Raises:
+        FileNotFoundError: naming the path.
+        ValueError: a byte that is not UTF-8, naming the file, the line and the column (a bare
+            UnicodeDecodeError names only a byte offset, useless in a 500k-line file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte "
+                         f"0x{data[exc.start]:02x} at column {exc.start - line_start + 1}: {exc.reason}); "
+                         "save the file as UTF-8") from None
+
+
 def read_json(path: PathLike) -> Any:
     """Read a json file (UTF-8, a leading BOM is tolerated).
 
     Raises:
         FileNotFoundError: naming the path.
-        ValueError: malformed json, naming the file, line, column and character offset.
+        ValueError: malformed json, naming the file, line, column and character offset; a file
+            that is not UTF-8, naming the file and the line.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"json file not found: {path}")
     try:
-        with path.open("r", encoding="utf-8-sig") as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise ValueError(
+        raise DataError(
             f"malformed json in {path}: {exc.msg} at line {exc.lineno}, column {exc.colno} "
             f"(char {exc.pos})"
         ) from exc
-    except UnicodeDecodeError as exc:
-        raise ValueError(
-            f"json file {path} is not valid UTF-8 (byte {exc.start}): {exc.reason}") from exc
+
+
+@dataclass(frozen=True)
+class CsvRow:
+    """One data row of a CSV file: its 0-based index among the data rows (blank lines not
+    counted), the 1-based line it starts on, and its fields in header order."""
+    index: int
+    line: int
+    fields: list[str]
+
+    def where(self, path: PathLike) -> str:
+        return f"row {self.index} (line {self.line}) of {path}"
+
+
+def csv_delimiter(path: PathLike) -> str:
+    """Tab for a ``.tsv`` file, comma otherwise."""
+    return "\t" if str(path).lower().endswith(".tsv") else ","
+
+
+def read_csv(path: PathLike, delimiter: Optional[str] = None) -> tuple[list[str], list[CsvRow]]:
+    """The header and the data rows of a UTF-8 CSV file (TSV: ``delimiter`` tab, the default for
+    a ``.tsv`` file). Quoted fields may hold the delimiter and line breaks; blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: naming the path.
+        ValueError: naming the file and the line: not UTF-8, no header, malformed quoting, or a row
+            with more or fewer fields than the header (an unquoted comma inside a caption would
+            otherwise shift every later field of the row silently).
+    """
+    delimiter = delimiter or csv_delimiter(path)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    rows: list[CsvRow] = []
+    line = 1
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file; a CSV file needs a header row naming its columns")
+        line = reader.line_num + 1
+        for fields in reader:
+            if fields and not (len(fields) == 1 and not fields[0].strip()):  # not a blank line
+                if len(fields) != len(header):
+                    hint = (f"; a field that contains {delimiter!r} must be quoted" if len(fields) > len(header)
+                            else "")
+                    raise DataError(f"{path}, line {line}: row {len(rows)} has {len(fields)} fields but the header "
+                                     f"has {len(header)} ({delimiter.join(header)}): {short_repr(fields)}{hint}")
+                rows.append(CsvRow(len(rows), line, fields))
+            line = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {line}: malformed CSV: {exc}") from None
+    return header, rows
+
+
+def short_repr(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

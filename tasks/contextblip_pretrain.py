@@ -1,10 +1,11 @@
 """ContextBLIP adapter pretraining: its config, loss, mask pictures and hooks into the shared loop
 (``pretrain.py``).
 
-Each epoch: train (ITM + TMIM, BLIP frozen), write one ``log.txt`` JSON line (``train_lr``,
-``train_loss_itm``, ``train_loss_tmim``), ``checkpoint_last.pth`` (atomic; trainable parts + config)
-and the mask picture ``masks/epoch_NN.png``: images with their caption, the guide token and the
-masked patches tinted red.
+Before the model is built, ``build_dataset`` parses the pairs and checks their images
+(``data/preflight.py``). Each epoch: train (ITM + TMIM, BLIP frozen), write one ``log.txt`` JSON line
+(``train_lr``, ``train_loss_itm``, ``train_loss_tmim``), ``checkpoint_last.pth`` (atomic; trainable
+parts + config) and the mask picture ``masks/epoch_NN.png``: images with their caption, the guide
+token and the masked patches tinted red.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from pydantic import model_validator
 
 from data.collate import RetrievalCollator
-from data.pretrain import build_pretrain_dataset
+from data.preflight import check_splits, log_unk_rate
+from data.pretrain import PretrainDataset, build_pretrain_dataset
 from data.transforms import IMAGE_MEAN, IMAGE_STD, build_test_transform
 from data.utils import load_image
 from models.contextblip import ContextBLIPArch, PretrainSettings, TMIMArch
@@ -45,7 +47,7 @@ class PretrainConfig(ContextBLIPArch, TMIMArch, PretrainSettings, TextSettings, 
     max_tokens: PosInt = 30                     # released: padded/truncated to 30 tokens
     train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
     image_root: str = ''                        # prefix for relative image paths ('' = as written)
-    skip_bad_images: bool = False               # log and skip unreadable images instead of failing
+    skip_bad_images: bool = False               # drop pairs of missing/unreadable images (logged, counted)
     batch_size_train: PosInt = 256              # per GPU (released: 4 GPUs x 256)
     init_lr: PosFloat = 3e-4
     min_lr: NonNegFloat = 1e-6
@@ -111,9 +113,18 @@ def draw_masks(model, tokenizer, batch: dict, path: Path, title: str, precision:
     return save_mask_grid(path, batch["pixel_values"], m.mask, model.vit.arch.patch_size, captions, guides, title)
 
 
-def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, resume: Optional[str] = None,
-          progress: bool = True) -> dict:
+def build_dataset(cfg: PretrainConfig) -> PretrainDataset:
+    """The pairs of ``train_file`` (train transform), parsed and with their images checked
+    (``skip_bad_images`` drops bad pairs up front): call before building a model. A collective."""
     dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size))
+    check_splits({"train": dataset}, cfg.skip_bad_images)
+    return dataset
+
+
+def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, dataset: PretrainDataset,
+          resume: Optional[str] = None, progress: bool = True) -> dict:
+    """Pretrain on ``dataset`` (from ``build_dataset``)."""
+    log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)

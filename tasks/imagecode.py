@@ -9,6 +9,9 @@ order. Metric: top-1 accuracy over the candidates, per description, overall / vi
 "scores" (one per candidate), "video"}``, and on the unlabelled test file the leaderboard
 submission ``submission.json`` = ``{set: [predicted position of description 0, ...]}``.
 
+Before a model is built, ``build_datasets`` parses the splits a run reads and checks every candidate
+image (``data/preflight.py``).
+
 Fine-tuning: stage 1 trains adapter-BLIP and the prediction layer (two learning rates); stage 2
 trains only the inter-context encoder on a frozen stage 1. Loss: cross-entropy over each
 description's candidates, the mean over descriptions (and over ranks and accumulation steps: the
@@ -30,6 +33,7 @@ from pydantic import model_validator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from data.collate import ImageSetCollator
+from data.preflight import check_splits, log_unk_rate
 from data.imagecode import (ImageCodeDataset, ImageCodeItem, ImageCodeSetCollator, ImageCodeSets,
                             build_imagecode_dataset)
 from data.transforms import build_test_transform
@@ -38,6 +42,7 @@ from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import Config, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer, autocast
+from utils.logging import Heartbeat
 from utils.schedule import WarmupStepSchedule
 from utils.settings import (AugmentSettings, DecaySettings, EvalSettings, LoopSettings, OptimSettings,
                             RunSettings, TextSettings, WeightsSettings)
@@ -97,12 +102,16 @@ def map_over_sets(fn: Callable[[dict], torch.Tensor], dataset: ImageCodeDataset,
     if progress and du.is_main_process():
         from tqdm import tqdm
         loader = tqdm(loader, desc="imagecode sets", dynamic_ncols=True, leave=False)
+    # Without a progress bar, a line at least every 30 s (this rank's share).
+    beat = Heartbeat("imagecode sets", len(loader.dataset), "sets", logger) if not progress else None
     outs, index = [], []
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, precision):
             outs.append(fn(batch).float())
         index.append(batch["index"])
+        if beat is not None:
+            beat.update(batch["pixel_values"].shape[0])
     local = torch.cat(outs) if outs else torch.zeros(0, *out_shape, device=device)
     local_index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
     gathered, gathered_index = du.gather_variable(local), du.gather_variable(local_index)
@@ -247,13 +256,29 @@ def _stage1_features(model, dataset, tokenizer, cfg, device, progress):
                          cfg.batch_size_test, device, cfg.num_workers, cfg.precision, progress)
 
 
-def train(cfg: ImageCodeConfig, model, tokenizer, info: du.DistInfo, resume: Optional[str] = None,
-          progress: bool = True) -> dict:
-    test_tf = build_test_transform(cfg.image_size)
+def build_datasets(cfg: ImageCodeConfig, splits: Sequence[str]) -> Dict[str, ImageCodeDataset]:
+    """The datasets of ``splits`` ('train': the training transform, unless stage 2 caches its
+    features; others: the test transform), parsed and with every candidate image checked: call
+    before building a model. A collective under torchrun."""
+    augment = not (cfg.stage == 2 and cfg.cache_features)  # cached features are computed once, unaugmented
+
+    def transform(split: str):
+        if split == "train" and augment:
+            return train_transform(cfg, cfg.image_size)
+        return build_test_transform(cfg.image_size)
+
+    datasets = {split: build_imagecode_dataset(cfg, split, transform(split), shared_randomness=cfg.train_shared_crop)
+                for split in splits}
+    check_splits(datasets, skip=False, hint="")
+    return datasets
+
+
+def train(cfg: ImageCodeConfig, model, tokenizer, info: du.DistInfo, datasets: Dict[str, ImageCodeDataset],
+          resume: Optional[str] = None, progress: bool = True) -> dict:
+    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ("train", "valid"))``)."""
     cache = cfg.stage == 2 and cfg.cache_features
-    train_ds = build_imagecode_dataset(cfg, "train", test_tf if cache else train_transform(cfg, cfg.image_size),
-                                       shared_randomness=cfg.train_shared_crop)
-    valid_ds = build_imagecode_dataset(cfg, "valid", test_tf)
+    train_ds, valid_ds = datasets["train"], datasets["valid"]
+    log_unk_rate(tokenizer, train_ds.text, "the train descriptions")
     video_of = torch.tensor([it.video for it in train_ds.items])
     optimizer = build_optimizer(param_groups(model, cfg), cfg)
     trainer = Trainer(model, optimizer, WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate), info, cfg,

@@ -1,16 +1,20 @@
 """BLIP image-text retrieval: its config, its data and loss, and its hooks into the shared loop
 (``train_retrieval.py``; the evaluation protocol is ``tasks/retrieval_eval.py``).
 
-Each epoch: train (ITC + ITM), evaluate val (BLIP's protocol), evaluate test on a new best val
-``r_mean`` (or after the last epoch when there is no val split); ``log.txt`` gets one JSON line with
-BLIP's key names (``train_loss_ita``, ``val_txt_r1``, ``test_r_mean``, ...).
+Before the model is built, ``build_datasets`` parses every split the run reads and checks its images
+(``data/preflight.py``). Each epoch: train (ITC + ITM), evaluate val (BLIP's protocol), evaluate test
+on a new best val ``r_mean`` (or after the last epoch when there is no val split); ``log.txt`` gets
+one JSON line with BLIP's key names (``train_loss_ita``, ``val_txt_r1``, ``test_r_mean``, ...).
 """
 from __future__ import annotations
 
 import logging
-from typing import List, Literal, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+from torch.utils.data import Dataset
 
 from data.collate import RetrievalCollator
+from data.preflight import check_splits, log_unk_rate
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform, build_train_transform
 from models.blip import BlipArch, ITCSettings
@@ -32,7 +36,7 @@ class RetrievalData(AugmentSettings):
     train_file: Optional[Union[str, List[str]]] = None  # None -> the dataset's standard split
     val_file: Optional[str] = None
     test_file: Optional[str] = None
-    skip_bad_images: bool = False               # log and skip unreadable images instead of failing
+    skip_bad_images: bool = False               # drop entries of missing/unreadable images (logged, counted)
 
     @property
     def has_val(self) -> bool:
@@ -62,6 +66,16 @@ def eval_splits(cfg: RetrievalConfig) -> Tuple[str, ...]:
     return (('val',) if cfg.has_val else ()) + (('test',) if cfg.has_test else ())
 
 
+def build_datasets(cfg: RetrievalConfig, splits: Sequence[str]) -> Dict[str, Dataset]:
+    """The datasets of ``splits`` (train: the train transform), parsed and with every image checked
+    (``data/preflight.py``; ``skip_bad_images`` drops bad entries up front): call before building a
+    model, so bad input stops the run before its first step. A collective under torchrun."""
+    datasets = build_retrieval_datasets(cfg, splits=splits, train_transform=train_transform(cfg, cfg.image_size),
+                                        test_transform=build_test_transform(cfg.image_size))
+    check_splits(datasets, cfg.skip_bad_images)
+    return datasets
+
+
 def retrieval_loss(cfg: RetrievalConfig):
     """The per-batch loss: ITC + ITM, with alpha ramped linearly over the first epoch (BLIP)."""
     def loss_fn(model, batch, ctx):
@@ -79,13 +93,12 @@ def run_evaluation(model, dataset, tokenizer, cfg: RetrievalConfig, progress: bo
                               num_workers=cfg.num_workers, precision=cfg.precision, progress=progress)
 
 
-def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, resume: Optional[str] = None,
-          progress: bool = True) -> dict:
+def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, datasets: Dict[str, Dataset],
+          resume: Optional[str] = None, progress: bool = True) -> dict:
+    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ('train',) + eval_splits(cfg))``)."""
     # Fail at start-up, not after an hour: the queue takes whole global batches.
     model.check_queue(cfg.batch_size_train * info.world_size)
-    datasets = build_retrieval_datasets(cfg, splits=('train',) + eval_splits(cfg),
-                                        train_transform=train_transform(cfg, cfg.image_size),
-                                        test_transform=build_test_transform(cfg.image_size))
+    log_unk_rate(tokenizer, datasets['train'].captions, 'the train captions')
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     trainer = Trainer(model, optimizer, CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps,
                                                        cfg.warmup_lr),

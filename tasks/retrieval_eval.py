@@ -12,12 +12,17 @@ sorted by length and each batch is cut to its longest text: padding receives exa
 weight (additive -10000 underflows to 0 in the softmax), so the real tokens' states do not change.
 Under torchrun each rank embeds a contiguous shard of texts and images and scores the pairs of its
 own images; scores are summed across ranks, each pair having been scored by exactly one rank.
+
+An image that fails to decode under ``skip_bad_images`` (the dataset gives index -1) is left out
+with its captions, with a count in the log: its similarities are set to -inf before the top-k, so
+every other query sees exactly the candidates it would see in a set without it, and its row and
+its captions' columns are removed from the score matrices before the metrics.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from data.collate import tokenize
 from utils import dist as du
 from utils.engine import autocast
+from utils.logging import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +39,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EvalOutput:
     metrics: Dict[str, float]
-    score_i2t: np.ndarray  # [n_img, n_txt]
+    score_i2t: np.ndarray  # [n_img, n_txt] (of the images and texts evaluated)
     score_t2i: np.ndarray  # [n_txt, n_img]
+    txt2img: Dict[int, int]  # of the texts and images evaluated: dataset.txt2img unless images were left out
+    left_out: List[int] = field(default_factory=list)  # dataset images that failed to decode (skip_bad_images)
+    image_index: Optional[np.ndarray] = None  # with left_out: the dataset image / text of each row, column
+    text_index: Optional[np.ndarray] = None
+
+    def index_arrays(self) -> Dict[str, np.ndarray]:
+        """``image_index`` / ``text_index`` for a scores file when images were left out, else nothing."""
+        return {} if not self.left_out else {"image_index": self.image_index, "text_index": self.text_index}
 
 
 @torch.no_grad()
@@ -51,12 +65,16 @@ def embed_texts(model, input_ids, attention_mask, batch_size, device, precision=
 
 @torch.no_grad()
 def embed_images(model, dataset, indices: Sequence[int], batch_size: int, device, num_workers=0,
-                 precision="fp32", keep_tokens_on: Optional[torch.device] = None):
-    """Image tokens ``[n, 1+N, Dv]`` (kept on ``keep_tokens_on``) and features ``[n, E]`` for ``indices``."""
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False,
+                 precision="fp32", keep_tokens_on: Optional[torch.device] = None, failed: Optional[list] = None):
+    """Image tokens ``[n, 1+N, Dv]`` (kept on ``keep_tokens_on``) and features ``[n, E]`` for ``indices``.
+    ``failed``: gets the indices whose image the dataset could not decode (item index -1)."""
+    indices = list(indices)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
     tokens, feats = [], []
-    for images, _ in loader:
+    for start, (images, index) in zip(range(0, len(indices), batch_size), loader):
+        if failed is not None:
+            failed.extend(indices[start + j] for j in (index < 0).nonzero().flatten().tolist())
         with autocast(device, precision):
             t, f = model.encode_image(images.to(device))
         tokens.append(t.float().to(keep_tokens_on or device))
@@ -77,7 +95,7 @@ def topk_pairs(sims: torch.Tensor, k_test: int):
 @torch.no_grad()
 def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: torch.Tensor,
                input_ids, attention_mask, device, batch_size=128, image_chunk=16, precision="fp32",
-               progress=False) -> torch.Tensor:
+               progress=False, report: Optional[Callable[[int], None]] = None) -> torch.Tensor:
     """ITM logit[:, 1] of every needed pair whose image this rank holds.
 
     ``image_tokens`` ``[m, 1+N, Dv]`` are images ``image_offset .. image_offset+m`` of the full
@@ -87,7 +105,8 @@ def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: tor
     Cross-attention keys/values are projected for ``image_chunk`` images at a time; then each
     image's texts, shortest first, go through the text encoder in batches of ``batch_size`` that
     all attend to that one image (one folded attention product per layer, no per-pair copy of the
-    keys/values), each batch cut to its longest text.
+    keys/values), each batch cut to its longest text. ``progress``: a progress bar; ``report(n)``:
+    called as each chunk of ``n`` images starts (progress lines in logs).
     """
     n_img, n_txt = needed.shape
     itm = torch.zeros(n_img, n_txt, device=device)
@@ -100,6 +119,8 @@ def rerank_itm(model, image_tokens: torch.Tensor, image_offset: int, needed: tor
     m = image_tokens.shape[0]
     for c in chunks:
         end = min(c + image_chunk, m)  # never past this rank's own images
+        if report is not None:
+            report(end - c)
         if not needed_cpu[image_offset + c: image_offset + end].any():
             continue
         with autocast(device, precision):
@@ -149,25 +170,50 @@ def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: in
                                                batch_size, device, precision))
     # Image tokens stay with the rank that made them: it scores all pairs of those images.
     keep_on = torch.device("cpu") if device.type == "cuda" else device
+    failed_local: List[int] = []
     image_tokens, image_feat_local = embed_images(model, dataset, img_shard, batch_size, device,
-                                                  num_workers, precision, keep_tokens_on=keep_on)
+                                                  num_workers, precision, keep_tokens_on=keep_on, failed=failed_local)
     image_feat = du.gather_variable(image_feat_local)
+    bad_img = torch.zeros(n_img, device=device)
+    bad_img[failed_local] = 1.0
+    bad_img = du.all_reduce_sum(bad_img) > 0
+    txt2img = torch.tensor([dataset.txt2img[t] for t in range(n_txt)], device=device)
+    bad_txt = bad_img[txt2img]
 
     sims = image_feat @ text_feat.t()  # [n_img, n_txt]
+    sims[bad_img] = float("-inf")  # never anyone's top-k candidate
+    sims[:, bad_txt] = float("-inf")
     topk_i2t, topk_t2i = topk_pairs(sims, k_test)
     needed = torch.zeros(n_img, n_txt, dtype=torch.bool, device=device)
     needed.scatter_(1, topk_i2t, True)
     needed.t().scatter_(1, topk_t2i, True)
+    needed[bad_img] = False
+    needed[:, bad_txt] = False
     logger.info("rerank: %d pairs (i2t %d + t2i %d before de-duplication)", int(needed.sum()),
                 topk_i2t.numel(), topk_t2i.numel())
 
+    show = progress and du.is_main_process()
+    # Without a progress bar, a line at least every 30 s (this rank's images).
+    beat = None if progress else Heartbeat("ITM rerank (this rank)", len(img_shard), "images", logger)
     itm = rerank_itm(model, image_tokens, img_shard.start, needed, input_ids, attention_mask, device,
-                     rerank_batch_size, precision=precision, progress=progress and du.is_main_process())
+                     rerank_batch_size, precision=precision, progress=show,
+                     report=beat.update if beat is not None else None)
     du.all_reduce_sum(itm)
     score_i2t, score_t2i = scores_from_itm(sims, itm, topk_i2t, topk_t2i)
     score_i2t, score_t2i = score_i2t.cpu().numpy(), score_t2i.cpu().numpy()
-    metrics = retrieval_metrics(score_i2t, score_t2i, dataset.txt2img)
-    return EvalOutput(metrics, score_i2t, score_t2i)
+    if not bad_img.any():
+        return EvalOutput(retrieval_metrics(score_i2t, score_t2i, dataset.txt2img), score_i2t, score_t2i,
+                          dataset.txt2img)
+    keep_img = (~bad_img).nonzero().flatten().cpu().numpy()
+    keep_txt = (~bad_txt).nonzero().flatten().cpu().numpy()
+    logger.warning("%d of %d images could not be decoded (skip_bad_images): evaluated without them and their %d "
+                   "captions", n_img - len(keep_img), n_img, n_txt - len(keep_txt))
+    new_image = np.full(n_img, -1)
+    new_image[keep_img] = np.arange(len(keep_img))
+    txt2img_kept = {t: int(new_image[dataset.txt2img[int(old)]]) for t, old in enumerate(keep_txt)}
+    score_i2t, score_t2i = score_i2t[np.ix_(keep_img, keep_txt)], score_t2i[np.ix_(keep_txt, keep_img)]
+    return EvalOutput(retrieval_metrics(score_i2t, score_t2i, txt2img_kept), score_i2t, score_t2i, txt2img_kept,
+                      left_out=bad_img.nonzero().flatten().tolist(), image_index=keep_img, text_index=keep_txt)
 
 
 def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> Dict[str, float]:

@@ -5,7 +5,7 @@ and torchrun apply), then ``summary.csv`` and ``summary.md`` in ``<out>`` with t
 losses per run. Items: a rate (text-guided masking at that rate), ``random`` (random masking at the
 config's rate) or ``random:R``. A ``random`` run at the config's rate is added unless the list names
 one. A failed run is reported in the table (status and exit code) and the sweep goes on; the exit
-status is 1 if any run failed.
+status is 1 if any run failed. Running the same sweep again resumes each run (finished runs are kept).
 
     python -m tasks.sweep_mask --items "0.25 0.5" --config configs/demo/pretrain.yaml --out outputs/sweep \\
         -- --opts max_epoch=1
@@ -69,9 +69,10 @@ def final_record(output_dir: Path) -> Optional[dict]:
 
 def run_one(run: SweepRun, config: str, out: Path, extra: List[str]) -> dict:
     output_dir = out / run.label
-    # --opts may be given several times: the run's own overrides come last and win.
-    cmd = ["bash", str(REPO / "run.sh"), "pretrain", config, "--output_dir", str(output_dir), *extra,
-           "--opts", *run.opts]
+    # --opts may be given several times: the run's own overrides come last and win. --resume auto:
+    # running the sweep again continues unfinished runs and leaves finished ones as they are.
+    cmd = ["bash", str(REPO / "run.sh"), "pretrain", config, "--output_dir", str(output_dir), "--resume", "auto",
+           *extra, "--opts", *run.opts]
     logger.info("sweep run %s: %s", run.label, " ".join(cmd))
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "sweep_stdout.txt", "w") as fh:

@@ -23,7 +23,7 @@ def _fixture_config(tmp_path: Path, **overrides) -> Path:
         "vit": "{width: 64, depth: 2, heads: 4, patch_size: 16}", "image_size": 64,
         "med_config": str(FIXTURE / "med_config.json"), "tokenizer": str(FIXTURE / "tokenizer"),
         "embed_dim": 32, "queue_size": 64, "k_test": 3, "batch_size_test": 4, "rerank_batch_size": 5,
-        "num_workers": 0, "device": "cpu",
+        "num_workers": 0, "device": "cpu", "deterministic": "true",
     }
     cfg.update(overrides)
     path = tmp_path / "fixture.yaml"
@@ -143,7 +143,7 @@ def _tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
         "vit": "{width: 32, depth: 1, heads: 2, patch_size: 16}", "image_size": 32, "embed_dim": 16,
         "queue_size": 64, "k_test": 4, "batch_size_train": 16, "batch_size_test": 16, "init_lr": 1e-3,
         "min_lr": 1e-4, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 3, "log_every": 1000,
-        "train_resize_only": True,
+        "train_resize_only": True, "deterministic": "true",
     }
     cfg.update(overrides)
     path = tmp_path / "train.yaml"

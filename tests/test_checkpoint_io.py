@@ -1,6 +1,7 @@
 """Checkpoint I/O: local files and URLs, safe loading, pos-embed resizing, load reports, saving."""
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import logging
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.checkpoint import (CheckpointDownloadError, CheckpointError, CheckpointMismatchError,
-                              UnsafeCheckpointError, extract_state_dict, interpolate_pos_embed,
-                              load_checkpoint, load_state_dict_with_report, resolve_checkpoint,
-                              save_checkpoint_atomic)
+                              UnsafeCheckpointError, WriteError, atomic_write, extract_state_dict,
+                              interpolate_pos_embed, load_checkpoint, load_state_dict_with_report,
+                              resolve_checkpoint, save_checkpoint_atomic)
 
 RAN_ON_UNPICKLE: list[str] = []
 
@@ -123,18 +124,45 @@ def test_pickle_with_custom_object_is_refused_and_not_run(tmp_path, legacy):
     assert RAN_ON_UNPICKLE == []
 
 
-@pytest.mark.parametrize("damage", ["cut_early", "cut_half", "cut_last_byte", "html", "empty"])
-def test_corrupt_file_is_named(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["cut_early", "cut_half", "cut_last_byte"])
+def test_truncated_file_is_named(tmp_path, damage):
     path = tmp_path / "model.pth"
     torch.save({"model": {"w": torch.randn(64, 64)}}, path)
     data = path.read_bytes()
-    damaged = {"cut_early": data[:100], "cut_half": data[: len(data) // 2],
-               "cut_last_byte": data[:-1], "html": b"<html>404</html>", "empty": b""}
-    path.write_bytes(damaged[damage])
-    with pytest.raises(CheckpointError, match="corrupt") as info:
+    damaged = {"cut_early": data[:100], "cut_half": data[: len(data) // 2], "cut_last_byte": data[:-1]}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert str(path) in str(info.value) and f"({len(damaged[damage])} bytes)" in str(info.value)
-    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert str(info.value).startswith(f"cannot read checkpoint {str(path)!r} ({len(damaged)} bytes): it is "
+                                      "truncated or damaged (")
+    assert len(str(info.value).splitlines()) == 1 and not isinstance(info.value, UnsafeCheckpointError)
+
+
+@pytest.mark.parametrize("content, what", [
+    (b"epoch: 1\nweights: none\n", "a text file starting with 'epoch: 1'"),   # unpickled, this was KeyError: 101
+    (b"<html>404</html>", "a text file starting with '<html>404</html>'"),
+    (b"", "an empty file"),
+    (b"\x00\x01\x02\x03binary", "a binary file starting with b'\\x00\\x01\\x02\\x03bina'"),
+], ids=["yaml", "html", "empty", "binary"])
+def test_a_file_that_is_no_checkpoint_says_so_in_one_line(tmp_path, content, what):
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (f"{str(path)!r} ({len(content)} bytes) is not a checkpoint: it is {what}, while "
+                               "torch.save writes a zip archive (a pickle before torch 1.6); check the path, or if "
+                               "it was downloaded, delete it to fetch it again")
+    assert info.value.__cause__ is None and info.value.__context__ is None  # no unpickler traceback behind it
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads unreadable files")
+def test_unreadable_file_says_permission_denied(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"model": _tiny_sd()}, path)
+    path.chmod(0)
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*model\.pth'?: permission denied; make it "
+                                              r"readable or give another path"):
+        load_checkpoint(path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -379,3 +407,57 @@ def test_failed_save_keeps_old_file_and_removes_temp(tmp_path):
     assert path.read_bytes() == old_bytes
     assert load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over_a_checkpoint", "first_save"])
+def test_disk_full_during_save_is_one_line_naming_the_file(tmp_path, monkeypatch, previous):
+    """torch.save reports a failed write as its own RuntimeError ('unexpected pos ...') with the
+    OSError only chained; the error names the file, the cause and what is intact."""
+    path = tmp_path / "checkpoint_last.pth"
+    if previous:
+        save_checkpoint_atomic({"model": _tiny_sd(), "epoch": 1}, path)
+    old = path.read_bytes() if previous else None
+    fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.room = f, 100
+
+        def write(self, data):
+            n = memoryview(data).nbytes
+            if n > self.room:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= n
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(fdopen(fd, *a, **k)))
+    with pytest.raises(WriteError) as info:
+        save_checkpoint_atomic({"model": {"w": torch.randn(256, 256)}, "epoch": 2}, path)
+    kept = ("the previous checkpoint_last.pth is intact (it is replaced only by a complete new file: written to a "
+            "temporary file, then renamed)" if previous else "no checkpoint_last.pth was written")
+    assert str(info.value) == (f"cannot write checkpoint {str(path)!r}: disk full (no space left on device); {kept}; "
+                               f"free space in {str(tmp_path)!r} and run again")
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    assert os.listdir(tmp_path) == (["checkpoint_last.pth"] if previous else [])
+    if previous:
+        assert path.read_bytes() == old
+
+
+def test_a_connection_error_while_downloading_is_not_called_a_write_error(tmp_path):
+    """Only a refused write becomes a WriteError; an OSError of the source keeps its own meaning."""
+    def broken(f):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):
+        atomic_write(tmp_path / "model.pth", broken)
+    assert os.listdir(tmp_path) == []
+

@@ -387,7 +387,7 @@ def test_train_csv_blank_image_id_resolves_and_bad_caption_names_row(tmp_path, i
     bad.write_text("image,caption\nimg0.jpg,a\nimg1.jpg,b\nimg2.jpg,  \n")
     with pytest.raises(ValueError) as err:
         RetrievalTrainDataset(bad, images, None)
-    assert f"entry 2 of {bad}" in str(err.value) and "'caption'" in str(err.value)
+    assert f"row 2 (line 4) of {bad}" in str(err.value) and "'caption'" in str(err.value)
 
 
 def test_build_custom_with_caption_list_train_file(tmp_path, images):
@@ -466,10 +466,13 @@ def test_eval_mappings(tmp_path, images):
 
 
 def test_eval_skip_bad_images_drops_entry_with_captions(tmp_path, images, caplog):
+    from data.preflight import check_splits
     (images / "img1.jpg").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="data.retrieval"):
-        ds = RetrievalEvalDataset(_eval_ann(tmp_path), images, None, skip_bad_images=True)
-    assert ds.num_skipped == 2 and "gone.jpg" in caplog.text and "img1.jpg" in caplog.text
+    ds = RetrievalEvalDataset(_eval_ann(tmp_path), images, None, skip_bad_images=True)
+    with caplog.at_level(logging.WARNING, logger="data.preflight"):
+        assert check_splits({"test": ds}, skip=True) == {"test": 2}
+    assert "gone.jpg" in caplog.text and "img1.jpg" in caplog.text
+    assert "split 'test': dropped 2 of its 4 images (skip_bad_images; listed above), 2 items left" in caplog.text
     assert ds.image == ["img0.jpg", "img2.jpg"] and len(ds) == 2 and len(ds.annotation) == 2
     assert ds.text == ["red a", "red b", "blue a", "blue b", "blue c"]
     assert ds.img2txt == {0: [0, 1], 1: [2, 3, 4]}

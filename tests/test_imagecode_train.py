@@ -57,7 +57,9 @@ def _zero_shot(ic, out, *opts, score=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("score", ["itm", "itc", "itm+itc"])
 def test_zero_shot_with_a_plain_blip_checkpoint(ic, tmp_path, score):
-    record = _zero_shot(ic, tmp_path, f"pretrained={ic['blip']}", score=score)
+    # The released taps (3, 6, 9, 12) do not fit this 2-block ViT; a plain BLIP is scored without
+    # the adapter, so they are unused and no error.
+    record = _zero_shot(ic, tmp_path, f"pretrained={ic['blip']}", "adapter_taps=[3, 6, 9, 12]", score=score)
     preds = json.loads((tmp_path / "predictions.json").read_text())
     assert len(preds) == _valid_count(ic) == record["valid_n"]
     for p in preds:

@@ -78,7 +78,7 @@ def test_reader_errors_name_file_row_and_field(tmp_path, rows, header, match):
 
 def test_reader_rejects_more_pairs_than_the_patterns_hold(tmp_path):
     root = write_mmvp(tmp_path / "m", official_rows(2), images=False)
-    with pytest.raises(ValueError, match=r"18 pairs, but 9 patterns x 1 pairs hold at most 9"):
+    with pytest.raises(ValueError, match=r"18 pairs of the nine Types, but 9 patterns x 1 pairs hold at most 9"):
         read_mmvp(root, pairs_per_pattern=1, check_images=False)
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import json
 import time
-import types
 
 import pytest
 import torch

@@ -66,9 +66,13 @@ def test_config_builds_the_dataset_and_a_blip_train_file_is_a_valid_list(pairs, 
     ([{"image": "sub/0.png", "caption": "ok"}, {"caption": "c"}], "entry 1 of .*bad.json: missing field 'image'"),
     ([{"image": "sub/0.png"}], "entry 0 of .*bad.json: missing field 'caption'"),
     ([{"image": "sub/0.png", "caption": 3}], "entry 0 of .*bad.json: invalid field 'caption'"),
-    ([{"image": "sub/0.png", "caption": []}], "invalid field 'caption'.*non-empty list"),
+    ([{"image": "sub/0.png", "caption": []}], "invalid field 'caption': the caption list is empty"),
     ([{"image": "sub/0.png", "caption": ["a", None]}], "invalid field 'caption'"),
+    ([{"image": "sub/0.png", "caption": " \t"}], "entry 0 of .*bad.json: invalid field 'caption': the caption is"),
+    ([{"image": "sub/0.png", "caption": ["a", ""]}], "invalid field 'caption': item 1 of the caption list is empty"),
     ([{"image": "", "caption": "c"}], "invalid field 'image'"),
+    ([{"image": "  ", "caption": "c"}], "invalid field 'image'"),
+    ([], "bad.json: no entries"),
 ])
 def test_bad_entries_are_errors_naming_file_entry_and_field(pairs, content, message):
     tmp_path, root, a, b = pairs

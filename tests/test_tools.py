@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +138,25 @@ def test_resume_skips_finished_shards_and_rows(tiny, tmp_path):
         _score(cfg_path, out, [test_json], "--shard_size", 16)
 
 
-def test_a_missing_image_is_reported_with_its_row_and_the_shard_is_scored(tiny, tmp_path):
+def test_a_missing_image_stops_scoring_before_the_model_naming_its_row(tiny, tmp_path):
+    cfg_path, _, ann, _ = tiny
+    broken = _csv_copy(tmp_path / "broken.csv", ann, 6, bad_row=2)
+    # A tokenizer that does not exist: had the model been built first, that would be the error.
+    with pytest.raises(SystemExit) as err:
+        _score(cfg_path, tmp_path / "out", [broken], "--image_col", "file", "--caption_col", "text",
+               "--opts", "tokenizer=/nonexistent/tokenizer")
+    assert str(err.value).startswith(f"error: row 2 (line 4) of {broken}, field 'file': image file missing: ")
+    assert "--opts skip_bad_images=true" in str(err.value)
+    assert not (tmp_path / "out" / "scores.jsonl").exists() and not (tmp_path / "out" / "parts").exists()
+
+
+def test_with_skip_bad_images_a_missing_image_is_reported_with_its_row_and_the_rest_scored(tiny, tmp_path):
     cfg_path, _, ann, _ = tiny
     args = ["--image_col", "file", "--caption_col", "text", "--scores", "itm"]
     clean = _csv_copy(tmp_path / "clean.csv", ann, 6)
     broken = _csv_copy(tmp_path / "broken.csv", ann, 6, bad_row=2)
     _score(cfg_path, tmp_path / "clean", [clean], *args)
-    report = _score(cfg_path, tmp_path / "broken", [broken], *args)
+    report = _score(cfg_path, tmp_path / "broken", [broken], *args, "--opts", "skip_bad_images=true")
     good, bad = _records(tmp_path / "clean" / "scores.jsonl"), _records(tmp_path / "broken" / "scores.jsonl")
     assert len(bad) == 6 and report["errors"] == 1
     assert bad[2]["itm"] is None
@@ -197,6 +211,47 @@ def test_filter_top_fraction_and_mismatched_inputs(tmp_path):
     with pytest.raises(SystemExit, match="belong to other inputs"):
         main(["--input", str(other), "--scores", str(tmp_path / "scores.jsonl"), "--threshold", "0",
               "--out_dir", str(tmp_path / "o2")])
+
+
+def test_filter_refuses_to_write_nothing_and_warns_at_the_extremes(tmp_path, caplog):
+    from tools.filter_pairs import main
+    inputs = _filter_inputs(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        main(inputs + ["--threshold", "0.95", "--out_dir", str(tmp_path / "none")])
+    assert str(err.value) == ("error: the rule itm >= 0.95 keeps none of the 8 pairs (7 scored, itm from 0.1 to 0.9); "
+                              "nothing written. Pass --allow_empty to write empty files")
+    assert not (tmp_path / "none").exists()
+    with caplog.at_level(logging.WARNING, logger="tools.filter"):
+        report = main(inputs + ["--threshold", "0.95", "--allow_empty", "--out_dir", str(tmp_path / "empty")])
+    assert report["kept"] == 0 and json.loads((tmp_path / "empty" / "a.json").read_text()) == []
+    assert "the rule itm >= 0.95 keeps 0 of 8 pairs (0.0%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tools.filter"):
+        main(inputs + ["--threshold", "0.3", "--out_dir", str(tmp_path / "most")])  # 5 of 8: no warning
+        assert caplog.text == ""
+        many = tmp_path / "many.json"
+        many.write_text(json.dumps([{"image": "x.jpg", "caption": [f"c{i}" for i in range(300)]}]))
+        (tmp_path / "many_scores.jsonl").write_text("".join(
+            json.dumps({"row": r, "source": "many.json", "image": "x.jpg", "caption": f"c{r}", "itm": r / 300}) + "\n"
+            for r in range(300)))
+        main(["--input", str(many), "--scores", str(tmp_path / "many_scores.jsonl"), "--threshold", "0.001",
+              "--out_dir", str(tmp_path / "all")])
+    assert "keeps 299 of 300 pairs (99.7%): check the --key and the threshold" in caplog.text
+
+
+# ----------------------------------------------------------------------------- progress lines
+
+def test_long_tools_log_progress_with_rate_and_eta(tiny, tmp_path, monkeypatch):
+    import utils.logging
+    from tools.embed import main
+    monkeypatch.setattr(utils.logging, "HEARTBEAT_S", 0.0)  # a line per step instead of every 30 s
+    cfg_path, _, ann, _ = tiny
+    _cli(main, "--config", cfg_path, "--output_dir", tmp_path / "e", "--input", ann / "synthetic_test.json")
+    _score(cfg_path, tmp_path / "s", [ann / "synthetic_test.json"])
+    embed_log, score_log = (tmp_path / "e" / "run.log").read_text(), (tmp_path / "s" / "run.log").read_text()
+    assert re.search(r"the inputs: checking images: 16/16 images \(100.0%\), [\d.]+ images/s, ETA 0s", embed_log)
+    assert re.search(r"embed \(this rank\): 16/48 rows \(33.3%\), [\d.]+ rows/s, ETA \d+s", embed_log)
+    assert re.search(r"score \(this rank\): 32/32 pairs \(100.0%\), [\d.]+ pairs/s, ETA 0s", score_log)
 
 
 # ----------------------------------------------------------------------------- embed and search
@@ -291,6 +346,15 @@ def test_search_cli_equals_brute_force_and_rerank_matches_itm(tiny, tmp_path):
     want_i, _ = _brute_force(images[3:4], texts, 5)
     assert [r["gallery_index"] for r in i2t[0]["results"]] == want_i[0].tolist()
     assert i2t[0]["results"][0]["caption"] == text_ids[want_i[0, 0]]["caption"]
+
+    # A query image that is not there: named before any model is built, or left out with skip_bad_images.
+    gone = tmp_path / "gone.png"
+    with pytest.raises(SystemExit, match=rf"error: query image 1: image file missing: {gone}"):
+        _cli(search_main, *common, "--output_dir", tmp_path / "bad", "--direction", "i2t",
+             "--query_images", root / "test" / "test_00003.png", gone, "--opts", "tokenizer=/nonexistent")
+    kept = _cli(search_main, *common, "--output_dir", tmp_path / "skip", "--direction", "i2t",
+                "--query_images", root / "test" / "test_00003.png", gone, "--opts", "skip_bad_images=true")
+    assert kept == i2t
 
 
 # ----------------------------------------------------------------------------- ensemble

@@ -24,4 +24,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from utils.engine import run_entry  # our errors as one line, exit status 1 (as every entry script)
+    run_entry(main)

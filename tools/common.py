@@ -1,5 +1,13 @@
-"""What the tools share: start-up (process group, logging, model), pair-file arguments, and the
-sharded, resumable output engine.
+"""What the tools share: start-up (process group, logging, model), pair-file arguments and their
+pre-flight check, progress lines, and the sharded, resumable output engine.
+
+Pre-flight: a tool reads and checks its inputs (``read_pair_args``, ``check_pair_images``) before it
+builds a model, so a bad file or a missing image stops it at once, naming the file, the entry (or
+row and line) and the field. With ``--opts skip_bad_images=true`` the pairs of bad images are
+reported as not processed (``error`` in the output) and the others processed.
+
+Progress: long loops log a line at least every ``utils.logging.HEARTBEAT_S`` seconds
+(``Heartbeat``: rows done, rows/s, ETA), for logs rather than a progress bar.
 
 Sharding: rows ``0..n-1`` are cut into shards of ``shard_size`` consecutive rows; the unfinished
 shards are dealt to the ranks round-robin. Each shard is one output file, renamed into place only
@@ -19,12 +27,14 @@ from typing import Callable, Iterable, Iterator, List, Optional
 import torch
 
 from data.pairs import FORMATS, PairTable, read_pairs
+from data.preflight import check_images
+from data.utils import BadImageError
 from utils import dist as du
 from utils.checkpoint import atomic_write
 from models.factory import create_model
 from tasks.retrieval import RetrievalConfig
-from utils.config import parse_config, save_config
-from utils.logging import setup_logging
+from utils.config import parse_config
+from utils.engine import start_run
 
 logger = logging.getLogger("tools")
 
@@ -53,6 +63,22 @@ def read_pair_args(args) -> PairTable:
         raise SystemExit(f"error: {err}") from None
 
 
+def check_pair_images(table: PairTable, cfg) -> dict:
+    """Pre-flight image check of every distinct image of ``table`` (under ``cfg.image_root``); a
+    collective. A bad image ends the command naming its pair's file entry (or row and line), unless
+    ``cfg.skip_bad_images``: then ``{joined path: message}`` of the bad ones, for ``PairBatches``."""
+    paths, where = table.image_checks(cfg.image_root or None)
+    try:
+        bad = check_images(paths, where, "the inputs", cfg.skip_bad_images,
+                           hint="pass --opts skip_bad_images=true to report their pairs as not processed")
+    except (FileNotFoundError, BadImageError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if bad and du.is_main_process():
+        logger.warning("%d of %d images are missing or unreadable (skip_bad_images): their pairs are reported, not "
+                       "processed", len(bad), len(paths))
+    return {path: b.error for path, b in bad.items()}
+
+
 @dataclass
 class ToolRun:
     args: argparse.Namespace
@@ -62,15 +88,13 @@ class ToolRun:
 
 
 def start(argv, prog: str, description: str, extra_args) -> ToolRun:
-    """Parse ``--config/--output_dir/--opts`` plus the tool's flags, join the process group, set up
-    logging, and (rank 0) save the resolved config and the command line next to the outputs."""
+    """Parse ``--config/--output_dir/--opts`` plus the tool's flags, then start the run as every
+    entry script does (``utils.engine.start_run``: process group, the lock on ``output_dir``,
+    logging, ``deterministic``, the resolved config), and (rank 0) save the command line too."""
     args, cfg, doc = parse_config(RetrievalConfig, argv, description=description, extra_args=extra_args,
                                   prog=prog)
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    setup_logging(str(output_dir), info.rank)
+    info, output_dir = start_run(cfg, doc, args, trains=False)
     if info.is_main:
-        save_config(doc, output_dir / "config.yaml")
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
     return ToolRun(args, cfg, info, output_dir)
 

@@ -10,7 +10,9 @@ L2-normalised ITC features; in ``.safetensors`` the tensor is ``embeds``) and ``
 with ``ids`` (one record per embedded row: ``id``, ``image``, ``caption`` for texts, ``image_id``
 = the image's id, ``row`` = its first pair) and ``errors`` (images that could not be read, skipped).
 ``manifest.json`` describes the whole set. Shards are written atomically: a restart skips
-finished ones. Read them back with ``load_embeddings``.
+finished ones. Read them back with ``load_embeddings``. Every image is checked before the model is
+built (a bad one stops the command naming its row, unless ``--opts skip_bad_images=true``: then it
+is listed in ``errors``), and progress is logged at least every 30 s.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,13 +28,15 @@ from torch.utils.data import DataLoader
 
 from data.collate import tokenize
 from data.pairs import PairBatches, PairTable
+from data.preflight import log_unk_rate
 from data.transforms import build_test_transform
 from data.utils import pre_caption
-from tools.common import (ShardPlan, add_pair_args, batches_of, inference_model, check_run_plan, model_signature,
-                          read_pair_args, split_pending, start)
+from tools.common import (ShardPlan, add_pair_args, batches_of, check_pair_images, check_run_plan, inference_model,
+                          model_signature, read_pair_args, split_pending, start)
 from utils import dist as du
 from utils.checkpoint import atomic_write
 from utils.engine import autocast
+from utils.logging import Heartbeat
 from tasks.retrieval_eval import embed_texts
 
 logger = logging.getLogger("tools.embed")
@@ -104,13 +108,17 @@ def read_manifest(folder) -> dict:
 # ----------------------------------------------------------------------------- computing
 
 @torch.no_grad()
-def embed_image_rows(model, table: PairTable, rows: List[int], image_root, transform, cfg, device):
-    """Features ``[m, E]`` of the images of ``rows`` that load, their rows, and error messages."""
+def embed_image_rows(model, table: PairTable, rows: List[int], image_root, transform, cfg, device,
+                     bad_images: Optional[dict] = None, progress: Optional[Heartbeat] = None):
+    """Features ``[m, E]`` of the images of ``rows`` that load, their rows, and error messages
+    (``bad_images``: known bad, not tried; see ``PairBatches``)."""
     loader = DataLoader(PairBatches(table, batches_of(rows, cfg.batch_size_test), image_root, transform,
-                                    cfg.max_words), batch_size=None, num_workers=cfg.num_workers)
+                                    cfg.max_words, bad_images), batch_size=None, num_workers=cfg.num_workers)
     feats, kept, errors = [], [], []
     for batch in loader:
         errors.extend(batch["errors"][r] for r in batch["rows"] if r in batch["errors"])
+        if progress is not None:
+            progress.update(len(batch["rows"]))
         if batch["pixel_values"] is None:
             continue
         with autocast(device, cfg.precision):
@@ -122,10 +130,19 @@ def embed_image_rows(model, table: PairTable, rows: List[int], image_root, trans
     return (torch.cat(feats).numpy() if feats else np.zeros((0, model.embed_dim), np.float32)), kept, errors
 
 
-def embed_captions(model, tokenizer, captions: List[str], cfg, device) -> np.ndarray:
-    """Normalised text features ``[n, E]`` of raw captions (``pre_caption`` applied)."""
-    ids, mask = tokenize(tokenizer, [pre_caption(c, cfg.max_words) for c in captions], cfg.max_tokens)
-    return embed_texts(model, ids, mask, cfg.batch_size_test, device, cfg.precision).cpu().numpy()
+def embed_captions(model, tokenizer, captions: List[str], cfg, device,
+                   progress: Optional[Heartbeat] = None) -> np.ndarray:
+    """Normalised text features ``[n, E]`` of raw captions (``pre_caption`` applied), in chunks of
+    16 batches (a progress step each)."""
+    step = 16 * cfg.batch_size_test
+    feats = [np.zeros((0, model.embed_dim), np.float32)]
+    for s in range(0, len(captions), step):
+        chunk = captions[s:s + step]
+        ids, mask = tokenize(tokenizer, [pre_caption(c, cfg.max_words) for c in chunk], cfg.max_tokens)
+        feats.append(embed_texts(model, ids, mask, cfg.batch_size_test, device, cfg.precision).cpu().numpy())
+        if progress is not None:
+            progress.update(len(chunk))
+    return np.concatenate(feats)
 
 
 def _image_ids(table: PairTable) -> Tuple[List[int], dict]:
@@ -138,6 +155,7 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
     args, cfg, info = run.args, run.cfg, run.info
     try:
         table = read_pair_args(args)
+        bad_images = check_pair_images(table, cfg)
         first_rows, image_id = _image_ids(table)
         kinds = KINDS if args.what == "both" else (args.what,)
         plans = {"image": ShardPlan(len(first_rows), args.shard_size), "text": ShardPlan(len(table), args.shard_size)}
@@ -149,17 +167,22 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
         mine = split_pending(jobs, lambda j: shard_paths(run.output_dir, *j, args.array_format)[1].exists(), info)
         if mine:
             model, tokenizer = inference_model(cfg, info.device)
+            if "text" in kinds:
+                log_unk_rate(tokenizer, table.caption, "the captions", clean=lambda c: pre_caption(c, cfg.max_words))
             transform = build_test_transform(cfg.image_size)
+            progress = Heartbeat("embed (this rank)", sum(len(plans[k].rows(s)) for k, s in mine), "rows", logger)
         for kind, s in mine:
             rows = plans[kind].rows(s)
             if kind == "image":
                 feats, kept, errors = embed_image_rows(model, table, [first_rows[i] for i in rows],
-                                                       cfg.image_root or None, transform, cfg, info.device)
+                                                       cfg.image_root or None, transform, cfg, info.device,
+                                                       bad_images, progress)
                 for e in errors:
                     logger.warning("not embedded: %s", e)
                 ids = [{"id": image_id[table.image[r]], "image": table.image[r], "row": r} for r in kept]
             else:
-                feats, errors = embed_captions(model, tokenizer, [table.caption[r] for r in rows], cfg, info.device), []
+                feats = embed_captions(model, tokenizer, [table.caption[r] for r in rows], cfg, info.device, progress)
+                errors = []
                 ids = [{"id": r, "caption": table.caption[r], "image": table.image[r],
                         "image_id": image_id[table.image[r]], "row": r} for r in rows]
             write_shard(run.output_dir, kind, s, args.array_format, feats, ids, errors)

@@ -15,7 +15,8 @@ elsewhere) and its ITC features. Then
   scaled by sqrt(w_m) (weights sum to 1, so the result is unit length and its cosine is the weighted
   sum of the members' cosines); retrieval by that cosine alone.
 Both are evaluated with BLIP's recall metrics; ``ensemble.json`` has every member's protocol and
-ITC-only metrics next to the fused ones.
+ITC-only metrics next to the fused ones. The split is parsed and its images checked before any
+model is built (``skip_bad_images`` as in ``train_retrieval.py``).
 """
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from data.collate import tokenize
-from data.retrieval import build_retrieval_datasets
+from data.preflight import log_unk_rate
 from data.transforms import build_test_transform
 from tools.common import inference_model, start
 from utils import dist as du
-from tasks.retrieval import RetrievalConfig
+from tasks.retrieval import RetrievalConfig, build_datasets
 from utils.config import load_config
 from utils.engine import autocast
 from tasks.retrieval_eval import embed_texts, evaluate_retrieval, retrieval_metrics
@@ -122,17 +123,20 @@ def main(argv=None, prog: str = "python -m tools ensemble") -> dict:
         members = [load_config(c, RetrievalConfig)[0] for c in args.member_configs] if args.member_configs \
             else [cfg] * len(args.checkpoints)
         record: dict = {"split": args.split, "weights": weights, "normalize": args.normalize, "members": []}
+        dataset = build_datasets(cfg, (args.split,))[args.split]
         protocol, features, txt2img = [], [], None
         for ckpt, member in zip(args.checkpoints, members):
-            dataset = build_retrieval_datasets(cfg, splits=(args.split,),
-                                               test_transform=build_test_transform(member.image_size))[args.split]
-            txt2img = dataset.txt2img
+            dataset.transform = build_test_transform(member.image_size)
             model, tokenizer = inference_model(member, info.device, pretrained=ckpt)
+            log_unk_rate(tokenizer, dataset.text, f"the {args.split} captions")
             out = evaluate_retrieval(model, dataset, tokenizer, k_test=cfg.k_test, max_tokens=member.max_tokens,
                                      batch_size=cfg.batch_size_test, rerank_batch_size=cfg.rerank_batch_size,
                                      num_workers=cfg.num_workers, precision=cfg.precision,
                                      progress=not args.no_progress and info.is_main)
             image_feat, text_feat = dataset_features(model, dataset, tokenizer, member, info.device)
+            if out.left_out:  # images that failed to decode: evaluated without them, as the protocol was
+                image_feat, text_feat = image_feat[out.image_index], text_feat[out.text_index]
+            txt2img = out.txt2img
             sims = (image_feat @ text_feat.t()).numpy()
             protocol.append((out.score_i2t, out.score_t2i))
             features.append((image_feat, text_feat))

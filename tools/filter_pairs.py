@@ -10,7 +10,9 @@ caption are checked. Each input is written to ``out_dir`` under its own name and
 (a json entry with a caption list keeps its kept captions). A pair kept: score >= threshold, or
 among the ceil(fraction x scored pairs) highest (ties: the earlier row). Pairs that could not be
 scored (missing image) are dropped. Prints, and writes to ``filter_report.json``, how many pairs were
-kept and dropped per source.
+kept and dropped per source. Keeping under ``WARN_BELOW`` (5%) or over ``WARN_ABOVE`` (99.5%) of the
+pairs is warned about (a threshold on the wrong scale or key); keeping none writes nothing unless
+``--allow_empty``. Reading the scores logs progress at least every 30 s.
 """
 from __future__ import annotations
 
@@ -25,8 +27,13 @@ import numpy as np
 
 from data.pairs import PairTable, write_filtered
 from tools.common import add_pair_args, read_jsonl, read_pair_args
+from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.filter")
+
+# A rule that keeps almost nothing or almost everything is more likely a mistake (itc vs itm scale,
+# a percentage given as a fraction) than an intent: say so.
+WARN_BELOW, WARN_ABOVE = 0.05, 0.995
 
 
 def read_scores(path: Path, key: str, table: PairTable) -> np.ndarray:
@@ -43,7 +50,9 @@ def read_scores(path: Path, key: str, table: PairTable) -> np.ndarray:
         raise ValueError(f"{path} has {len(records)} scored pairs but the inputs have {len(table)}: give "
                          "the same --input files (and options) as to `tools score`")
     values = np.full(len(table), np.nan)
+    progress = Heartbeat(f"reading {path.name}", len(records), "records", logger)
     for line, rec in enumerate(records):
+        progress.update()
         r = int(rec["row"])
         if r != line or rec["image"] != table.image[r] or rec["caption"] != table.caption[r]:
             raise ValueError(f"{path}, record {line}: row {r} is ({rec['image']!r}, {rec['caption']!r}) but "
@@ -89,6 +98,8 @@ def _args(argv, prog):
     how.add_argument("--threshold", type=float, help="keep pairs whose score is >= this")
     how.add_argument("--top_fraction", type=float, help="keep this fraction of the scored pairs, highest first")
     p.add_argument("--out_dir", required=True, help="folder for the filtered annotation files")
+    p.add_argument("--allow_empty", action="store_true",
+                   help="write the files even when the rule keeps no pair (otherwise an error)")
     return p.parse_args(argv)
 
 
@@ -101,9 +112,19 @@ def main(argv=None, prog: str = "python -m tools filter") -> dict:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     keep = keep_mask(values, args.threshold, args.top_fraction)
+    rule = (f"{args.key} >= {args.threshold}" if args.threshold is not None
+            else f"top {args.top_fraction:g} by {args.key}")
+    kept = int(keep.sum())
+    if kept == 0 and not args.allow_empty:
+        scored = values[np.isfinite(values)]
+        span = f", {args.key} from {scored.min():.4g} to {scored.max():.4g}" if scored.size else ""
+        raise SystemExit(f"error: the rule {rule} keeps none of the {len(table)} pairs ({scored.size} scored{span}); "
+                         "nothing written. Pass --allow_empty to write empty files")
+    if not WARN_BELOW <= kept / len(table) <= WARN_ABOVE:
+        logger.warning("the rule %s keeps %d of %d pairs (%.1f%%): check the --key and the threshold", rule, kept,
+                       len(table), 100.0 * kept / len(table))
     written = write_filtered(table, keep, args.out_dir)
     counts = per_source_counts(table, keep, values)
-    rule = f"{args.key} >= {args.threshold}" if args.threshold is not None else f"top {args.top_fraction:g} by {args.key}"
     report = {"rule": rule, "pairs": len(table), "kept": int(keep.sum()), "dropped": int((~keep).sum()),
               "per_source": counts, "written": [str(w) for w in written]}
     Path(args.out_dir, "filter_report.json").write_text(json.dumps(report, indent=1))

@@ -6,10 +6,13 @@
 
 Each rank scores its shards (``--shard_size`` consecutive pairs each) into ``parts/``; rank 0 then
 merges them, in input order, into ``scores.jsonl`` (or ``scores.csv``) with one record per pair:
-``row, source, image, caption, itc, itm`` and, for a pair whose image is missing or unreadable,
-``error`` (its scores are null; the rest of the shard is scored). A restarted run skips finished
-shards and the pairs already written to an unfinished one. The score distribution goes to
-``score_report.json`` (quantiles, per-source counts) and ``score_hist.png``.
+``row, source, image, caption, itc, itm`` and ``error`` for a pair whose image could not be read
+(its scores are null; the rest of the shard is scored). Before the model is built every image is
+checked: a missing or unreadable one stops the command naming its row, unless ``--opts
+skip_bad_images=true``, which reports its pairs with ``error`` instead. A restarted run skips
+finished shards and the pairs already written to an unfinished one. Progress is logged at least
+every 30 s. The score distribution goes to ``score_report.json`` (quantiles, per-source counts) and
+``score_hist.png``.
 
 ``itc`` is the cosine of the normalised ITC features (BLIP's retrieval similarity, in [-1, 1]);
 ``itm`` is softmax(ITM logits)[match], the probability that the caption describes the image.
@@ -29,12 +32,15 @@ from torch.utils.data import DataLoader
 
 from data.collate import tokenize
 from data.pairs import PairBatches, PairTable
+from data.preflight import log_unk_rate
 from data.transforms import build_test_transform
-from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, inference_model, check_run_plan,
-                          model_signature, read_jsonl, read_pair_args, split_pending, start,
+from data.utils import pre_caption
+from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, check_pair_images, check_run_plan,
+                          inference_model, model_signature, read_jsonl, read_pair_args, split_pending, start,
                           write_lines_atomic)
 from utils import dist as du
 from utils.engine import autocast
+from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.score")
 
@@ -82,13 +88,14 @@ def score_batch(model, tokenizer, batch: dict, kinds: Sequence[str], cfg, device
 
 
 def score_shard(shard: JsonlShard, rows: range, table: PairTable, model, tokenizer, transform, kinds, cfg,
-                device) -> None:
+                device, bad_images: dict, progress: Heartbeat) -> None:
     done = shard.done_rows()
     pending = [r for r in rows if r not in done]
     if done:
         logger.info("%s: resuming, %d of %d pairs already scored", shard.partial.name, len(done), len(rows))
+    progress.update(len(done))
     dataset = PairBatches(table, batches_of(pending, cfg.batch_size_test), cfg.image_root or None, transform,
-                          cfg.max_words)
+                          cfg.max_words, bad_images)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
     with shard.open_append() as f:
         for batch in loader:
@@ -101,6 +108,7 @@ def score_shard(shard: JsonlShard, rows: range, table: PairTable, model, tokeniz
                     logger.warning("not scored: %s", record["error"])
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()  # a kill now loses at most the batch being scored
+            progress.update(len(batch["rows"]))
     shard.finish()
 
 
@@ -182,6 +190,7 @@ def main(argv=None, prog: str = "python -m tools score") -> dict:
     args, cfg, info = run.args, run.cfg, run.info
     try:
         table = read_pair_args(args)
+        bad_images = check_pair_images(table, cfg)
         kinds = KINDS[args.scores]
         plan = ShardPlan(len(table), args.shard_size)
         parts = run.output_dir / "parts"
@@ -192,10 +201,12 @@ def main(argv=None, prog: str = "python -m tools score") -> dict:
         todo = split_pending(list(range(plan.n_shards)), lambda s: JsonlShard(parts, s).complete, info)
         if todo:
             model, tokenizer = inference_model(cfg, info.device)
+            log_unk_rate(tokenizer, table.caption, "the captions", clean=lambda c: pre_caption(c, cfg.max_words))
             transform = build_test_transform(cfg.image_size)
+            progress = Heartbeat("score (this rank)", sum(len(plan.rows(s)) for s in todo), "pairs", logger)
             for s in todo:
                 score_shard(JsonlShard(parts, s), plan.rows(s), table, model, tokenizer, transform, kinds, cfg,
-                            info.device)
+                            info.device, bad_images, progress)
         du.barrier()
         report = {}
         if info.is_main:

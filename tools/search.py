@@ -16,6 +16,11 @@ same results. ``--rerank`` re-scores each query's k candidates as BLIP's evaluat
 ``ITM logit[match] + cosine``, with the image-major reranker of ``tasks/retrieval_eval.py``.
 Writes ``results.json`` (per query, its ranked results with ``score``, ``itc`` and, reranked,
 ``itm``) and ``contact_sheet.png`` (the top results of the first ``--sheet_queries`` queries).
+
+Before the model is built, every image the command will decode is checked (query images; with
+``--rerank`` in t2i the gallery's images): a missing or unreadable one stops it naming the file, or
+for query images with ``--opts skip_bad_images=true`` is left out with a count. Progress is logged
+at least every 30 s.
 """
 from __future__ import annotations
 
@@ -30,13 +35,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.collate import tokenize
-from data.pairs import PairBatches, PairTable, read_pairs
+from data.pairs import PairBatches, PairTable
+from data.preflight import check_images, log_unk_rate
 from data.transforms import build_test_transform
-from data.utils import load_image, pre_caption
-from tools.common import add_pair_args, batches_of, inference_model, model_signature, start
+from data.utils import BadImageError, load_image, pre_caption
+from tools.common import add_pair_args, batches_of, inference_model, model_signature, read_pair_args, start
 from tools.embed import embed_captions, load_embeddings, read_manifest
 from utils import dist as du
 from utils.engine import autocast
+from utils.logging import Heartbeat
 from tasks.retrieval_eval import rerank_itm
 
 logger = logging.getLogger("tools.search")
@@ -67,6 +74,7 @@ def topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_siz
     """Exact top-``k`` inner products: queries ``[Q, E]`` x gallery ``[G, E]`` -> (scores, indices)
     ``[Q, min(k, G)]``, best first. Memory stays ``[query_chunk, chunk_size + k]``."""
     k = min(k, gallery.shape[0])
+    progress = Heartbeat("search", queries.shape[0], "queries", logger)
     out_s, out_i = [], []
     for q0 in range(0, queries.shape[0], query_chunk):
         q = queries[q0:q0 + query_chunk]
@@ -81,6 +89,7 @@ def topk_chunked(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_siz
             best_s, best_i = top.values, cand_i.gather(1, top.indices)
         out_s.append(best_s)
         out_i.append(best_i)
+        progress.update(q.shape[0])
     if not out_s:
         return queries.new_empty(0, k), torch.empty(0, k, dtype=torch.long)
     return torch.cat(out_s), torch.cat(out_i)
@@ -139,10 +148,34 @@ def load_queries(args, cfg) -> Tuple[List[dict], Optional[np.ndarray]]:
         root = manifest.get("image_root", "")
         return [({"text": r["caption"], "image": _join_root(root, r["image"])} if t2i
                  else {"image": _join_root(root, r["image"])}) for r in ids], feats
-    table = read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
+    table = read_pair_args(args)
     if t2i:
         return [{"text": c, "image": _join_root(cfg.image_root, i)} for c, i in zip(table.caption, table.image)], None
     return [{"image": _join_root(cfg.image_root, table.image[r])} for r in table.first_rows_of_images()], None
+
+
+def check_query_images(queries: List[dict], skip: bool) -> List[int]:
+    """The indices of the queries whose image exists and has a readable header: a bad one ends the
+    command naming it, or with ``skip`` (``skip_bad_images``) is left out with a count. Single process."""
+    try:
+        bad = check_images([query["image"] for query in queries], lambda q: f"query image {q}", "the query images",
+                           skip, hint="pass --opts skip_bad_images=true to leave them out", collective=False)
+    except (FileNotFoundError, BadImageError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if bad:
+        logger.warning("left out %d of %d queries whose image is missing or unreadable (skip_bad_images)", len(bad),
+                       len(queries))
+    return [q for q, query in enumerate(queries) if query["image"] not in bad]
+
+
+def check_gallery_images(gallery_ids: List[dict], root: str, gallery: str) -> None:
+    """With ``--rerank`` in t2i the candidates' images are decoded: check them all up front (they
+    may have moved since ``tools embed``). Single process."""
+    try:
+        check_images([_join_root(root, r["image"]) for r in gallery_ids], lambda k: f"image {k} of gallery {gallery}",
+                     "the gallery images", skip=False, hint="embed the gallery again", collective=False)
+    except (FileNotFoundError, BadImageError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 @torch.no_grad()
@@ -151,6 +184,7 @@ def encode_image_files(model, paths: List[str], cfg, device, tokens: bool = Fals
     dataset = PairBatches(PairTable.from_images(paths), batches_of(list(range(len(paths))), cfg.batch_size_test),
                           None, build_test_transform(cfg.image_size), cfg.max_words)
     loader = DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    progress = Heartbeat("encode images", len(paths), "images", logger)
     feats, toks = [], []
     for batch in loader:
         if batch["errors"]:
@@ -161,6 +195,7 @@ def encode_image_files(model, paths: List[str], cfg, device, tokens: bool = Fals
         feats.append(f.float()[index])
         if tokens:
             toks.append(t.float()[index])
+        progress.update(len(batch["rows"]))
     return torch.cat(feats), (torch.cat(toks) if tokens else None)
 
 
@@ -192,7 +227,8 @@ def itm_rerank(model, tokenizer, cfg, device, queries: List[dict], gallery_ids: 
             else:
                 needed[q, pos[int(c)]] = True
     itm = rerank_itm(model, image_tokens, 0, needed.to(device), ids, mask, device, cfg.rerank_batch_size,
-                     precision=cfg.precision).cpu().numpy()
+                     precision=cfg.precision,
+                     report=Heartbeat("rerank", len(image_paths), "images", logger).update).cpu().numpy()
     cols = np.vectorize(pos.get)(top_i) if top_i.size else top_i
     rows = np.arange(top_i.shape[0])[:, None]
     itm_q = itm[cols, rows] if t2i else itm[rows, cols]
@@ -273,12 +309,21 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
                            manifest["model"], model_signature(cfg))
         gallery, gallery_ids = load_embeddings(args.gallery, "image" if t2i else "text")
         queries, query_feats = load_queries(args, cfg)
+        if not t2i and (query_feats is None or args.rerank):  # the query images are decoded
+            keep = check_query_images(queries, cfg.skip_bad_images)
+            queries = [queries[q] for q in keep]
+            query_feats = None if query_feats is None else query_feats[keep]
+        if t2i and args.rerank:
+            check_gallery_images(gallery_ids, manifest.get("image_root", ""), args.gallery)
         model = tokenizer = None
         if query_feats is None or args.rerank:
             model, tokenizer = inference_model(cfg, info.device)
         if query_feats is None:
             if t2i:
-                query_feats = embed_captions(model, tokenizer, [q["text"] for q in queries], cfg, info.device)
+                log_unk_rate(tokenizer, [q["text"] for q in queries], "the queries",
+                             clean=lambda c: pre_caption(c, cfg.max_words))
+                query_feats = embed_captions(model, tokenizer, [q["text"] for q in queries], cfg, info.device,
+                                             Heartbeat("embed queries", len(queries), "queries", logger))
             else:
                 query_feats = encode_image_files(model, [q["image"] for q in queries], cfg, info.device)[0].cpu().numpy()
         top_s, top_i = search(query_feats, gallery, args.k, args.backend, args.chunk_size)

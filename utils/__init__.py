@@ -1,5 +1,5 @@
 """Task-agnostic infrastructure: config machinery, checkpoint I/O, distributed helpers, logging,
-schedules and the training engine.
+schedules, the training engine and the errors a user can fix (``errors``).
 
 Importing this package first checks the Python version, so that every entry script stops on an
 unsupported Python with one clear line rather than a syntax or type error from deep inside.

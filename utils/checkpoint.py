@@ -3,15 +3,21 @@
 The official BLIP files are `{'model': state_dict, 'optimizer': ..., 'config': ..., 'epoch': ...}`.
 Unlike the original loader, which silently drops shape-mismatched weights, every missing,
 unexpected and mismatched key is reported (`LoadReport`) and `strict=True` turns them into errors.
+
+Every read and write failure is one line naming the file and what happened (not a checkpoint,
+truncated, permission denied, disk full); a failed write also says that the previous file is intact,
+which the atomic write (temp file, fsync, rename) guarantees.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import logging
 import math
 import os
 import pickle
+import re
 import secrets
 import sys
 import urllib.error
@@ -27,14 +33,21 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be obtained, read or interpreted."""
+
+
+class WriteError(UserError, OSError):
+    """A file could not be written (disk full, permission denied, ...); the message names it and says
+    that the previous file is intact. ``errno`` is the cause's."""
 
 
 class CheckpointDownloadError(CheckpointError):
@@ -68,25 +81,46 @@ def _cache_path(url: str, cache_dir: Path) -> Path:
     return cache_dir / f"{digest}_{basename}"
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+# What _atomic_write names its temp files: `.<target name>.<pid>.<8 hex digits>.tmp` next to the target.
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.\d+\.[0-9a-f]{8}\.tmp")
+
+# The OSErrors that mean the file system refused the write (others, e.g. a dropped connection
+# while a download is copied, keep their own type and message).
+_WRITE_FAILURES = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error (a failing disk or network file system)",
+}
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None], what: str = "file") -> Path:
     """Run `write(f)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`.
 
     A failure (or a kill) part-way never leaves a half-written file under `path`, and any previous
-    file there stays intact; on an exception the temp file is removed.
+    file there stays intact; on an exception the temp file is removed. A refused write (disk full,
+    permission denied, ...; also one that `write` only chains, as torch.save does) becomes a
+    one-line `WriteError` naming `what` and `path`.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # os.open with 0o666 (not mkstemp's 0o600) so the result gets the usual umask permissions.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
+    except BaseException as err:  # KeyboardInterrupt included: never leave the temp file behind
         tmp.unlink(missing_ok=True)
-        raise
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise _write_error(path, what, cause) from err
     if os.name == "posix":  # make the rename itself durable across a power loss
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -94,6 +128,48 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The refused write in `err`'s chain, if any: torch.save reports a failed write as its own
+    RuntimeError ('unexpected pos ...') with the OSError only chained."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, WriteError):
+            return None  # already one line (a nested atomic write)
+        if isinstance(err, OSError) and err.errno in _WRITE_FAILURES:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _write_error(path: Path, what: str, cause: OSError) -> WriteError:
+    happened = _WRITE_FAILURES[cause.errno]
+    if path.exists():
+        kept = (f"the previous {path.name} is intact (it is replaced only by a complete new file: "
+                "written to a temporary file, then renamed)")
+    else:
+        kept = f"no {path.name} was written"
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = f"free space in {str(path.parent)!r} and run again"
+    elif cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = f"make {str(path.parent)!r} writable, or write elsewhere (--output_dir)"
+    else:
+        todo = "check the disk and run again"
+    err = WriteError(f"cannot write {what} {str(path)!r}: {happened}; {kept}; {todo}")
+    err.errno = cause.errno
+    return err
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temp files that hard-killed atomic writes left directly in `folder` (only names
+    `_atomic_write` makes); returns them. Call it only while no other process writes there."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.glob(".*.tmp") if _TEMP_NAME.fullmatch(p.name) and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -180,50 +256,67 @@ def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
 
 # --------------------------------------------------------------------------- reading
 
-def load_checkpoint(source: str | Path, map_location: Any = "cpu", **resolve_kwargs: Any) -> dict:
+def load_checkpoint(source: str | Path, map_location: Any = "cpu", mmap: bool = False,
+                    **resolve_kwargs: Any) -> dict:
     """Resolve `source` and `torch.load` it with `weights_only=True` (never anything less safe).
 
-    `resolve_kwargs` go to `resolve_checkpoint` (cache_dir, timeout, progress).
+    The file's structure is checked first, so that a file that is no checkpoint at all (text, an
+    HTML error page, empty), a truncated one and an unreadable one each fail with one line naming it
+    rather than with whatever the unpickler trips over. `mmap=True` maps the tensors of a zip-format
+    file instead of reading them (cheap when only the metadata is needed). `resolve_kwargs` go to
+    `resolve_checkpoint` (cache_dir, timeout, progress).
     """
     path = resolve_checkpoint(source, **resolve_kwargs)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (PermissionError, FileNotFoundError, IsADirectoryError):
-        raise  # about access to the file, not its contents
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as err:
-        # What the error means is decided from the file's structure, not from torch's wording.
-        fmt = _file_format(path)
-        why = fmt
-        if isinstance(err, pickle.UnpicklingError) and fmt == "legacy":
+        fmt, what = _file_format(path)
+    except PermissionError:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: permission denied; make it readable "
+                              "or give another path") from None
+    if fmt == "other":
+        raise CheckpointError(f"{str(path)!r} ({path.stat().st_size} bytes) is not a checkpoint: it is {what}, "
+                              "while torch.save writes a zip archive (a pickle before torch 1.6); check the "
+                              "path, or if it was downloaded, delete it to fetch it again")
+    if fmt == "damaged":
+        raise _corrupt(path, what)
+    # Other errors than these come from a well-formed file: the cause lies elsewhere (e.g. a CUDA
+    # map_location on a machine without CUDA), so they pass unchanged.
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and fmt == "zip")
+    except pickle.UnpicklingError:
+        if fmt == "legacy":
             raise _unsafe(path, "torch refused this legacy (pre-1.6) file and cannot list the globals "
                                 "of that format; it may also be damaged") from None
-        if isinstance(err, pickle.UnpicklingError) and fmt == "zip":
-            unsafe = _unsafe_globals(path)
-            if unsafe:
-                raise _unsafe(path, f"it needs {', '.join(sorted(unsafe))}") from None
-            why = "its data.pkl is no pickle that weights-only loading can read"
-        elif fmt in ("zip", "legacy"):
-            if not isinstance(err, EOFError):
-                raise  # a well-formed file: the cause lies elsewhere (e.g. a CUDA map_location on a CPU)
-            why = "the pickle ends early"
-        raise _corrupt(path, f"{why}; torch raised {type(err).__name__}") from err
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise _unsafe(path, f"it needs {', '.join(sorted(unsafe))}") from None
+        raise _corrupt(path, "its data.pkl is no pickle that weights-only loading can read") from None
+    except EOFError as err:
+        raise _corrupt(path, "the pickle ends early") from err
 
-def _file_format(path: Path) -> str:
-    """'zip' (torch.save's format since torch 1.6: an intact archive holding a data.pkl) or
-    'legacy' (a bare pickle stream, the older format), from the bytes; else what the file is."""
+
+def _file_format(path: Path) -> tuple[str, str]:
+    """What the file is, from its bytes: ('zip', ...) (torch.save's format since torch 1.6: an intact
+    archive holding a data.pkl), ('legacy', ...) (a bare pickle stream, the older format),
+    ('damaged', what) (a zip archive cut short) or ('other', what) (not a checkpoint at all)."""
     try:
         with zipfile.ZipFile(path) as archive:
             has_pickle = any(Path(name).name == "data.pkl" for name in archive.namelist())
-        return "zip" if has_pickle else "a zip archive without data.pkl"
+        return ("zip", "") if has_pickle else ("other", "a zip archive without data.pkl")
     except zipfile.BadZipFile:
         pass
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(40)
     if head.startswith(_ZIP_MAGIC):
-        return "a zip archive cut short or damaged"
+        return "damaged", "a zip archive cut short or damaged"
     if head.startswith(b"\x80"):  # the PROTO opcode every pickle of protocol 2 or later starts with
-        return "legacy"
-    return f"neither a zip archive nor a pickle (starts with {head!r})" if head else "an empty file"
+        return "legacy", ""
+    if not head:
+        return "other", "an empty file"
+    text = head.decode("utf-8", "ignore")  # "ignore": the 40 bytes may end inside a character
+    if not "".join(text.split()).isprintable():
+        return "other", f"a binary file starting with {head[:8]!r}"
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return "other", f"a text file starting with {first!r}"
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -245,9 +338,8 @@ def _unsafe(path: Path, why: str) -> UnsafeCheckpointError:
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
     size = path.stat().st_size
-    return CheckpointError(f"cannot read checkpoint {str(path)!r} ({size} bytes): it is corrupt, "
-                           f"truncated or not a torch.save file ({why}); if it was downloaded, "
-                           "delete it to fetch it again")
+    return CheckpointError(f"cannot read checkpoint {str(path)!r} ({size} bytes): it is truncated or "
+                           f"damaged ({why}); if it was downloaded, delete it to fetch it again")
 
 
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -397,4 +489,4 @@ def save_checkpoint_atomic(obj: Any, path: str | Path) -> Path:
     Parent directories are created. A hard kill can leave a `.<name>.<pid>.<rand>.tmp` file next to
     `path`, never a half-written `path`.
     """
-    return _atomic_write(Path(path), lambda f: torch.save(obj, f))
+    return _atomic_write(Path(path), lambda f: torch.save(obj, f), "checkpoint")

@@ -29,10 +29,13 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
+from utils.errors import UserError
+from utils.logging import set_debug
+
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit its schema; the message names the key."""
 
 
@@ -347,6 +350,8 @@ def parse_config(schema: type, argv: Optional[List[str]] = None, description: Op
 
     ``prog`` names the command in usage lines (e.g. ``python -m tools score``); ``unused_keys(args)``
     names the settings the run will not use (e.g. gradient checkpointing under ``--evaluate``).
+    Every command also gets the run flags ``--overwrite`` (read by ``utils.engine.start_run``) and
+    ``--debug`` (full tracebacks on the console, see ``utils.engine.run_entry``).
     A bad config exits through ``parser.error`` (usage + message, status 2) rather than a traceback.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -357,9 +362,16 @@ def parse_config(schema: type, argv: Optional[List[str]] = None, description: Op
     group.add_argument('--opts', nargs='*', action='extend', default=[], metavar='KEY=VALUE',
                        help='config overrides, e.g. --opts k_test=32 vit.width=96 pretrained= '
                             '(may be given several times; later entries win)')
+    run = parser.add_argument_group('run')
+    run.add_argument('--overwrite', action='store_true',
+                     help="train afresh in an output_dir that holds a previous run's checkpoint (its "
+                          'checkpoints and log.txt are deleted first); without it such a run is refused')
+    run.add_argument('--debug', action='store_true',
+                     help='on an error, print the full traceback (it always goes to output_dir/run.log)')
     if extra_args is not None:
         extra_args(parser)
     args = parser.parse_args(argv)
+    set_debug(args.debug)
     try:
         cfg, doc = load_config(args.config, schema, args.opts,
                                unused_keys=unused_keys(args) if unused_keys else ())

@@ -13,6 +13,8 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from utils.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"config key 'device' is {name!r} but CUDA is not available")
+            raise ConfigError(f"config key 'device' is {name!r} but CUDA is not available; use device: auto "
+                              "(or cpu) on this machine")
         if dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     return dev

@@ -8,14 +8,23 @@ What it guarantees:
   epoch, RNG states and the negative-sampling generator, and every sample's augmentation is seeded by
   (seed, epoch, index) — so a resumed run computes the same losses and weights as an uninterrupted
   one, whatever the number of DataLoader workers;
-- checkpoints are written atomically (temp file, fsync, rename).
+- checkpoints are written atomically (temp file, fsync, rename);
+- ``deterministic: true`` makes a run bitwise repeatable on the same machine and software;
+- a run owns its ``output_dir`` (:func:`start_run`: a lock, no fresh start over a previous run) and
+  ends on our own errors with their one-line message (:func:`run_entry`).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
+import os
 import random
+import socket
+import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,19 +35,25 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import dist as du
-from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint_atomic
 from utils.config import config_to_dict
-from utils.logging import append_json_line
+from utils.errors import UserError
+from utils.logging import Heartbeat, append_json_line, debug_enabled, has_log_file, reset_logging
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
+class OutputDirError(UserError):
+    """``output_dir`` is in use by another run, or holds a previous run a fresh start would overwrite."""
+
+
 def _mix(*values: int) -> int:
-    """A 63-bit seed from a tuple of ints (stable across processes and runs)."""
+    """A 63-bit seed from a tuple of ints, stable across processes and runs: PYTHONHASHSEED
+    randomises the hashes of str and bytes only, never those of ints and tuples of ints."""
     return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -229,7 +244,9 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def train_epoch(self, loader: DataLoader, loss_fn: Callable) -> Dict[str, float]:
         """Train ``self.state.epoch`` from ``state.batch_in_epoch``; returns epoch-mean losses.
-        Logs a line every ``log_every`` steps (step, losses, lr, samples/s)."""
+        Logs a line (step, losses, lr, samples/s, ETA of the epoch) every ``log_every`` steps and,
+        without a progress bar, also whenever ``utils.logging.HEARTBEAT_S`` seconds have passed
+        since the last one: an epoch shorter than ``log_every`` steps is never silent."""
         epoch = self.state.epoch
         loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
         loader.dataset.epoch = epoch
@@ -245,6 +262,9 @@ class Trainer:
             it = tqdm(loader, desc=f"epoch {epoch}", initial=self.state.batch_in_epoch, total=n_batches,
                       dynamic_ncols=True, leave=False)
         t0, seen = time.perf_counter(), 0
+        beat = Heartbeat(f"epoch {epoch}", n_batches, "batches", logger, initial=self.state.batch_in_epoch)
+        # Only the main process logs; the clock is host-side, so checking it costs no sync.
+        heartbeat = self.info.is_main and not self.progress
         # No host-device sync per step: non-finiteness is recorded on the device (the first bad
         # batch, its step and losses) and checked at log steps, before any save and at the end.
         bad = _NonFinite(self.info.device)
@@ -278,12 +298,14 @@ class Trainer:
             self.state.batch_in_epoch = i + 1
             save_now = (self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0
                         and i + 1 < n_batches)
-            if (self.log_every and (i + 1) % self.log_every == 0) or save_now:
+            if (self.log_every and (i + 1) % self.log_every == 0) or save_now or (heartbeat and beat.due()):
                 bad.check(epoch, self.output_dir)
                 values = " ".join(f"{k}={v.item():.4f}" for k, v in losses.items())
                 rate = seen * self.info.world_size / max(time.perf_counter() - t0, 1e-9)
-                logger.info("epoch %d batch %d/%d step %d %s lr=%.3g samples/s=%.1f", epoch, i + 1, n_batches,
-                            self.state.step, values, self.optimizer.param_groups[0]["lr"], rate)
+                logger.info("epoch %d batch %d/%d step %d %s lr=%.3g samples/s=%.1f eta=%s", epoch, i + 1,
+                            n_batches, self.state.step, values, self.optimizer.param_groups[0]["lr"], rate,
+                            beat.eta(i + 1))
+                beat.logged()
                 if self.progress:
                     it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
                                     "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
@@ -379,26 +401,171 @@ class _NonFinite:
 
 # ---------------------------------------------------------------------- entry scripts
 
-def start_run(cfg, doc) -> tuple:
-    """What every entry script does first: join torchrun's process group (if any), log to the
-    console and ``output_dir/run.log``, save the resolved config there, seed per rank.
-    Returns ``(DistInfo, output_dir)``."""
+# The files of a training run that a fresh start with --overwrite deletes (the engine writes them; a
+# task's other outputs are rewritten by the new run).
+RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "log.txt")
+LOCK_NAME = ".lock"
+
+# A person can act on these from their message alone; anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+_held_locks: Dict[Path, int] = {}  # output_dir -> descriptor of its locked .lock, held by this process
+
+
+class _Finished(Exception):
+    """``--resume auto`` found the run complete: nothing to do (exit status 0)."""
+
+
+def set_deterministic(on: bool) -> None:
+    """``deterministic: true``: bitwise repeatable runs on the same machine and software (same
+    thread count, same GPU). Kernels with a non-deterministic reduction order are replaced by
+    deterministic ones, or raise naming themselves where torch has none. On CPU the one we hit is
+    the backward of advanced indexing (``image_tokens[neg_idx]`` in the ITM loss): with several
+    threads and >= 32768 elements it accumulates with float atomics."""
+    if on:
+        # cuBLAS reads this when it creates its first handle, i.e. before any model exists.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False  # benchmarking may pick a different algorithm per run
+    torch.use_deterministic_algorithms(on)
+
+
+def _lock_output_dir(output_dir: Path) -> Optional[int]:
+    """Take an exclusive ``flock`` on ``output_dir/.lock``, held until :func:`release_output_dirs`
+    or the end of the process: the OS drops it however the process ends, so a crashed or killed run
+    never blocks the next one. Returns the lock file's descriptor (None where the file system has
+    no locks); re-entrant per process. Refused: an OutputDirError naming the holder (pid, host)."""
+    key = output_dir.resolve()
+    if key in _held_locks:
+        return _held_locks[key]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().split(maxsplit=2)
+        os.close(fd)
+        who = (f"pid {holder[0]} on host {holder[1]}" + (f", since {holder[2]}" if len(holder) > 2 else "")
+               if len(holder) >= 2 else f"the process holding {output_dir / LOCK_NAME}")
+        raise OutputDirError(f"{output_dir} is in use by another run ({who}); wait for it to end, or choose "
+                             "another --output_dir") from None
+    except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # Some cluster file systems (Lustre without -o flock) have no locks: run unguarded rather than not at all.
+        logger.warning("cannot lock %s (%s): a second run into it would not be refused", output_dir, err.strerror)
+        return None
+    _held_locks[key] = fd
+    return fd
+
+
+def release_output_dirs() -> None:
+    """Release the ``output_dir`` locks this process holds (closing the descriptor drops the lock)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
+
+
+def _claim_output_dir(output_dir: Path, cfg, resume: Optional[str], overwrite: bool, trains: bool) -> None:
+    """Rank 0's checks before a run writes anything: take the lock; refuse a fresh training run over
+    a previous run's checkpoint unless ``--resume`` or ``--overwrite``; stop a ``--resume auto`` of
+    a finished run (raises ``_Finished``). Only a run that goes on signs the lock file (pid, host,
+    start time), so a refused one leaves the directory as it was."""
+    fd = _lock_output_dir(output_dir)
+    last = output_dir / "checkpoint_last.pth"
+    if trains and last.is_file():
+        if resume == "auto":
+            epoch = load_checkpoint(last, mmap=True).get("epoch")
+            if isinstance(epoch, int) and epoch >= cfg.max_epoch:
+                raise _Finished(f"nothing to do: the run in {output_dir} has finished ({epoch} of max_epoch "
+                                f"{cfg.max_epoch} epochs trained); to train further, raise max_epoch "
+                                "(--opts max_epoch=N)")
+        elif not resume and not overwrite:
+            raise OutputDirError(f"{output_dir} holds a previous run ({last.name}); continue it with --resume "
+                                 "auto, start afresh with --overwrite (deletes its checkpoints and log.txt), or "
+                                 "choose another --output_dir")
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+
+def start_run(cfg, doc, args, *, trains: bool) -> tuple:
+    """What every entry script does first: make the run deterministic if configured, join
+    torchrun's process group (if any), claim ``output_dir`` (rank 0; the others wait for its
+    verdict), log to the console and ``output_dir/run.log``, clear stale temp files of interrupted
+    atomic writes, save the resolved config there, seed per rank. Returns ``(DistInfo, output_dir)``.
+
+    ``args``: the parsed command line (``--overwrite``, and ``--resume`` where the script has it);
+    ``trains``: whether this run trains (writes checkpoints). Any run is refused while another one
+    holds ``output_dir``; a fresh training run also when ``output_dir`` holds a previous run's
+    checkpoint, unless ``--resume`` or ``--overwrite``. ``--resume auto`` of a finished run prints
+    one line and exits with status 0.
+    """
     from utils.config import save_config
     from utils.logging import setup_logging
 
+    set_deterministic(cfg.deterministic)
     info = du.init_distributed(cfg.device)
     output_dir = Path(cfg.output_dir)
+    resume = getattr(args, "resume", None)
+    verdict = None
+    if info.is_main:
+        try:
+            _claim_output_dir(output_dir, cfg, resume, args.overwrite, trains)
+        except (*USER_ERRORS, _Finished) as err:
+            release_output_dirs()
+            verdict = err
+    verdict = du.broadcast_object(verdict)  # also the barrier the other ranks wait at
+    if isinstance(verdict, _Finished):
+        if info.is_main:
+            print(verdict, flush=True)
+        raise SystemExit(0)
+    if verdict is not None:
+        # Rank 0 tells the user and fails the job; the others leave quietly, since a rank that
+        # failed first would make torchrun stop rank 0 before it could say why.
+        raise verdict if info.is_main else SystemExit(0)
+
     setup_logging(str(output_dir), info.rank)
     if info.is_main:
+        stale = remove_stale_temp_files(output_dir)
+        if stale:
+            logger.info("removed %d stale temp file(s) of interrupted writes in %s: %s", len(stale), output_dir,
+                        ", ".join(p.name for p in stale))
+        if trains and args.overwrite and not resume:
+            gone = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
+            for path in gone:
+                path.unlink()
+            if gone:
+                logger.info("--overwrite: deleted the previous run's %s", ", ".join(p.name for p in gone))
         save_config(doc, output_dir / "config.yaml")
     torch.manual_seed(cfg.seed + info.rank)
     return info, output_dir
 
 
-def run_entry(main: Callable, log: logging.Logger) -> None:
-    """Run an entry script's ``main``; a non-finite loss ends it with its message and status 1."""
+def run_entry(main: Callable, log: Optional[logging.Logger] = None) -> None:
+    """Run an entry script's ``main`` as a command. One of our own errors (:data:`USER_ERRORS`: a
+    config key, a checkpoint, data, the output directory, a non-finite loss, a missing file) ends it
+    with its message as ``error: ...`` on stderr and status 1; its traceback goes to
+    ``output_dir/run.log`` and, with ``--debug``, to the console. Any other exception keeps its
+    full traceback on the console (and in ``run.log``). The run's ``output_dir`` lock and log file
+    are released at the end, so a second run in the same process starts as in a fresh one."""
+    log = log or logger
+    reset_logging()
     try:
         main()
-    except NonFiniteLossError as err:
-        log.error("%s", err)
-        raise SystemExit(1)
+    except USER_ERRORS as err:
+        if has_log_file():
+            log.error("%s", err, exc_info=err, extra={"file_only": True})
+        if debug_enabled():
+            traceback.print_exception(err)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"{rank}error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except Exception:
+        if has_log_file():
+            log.exception("unexpected error (a bug: please report it with this traceback)",
+                          extra={"file_only": True})
+        raise
+    finally:
+        release_output_dirs()
+        reset_logging()

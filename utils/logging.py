@@ -1,14 +1,35 @@
-"""Logging set-up: rank 0 talks (console + ``run.log``), other ranks only warn."""
+"""Logging set-up: rank 0 talks (console + ``run.log``), other ranks only warn; proof of life for
+loops that run without a progress bar (:class:`Heartbeat`)."""
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
+# The longest a running loop without a progress bar stays silent, in seconds (tests lower it).
+HEARTBEAT_S = 30.0
+
+_debug = False  # --debug: tracebacks of our own errors on the console too (utils.engine.run_entry)
+
+
+def set_debug(on: bool) -> None:
+    global _debug
+    _debug = on
+
+
+def debug_enabled() -> bool:
+    return _debug
+
+
+_installed: list = []  # the handlers setup_logging added to the root logger
+
 
 def setup_logging(output_dir: Optional[str] = None, rank: int = 0, level: int = logging.INFO) -> None:
+    """Console (stdout) and, on rank 0, ``output_dir/run.log``. A record logged with
+    ``extra={"file_only": True}`` goes to the file only (the traceback behind a one-line error)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -16,12 +37,31 @@ def setup_logging(output_dir: Optional[str] = None, rank: int = 0, level: int = 
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
-    root.addHandler(console)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    _installed[:] = [console]
     if output_dir and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(Path(output_dir) / "run.log")
         fh.setFormatter(fmt)
-        root.addHandler(fh)
+        _installed.append(fh)
+    for h in _installed:
+        root.addHandler(h)
+
+
+def reset_logging() -> None:
+    """Undo :func:`setup_logging` (closing ``run.log``): the logging of a fresh process, so that a
+    second run in the same process never writes into the first one's log."""
+    root = logging.getLogger()
+    for h in _installed:
+        root.removeHandler(h)
+        h.close()
+    _installed.clear()
+    root.setLevel(logging.WARNING)
+
+
+def has_log_file() -> bool:
+    """Whether :func:`setup_logging` has opened a ``run.log`` for the current run."""
+    return any(isinstance(h, logging.FileHandler) for h in _installed)
 
 
 def append_json_line(path, record: dict) -> None:
@@ -29,3 +69,72 @@ def append_json_line(path, record: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``1h 02m``; ``unknown`` for infinity (no rate yet)."""
+    if seconds == float("inf"):
+        return "unknown"
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h {m:02d}m" if hours else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+class Heartbeat:
+    """Time-based progress lines for loops without a progress bar (logs, ``--no_progress``): at most
+    one line every ``every`` seconds (default :data:`HEARTBEAT_S`), none before the first interval
+    has passed, e.g. ``val ITM rerank: 1200/4480 pairs (26.8%), 85.3 pairs/s, ETA 38s``::
+
+        beat = Heartbeat("val ITM rerank", total=len(pairs), unit="pairs", log=logger)
+        for start in range(0, len(pairs), chunk):
+            ...
+            beat.tick(start + chunk)     # or beat.update(chunk): counts from the last call
+
+    Checking the clock costs nothing on the device, so a loop can tick after every batch.
+    """
+
+    def __init__(self, what: str, total: Optional[int] = None, unit: str = "items",
+                 log: Optional[logging.Logger] = None, every: Optional[float] = None, initial: int = 0):
+        """``initial``: already done when the loop starts (a resumed epoch); the rate counts from there."""
+        self.what, self.total, self.unit = what, total, unit
+        self.log = log or logging.getLogger(__name__)
+        self.every = HEARTBEAT_S if every is None else every
+        self.done = self.initial = initial
+        self.start = self.last = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether a line is due (``every`` seconds since the last one, or since the start)."""
+        return time.monotonic() - self.last >= self.every
+
+    def rate(self, done: int) -> float:
+        """Items per second since the start."""
+        return (done - self.initial) / max(time.monotonic() - self.start, 1e-9)
+
+    def eta(self, done: int, total: Optional[int] = None) -> str:
+        """Time left until ``total`` at the rate so far, formatted."""
+        total = self.total if total is None else total
+        rate = self.rate(done)
+        return format_duration((total - done) / rate if rate > 0 and total is not None else float("inf"))
+
+    def logged(self) -> None:
+        """Restart the interval: the caller has just logged a line of its own."""
+        self.last = time.monotonic()
+
+    def tick(self, done: int, total: Optional[int] = None) -> bool:
+        """Record that ``done`` items are finished (of ``total``, if it changed); log a line when one
+        is due. Returns whether it logged."""
+        self.done = done
+        if total is not None:
+            self.total = total
+        if not self.due():
+            return False
+        of = f"/{self.total} {self.unit} ({100.0 * done / max(self.total, 1):.1f}%)" if self.total is not None \
+            else f" {self.unit}"
+        self.log.info("%s: %d%s, %.1f %s/s, ETA %s", self.what, done, of, self.rate(done), self.unit,
+                      self.eta(done))
+        self.logged()
+        return True
+
+    def update(self, n: int = 1) -> bool:
+        """:meth:`tick` counting ``n`` more items than the last call."""
+        return self.tick(self.done + n)

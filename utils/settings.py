@@ -13,6 +13,8 @@ class RunSettings(Config):
     precision: Literal['fp32', 'bf16', 'fp16'] = 'fp32'  # autocast dtype
     device: Device = 'auto'                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     seed: int = 42
+    deterministic: bool = False                 # bitwise repeatable runs on the same machine and software
+                                                # (deterministic kernels; measured cost in README.md)
     output_dir: str = 'outputs/run'             # checkpoints, logs and the resolved config
 
 
