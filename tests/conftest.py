@@ -3,6 +3,7 @@ user does, and tiny synthetic data and configs. Tests take them as fixture argum
 root is on the import path through pytest.ini's ``pythonpath``)."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -149,3 +150,32 @@ def _tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
     path = tmp_path / "train.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     return path
+
+
+class _FullDisk:
+    """A binary file whose writes fail with ENOSPC after ``room`` bytes (as a full disk does)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture(scope="session")
+def full_disk():
+    """``full_disk(binary_file, room) -> file``: writes fail with ENOSPC after ``room`` bytes."""
+    return _FullDisk

@@ -410,7 +410,7 @@ def test_failed_save_keeps_old_file_and_removes_temp(tmp_path):
 
 
 @pytest.mark.parametrize("previous", [True, False], ids=["over_a_checkpoint", "first_save"])
-def test_disk_full_during_save_is_one_line_naming_the_file(tmp_path, monkeypatch, previous):
+def test_disk_full_during_save_is_one_line_naming_the_file(tmp_path, monkeypatch, previous, full_disk):
     """torch.save reports a failed write as its own RuntimeError ('unexpected pos ...') with the
     OSError only chained; the error names the file, the cause and what is intact."""
     path = tmp_path / "checkpoint_last.pth"
@@ -419,27 +419,7 @@ def test_disk_full_during_save_is_one_line_naming_the_file(tmp_path, monkeypatch
     old = path.read_bytes() if previous else None
     fdopen = os.fdopen
 
-    class FullDisk:
-        def __init__(self, f):
-            self.f, self.room = f, 100
-
-        def write(self, data):
-            n = memoryview(data).nbytes
-            if n > self.room:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.room -= n
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(fdopen(fd, *a, **k)))
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: full_disk(fdopen(fd, *a, **k), 100))
     with pytest.raises(WriteError) as info:
         save_checkpoint_atomic({"model": {"w": torch.randn(256, 256)}, "epoch": 2}, path)
     kept = ("the previous checkpoint_last.pth is intact (it is replaced only by a complete new file: written to a "

@@ -255,29 +255,6 @@ def test_an_unexpected_error_keeps_its_traceback(trained, tmp_path, monkeypatch,
 
 # ----------------------------------------------------------------------------- checkpoint writes
 
-class _FullDisk:
-    """A binary file whose writes fail with ENOSPC after ``room`` bytes (as a full disk does)."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        n = memoryview(data).nbytes
-        if n > self.room:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= n
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def _is_checkpoint_temp(fd_or_path) -> bool:
     path = os.readlink(f"/proc/self/fd/{fd_or_path}") if isinstance(fd_or_path, int) else str(fd_or_path)
     return re.fullmatch(r"\.checkpoint_\w+\.pth\.\d+\.[0-9a-f]{8}\.tmp", Path(path).name) is not None
@@ -290,11 +267,11 @@ def _continue_run(monkeypatch, capsys, cfg, out):
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the checkpoint's temp file through /proc")
-def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(previous_run, monkeypatch, capsys):
+def test_disk_full_names_the_checkpoint_and_keeps_the_previous_one(previous_run, monkeypatch, capsys, full_disk):
     cfg, out = previous_run
     before = (out / "checkpoint_last.pth").read_bytes()
     fdopen = os.fdopen
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(fdopen(fd, *a, **k), 1 << 16)
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: full_disk(fdopen(fd, *a, **k), 1 << 16)
                         if _is_checkpoint_temp(fd) else fdopen(fd, *a, **k))
     code, _, err = _continue_run(monkeypatch, capsys, cfg, out)
     assert code == 1
