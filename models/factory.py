@@ -33,6 +33,7 @@ from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, b
 from models.tokenizer import build_tokenizer
 from utils.checkpoint import (CheckpointError, LoadReport, extract_state_dict, interpolate_pos_embed,
                               load_checkpoint, load_state_dict_with_report)
+from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] 
         if kind == "imagecode" and cfg.stage == 1 and cfg.head_init == "itm":
             model.init_prediction_from_itm()
     elif load and kind == "imagecode" and cfg.stage == 2:
-        raise ValueError("stage 2 needs `pretrained`: the stage-1 checkpoint (finetune_imagecode.py, stage: 1)")
+        raise ConfigError("stage 2 needs `pretrained`: the stage-1 checkpoint (finetune_imagecode.py, stage: 1)")
     elif load:
         logger.warning("`pretrained` is empty: the %s model starts from random weights", kind)
     if kind == "zero_shot":
