@@ -377,22 +377,29 @@ class Trainer:
 
 
 class _NonFinite:
-    """The first non-finite total loss of an epoch, recorded on the device without a sync."""
+    """The first non-finite total loss of an epoch, recorded on the device without a sync: a device
+    counter of the steps seen (no host-to-device copy per step) and, on the host, the (batch, step)
+    of each count, looked up only when a check finds one."""
 
     def __init__(self, device: torch.device):
-        self.where = torch.full((2,), -1, dtype=torch.long, device=device)  # (batch, step)
+        self.count = torch.zeros((), dtype=torch.long, device=device)   # losses recorded so far
+        self.first = torch.full((), -1, dtype=torch.long, device=device)  # count of the first bad one
+        self.positions: list = []                                          # (batch, step) per count
         self.losses: Dict[str, torch.Tensor] = {}
 
     def record(self, total: torch.Tensor, losses: Dict[str, torch.Tensor], batch: int, step: int) -> None:
-        first = ~torch.isfinite(total.detach()) & (self.where[0] < 0)
-        self.where = torch.where(first, torch.tensor([batch, step], device=self.where.device), self.where)
+        self.positions.append((batch, step))
+        first = ~torch.isfinite(total.detach()) & (self.first < 0)
+        self.first = torch.where(first, self.count, self.first)
+        self.count += 1
         for k, v in losses.items():
             v = v.detach().float()
             self.losses[k] = torch.where(first, v, self.losses.get(k, torch.zeros_like(v)))
 
     def check(self, epoch: int, output_dir: Path) -> None:
-        batch, step = self.where.tolist()
-        if batch >= 0:
+        first = int(self.first)
+        if first >= 0:
+            batch, step = self.positions[first]
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, batch {batch}, step {step}: "
                 + ", ".join(f"{k}={v.item():.4g}" for k, v in self.losses.items())
