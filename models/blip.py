@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.losses import itc_momentum_loss, itm_loss, sample_hard_negatives
-from models.med import KV, MedConfig, MedEncoder
+from models.med import KV, MedArch, MedConfig, MedEncoder, med_config_for
 from models.vit import BlipViT, ViTSettings, build_vit
 from utils import dist as du
 from utils.config import Config, PosInt, UnitFloat
@@ -24,10 +24,9 @@ from utils.config import Config, PosInt, UnitFloat
 logger = logging.getLogger(__name__)
 
 
-class BlipArch(ViTSettings):
+class BlipArch(ViTSettings, MedArch):
     """BLIP's encoders and projections: the ViT keys plus the text encoder's med config."""
 
-    med_config: str = "configs/med_config.json"  # BERT json + encoder_width/add_cross_attention
     embed_dim: PosInt = 256                     # ITC projection dim
 
 
@@ -220,12 +219,7 @@ def build_blip_retrieval(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] =
     """BLIP with random weights; ``itc`` None builds no momentum encoders and queues (inference,
     or a frozen BLIP under ContextBLIP)."""
     vit = build_vit(arch)
-    med = MedConfig.from_json(arch.med_config, encoder_width=vit.width)
-    if med.vocab_size is None:
-        med.vocab_size = len(tokenizer)
-    elif med.vocab_size < len(tokenizer):
-        raise ValueError(f"med_config {arch.med_config}: vocab_size {med.vocab_size} is smaller than the "
-                         f"tokenizer's {len(tokenizer)} tokens (incl. [DEC] and [ENC])")
+    med = med_config_for(arch.med_config, tokenizer, vit.width)
     if itc is None:
         return BLIPRetrieval(vit, med, embed_dim=arch.embed_dim, enc_token_id=tokenizer.enc_token_id,
                              with_momentum=False)

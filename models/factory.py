@@ -5,6 +5,7 @@
     model, tokenizer = create_model(cfg, "contextblip_pretrain")    # ContextBLIP + TMIM decoder
     model, tokenizer = create_model(cfg, "zero_shot")              # ContextBLIP; a plain BLIP file -> BLIP itself
     model, tokenizer = create_model(cfg, "imagecode")              # ImageCoDe stage 1 or 2 (cfg.stage)
+    model, tokenizer = create_model(cfg, "caption")                # BLIP captioner (ViT + text decoder)
     load_weights(model, "any checkpoint")                          # dispatches on the file's format
 
 Every checkpoint we write carries a ``format`` tag (:class:`Format`); official BLIP files carry
@@ -16,6 +17,11 @@ none and are recognised by their layout (and so are files written before the tag
 | ``contextblip-trainable`` | ``adapter.*`` (+ ``decoder.*``); the config names the base BLIP | ContextBLIP (base BLIP loaded too) |
 | ``contextblip-merged`` | ``blip.*``, ``adapter.*``, ``decoder.*`` | ContextBLIP; stage 1's backbone |
 | ``imagecode`` | a whole stage-1 or stage-2 model (``stage`` in its config) | the same stage; stage 1 into stage 2's frozen part |
+| ``blip-caption`` (official or ours) | ``visual_encoder.*``, ``text_decoder.*`` | the captioner |
+
+A pretraining checkpoint (``model_base.pth``: encoder, decoder, momentum copies, queues) is a
+``blip`` file: a retrieval model takes all but ``text_decoder.*``, a captioner takes
+``visual_encoder.*`` and ``text_decoder.*``; what each leaves is reported as an expected extra.
 
 Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
 """
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 from models.blip import BLIPRetrieval, build_blip_retrieval
+from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
 from models.tokenizer import build_tokenizer
@@ -43,10 +50,11 @@ class Format:
     CONTEXTBLIP_TRAINABLE = "contextblip-trainable"
     CONTEXTBLIP_MERGED = "contextblip-merged"
     IMAGECODE = "imagecode"
-    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE)
+    CAPTION = "blip-caption"
+    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION)
 
 
-KINDS = ("blip", "blip_inference", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode")
+KINDS = ("blip", "blip_inference", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption")
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
@@ -56,6 +64,9 @@ PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
 CONTEXTBLIP_PARTS = ("adapter.", "decoder.")
+# What a captioner leaves unused in a pretraining (or retrieval) checkpoint.
+ENCODER_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.") + MOMENTUM_PREFIXES
+ENCODER_KEYS = ("temp",) + QUEUE_KEYS
 
 
 class LoadResult(NamedTuple):
@@ -79,6 +90,8 @@ def build_model(cfg, kind: str, tokenizer) -> nn.Module:
         return build_contextblip(cfg, tokenizer, tmim=cfg, settings=cfg)
     if kind == "imagecode":
         return build_imagecode_model(cfg, tokenizer)
+    if kind == "caption":
+        return build_captioner(cfg, tokenizer)
     raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
 
 
@@ -140,6 +153,8 @@ def checkpoint_format(ckpt: Mapping) -> str:
         return Format.CONTEXTBLIP_MERGED
     if state and all(k.startswith(CONTEXTBLIP_PARTS) for k in state):
         return Format.CONTEXTBLIP_TRAINABLE
+    if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith("text_encoder.") for k in state):
+        return Format.CAPTION
     return Format.BLIP
 
 
@@ -168,6 +183,14 @@ def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[
             raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
                                   f"'contextblip-merged' files")
         return LoadResult(fmt, _load_blip(model, state, strict, name), None)
+    if isinstance(model, BLIPCaptioner):
+        if fmt not in (Format.CAPTION, Format.BLIP):
+            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a captioner loads BLIP caption or "
+                                  "pretraining files")
+        return LoadResult(fmt, _load_captioner(model, state, strict, name), None)
+    if fmt == Format.CAPTION:
+        raise CheckpointError(f"{name} is a BLIP captioning checkpoint (visual_encoder + text_decoder): it has "
+                              f"no text encoder for {type(model).__name__}; use it with train_caption.py")
     if isinstance(model, ContextBLIP):
         return _load_contextblip(model, ckpt, state, fmt, strict, base, name)
     if isinstance(model, (CandidateScorer, ContextualScorer)):
@@ -207,6 +230,23 @@ def _load_blip(model: BLIPRetrieval, state: Dict[str, torch.Tensor], strict: boo
     report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=extra_prefixes,
                                          expected_extra_keys=extra_keys, ignore_missing_prefixes=ignore_missing)
     logger.info("loaded BLIP weights from %s", name)
+    return report
+
+
+def _load_captioner(model: BLIPCaptioner, state: Dict[str, torch.Tensor], strict: bool, name: str) -> LoadReport:
+    """A caption checkpoint key for key; a pretraining checkpoint's ``visual_encoder.*`` and
+    ``text_decoder.*`` (its encoder, momentum copies and queues are reported as expected extras).
+    ``visual_encoder.pos_embed`` is resized to the model's grid."""
+    state = dict(state)
+    key = "visual_encoder.pos_embed"
+    if key in state and state[key].shape != model.visual_encoder.pos_embed.shape:
+        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    if not any(k.startswith("text_decoder.") for k in state):
+        logger.warning("%s has no text_decoder.* weights (a retrieval checkpoint?): the decoder starts "
+                       "from random weights", name)
+    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=ENCODER_PREFIXES,
+                                         expected_extra_keys=ENCODER_KEYS)
+    logger.info("loaded BLIP captioner weights from %s", name)
     return report
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.config import Config
+
 # BLIP's masks are additive with -10000 (not -inf): identical after softmax in fp32, and it keeps
 # rows that are fully masked finite.
 MASK_VALUE = -10000.0
@@ -73,9 +75,28 @@ class MedConfig:
         return cfg
 
 
+class MedArch(Config):
+    """The text transformer's BERT json (BLIP's ``med_config``), shared by encoder and decoder."""
+
+    med_config: str = "configs/med_config.json"  # BERT json + encoder_width/add_cross_attention
+
+
+def med_config_for(path, tokenizer, encoder_width: int) -> MedConfig:
+    """The med config of ``path`` for a ViT of ``encoder_width``, its vocabulary sized by the
+    tokenizer when the json says null (BLIP's ``[DEC]``/``[ENC]`` come after BERT's tokens)."""
+    med = MedConfig.from_json(path, encoder_width=encoder_width)
+    if med.vocab_size is None:
+        med.vocab_size = len(tokenizer)
+    elif med.vocab_size < len(tokenizer):
+        raise ValueError(f"med_config {path}: vocab_size {med.vocab_size} is smaller than the "
+                         f"tokenizer's {len(tokenizer)} tokens (incl. [DEC] and [ENC])")
+    return med
+
+
 class TextOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # [B, T, D] ([B, 1, D] with first_token_only)
     cross_attentions: Optional[List[torch.Tensor]]  # per layer [B, H, T, N] when requested
+    past_key_values: Optional[List[KV]] = None  # per layer self-attention (k, v) [B, H, P+T, d] (use_cache)
 
 
 class Embeddings(nn.Module):
@@ -90,12 +111,12 @@ class Embeddings(nn.Module):
         # Persistent because BLIP's checkpoints carry it; loading strictly needs the key.
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[B, T] -> [B, T, D]``."""
-        T = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        """``[B, T] -> [B, T, D]``; positions start at ``past_length`` (tokens already in a decoder's cache)."""
+        T = past_length + input_ids.shape[1]
         if T > self.position_ids.shape[1]:
             raise ValueError(f"text of {T} tokens exceeds max_position_embeddings {self.position_ids.shape[1]}")
-        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :T])
+        x = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, past_length:T])
         return self.dropout(self.LayerNorm(x))
 
 
@@ -200,20 +221,25 @@ class MedLayer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = ResidualOutput(cfg.intermediate_size, cfg)
 
-    def forward(self, x: torch.Tensor, self_mask: torch.Tensor, cross_kv: Optional[KV] = None,
+    def forward(self, x: torch.Tensor, self_mask: Optional[torch.Tensor], cross_kv: Optional[KV] = None,
                 cross_mask: Optional[torch.Tensor] = None, first_token_only: bool = False,
-                need_weights: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                need_weights: bool = False, past_kv: Optional[KV] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], KV]:
         """``x`` ``[B, T, D]``. With ``first_token_only`` only position 0 is computed past the
-        self-attention keys/values (all a classifier on [CLS]/[ENC] needs from the last layer)."""
+        self-attention keys/values (all a classifier on [CLS]/[ENC] needs from the last layer).
+        ``past_kv``: the self-attention keys/values of earlier positions (a decoder's cache); the
+        returned third item is the keys/values including ``x``'s."""
         self_kv = self.attention.self.project_kv(x)
+        if past_kv is not None:
+            self_kv = (torch.cat([past_kv[0], self_kv[0]], dim=2), torch.cat([past_kv[1], self_kv[1]], dim=2))
         if first_token_only:
             x = x[:, :1]
-            self_mask = self_mask[:, :, :1] if self_mask.shape[2] > 1 else self_mask
+            self_mask = self_mask[:, :, :1] if self_mask is not None and self_mask.shape[2] > 1 else self_mask
         h, _ = self.attention(x, self_kv, self_mask)
         probs = None
         if cross_kv is not None:
             h, probs = self.crossattention(h, cross_kv, cross_mask, need_weights)
-        return self.output(self.intermediate(h), h), probs
+        return self.output(self.intermediate(h), h), probs, self_kv
 
 
 class _LayerStack(nn.Module):
@@ -224,12 +250,15 @@ class _LayerStack(nn.Module):
         self.layer = nn.ModuleList(MedLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
-def additive_mask(attention_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """``[B, T]`` 1/0 padding mask -> additive ``[B, 1, 1, T]`` (or ``[B, 1, T, T]`` if causal)."""
+def additive_mask(attention_mask: torch.Tensor, causal: bool = False, queries: Optional[int] = None) -> torch.Tensor:
+    """``[B, S]`` 1/0 padding mask -> additive ``[B, 1, 1, S]`` (or ``[B, 1, Q, S]`` if causal: the
+    ``Q`` = ``queries`` (default ``S``) last positions, each seeing itself and every earlier one,
+    never padding; BLIP's decoder mask, also with a cache of ``S - Q`` earlier positions)."""
     m = attention_mask[:, None, None, :].float()
     if causal:
-        T = attention_mask.shape[1]
-        m = m * torch.ones(T, T, device=m.device).tril()[None, None]
+        S = attention_mask.shape[1]
+        Q = S if queries is None else queries
+        m = m * torch.ones(Q, S, device=m.device).tril(diagonal=S - Q)[None, None]
     return (1.0 - m) * MASK_VALUE
 
 
@@ -265,11 +294,12 @@ class MedEncoder(nn.Module):
         a list (one per layer) of ``(k, v)``, each ``[B, H, N, d]``."""
         return [layer.crossattention.self.project_kv(image_embeds) for layer in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mode: str = "text",
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], mode: str = "text",
                 encoder_hidden_states: Optional[torch.Tensor] = None,
                 encoder_attention_mask: Optional[torch.Tensor] = None,
                 cross_kv: Optional[Sequence[KV]] = None, cross_index: Optional[torch.Tensor] = None,
-                first_token_only: bool = False, output_cross_attentions: bool = False) -> TextOutput:
+                first_token_only: bool = False, output_cross_attentions: bool = False,
+                past_key_values: Optional[Sequence[KV]] = None, use_cache: bool = False) -> TextOutput:
         """Encode ``input_ids`` ``[B, T]`` (``attention_mask`` ``[B, T]`` of 1/0).
 
         For ``multimodal``/``decoder`` give either ``encoder_hidden_states`` ``[B, N, W]`` or
@@ -277,11 +307,24 @@ class MedEncoder(nn.Module):
         ``[B]`` (row b attends to image ``cross_index[b]``; omit it when ``M == B``, or when
         ``M == 1``: every row attends to that one image, computed as one folded attention).
         ``encoder_attention_mask`` ``[B, N]`` defaults to all-visible.
+
+        Decoding with a cache (``decoder`` mode): ``past_key_values`` from the previous call's
+        output (``use_cache=True``) holds ``P`` earlier positions; ``input_ids`` ``[B, T]`` are the
+        new ones and ``attention_mask`` covers all ``P + T`` (or is None: nothing padded).
         """
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        x = self.embeddings(input_ids)
-        self_mask = additive_mask(attention_mask, causal=mode == "decoder")
+        past = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if past and mode != "decoder":
+            raise ValueError("past_key_values is only for mode 'decoder'")
+        x = self.embeddings(input_ids, past_length=past)
+        T = input_ids.shape[1]
+        if attention_mask is None and (T == 1 or mode != "decoder"):
+            self_mask = None  # nothing padded and nothing to hide: no mask (SDPA's fast path)
+        else:
+            if attention_mask is None:
+                attention_mask = input_ids.new_ones(input_ids.shape[0], past + T)
+            self_mask = additive_mask(attention_mask, causal=mode == "decoder", queries=T)
         use_cross = mode != "text"
         if use_cross and encoder_hidden_states is None and cross_kv is None:
             raise ValueError(f"mode {mode!r} needs encoder_hidden_states or cross_kv")
@@ -291,6 +334,7 @@ class MedEncoder(nn.Module):
         if use_cross and encoder_attention_mask is not None:
             cross_mask = additive_mask(encoder_attention_mask)
         attentions = [] if output_cross_attentions else None
+        presents = [] if use_cache else None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             kv = None
@@ -301,8 +345,12 @@ class MedEncoder(nn.Module):
                     kv = (k[cross_index], v[cross_index]) if cross_index is not None else (k, v)
                 else:
                     kv = layer.crossattention.self.project_kv(encoder_hidden_states)
-            x, probs = layer(x, self_mask, kv, cross_mask, first_token_only=first_token_only and i == last,
-                             need_weights=output_cross_attentions)
+            x, probs, self_kv = layer(x, self_mask, kv, cross_mask,
+                                      first_token_only=first_token_only and i == last,
+                                      need_weights=output_cross_attentions,
+                                      past_kv=None if past_key_values is None else past_key_values[i])
             if attentions is not None and probs is not None:
                 attentions.append(probs)
-        return TextOutput(x, attentions)
+            if presents is not None:
+                presents.append(self_kv)
+        return TextOutput(x, attentions, presents)
