@@ -33,6 +33,23 @@ class RetrievalCollator:
                 "attention_mask": attention_mask, "idx": torch.as_tensor(idx, dtype=torch.long)}
 
 
+class CaptionCollator:
+    """``[(image [3,H,W], caption, idx), ...]`` -> dict of ``pixel_values`` ``[B,3,H,W]`` and
+    ``input_ids`` / ``attention_mask`` ``[B,T]`` of ``prompt + caption`` (BLIP's captioning text:
+    padded to the longest, truncated at ``max_tokens``; the model puts ``[DEC]`` first)."""
+
+    def __init__(self, tokenizer, prompt: str = "a picture of ", max_tokens: int = 40):
+        self.tokenizer = tokenizer
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+
+    def __call__(self, batch: List[tuple]) -> Dict[str, torch.Tensor]:
+        images, captions = [b[0] for b in batch], [b[1] for b in batch]
+        input_ids, attention_mask = tokenize(self.tokenizer, [self.prompt + c for c in captions], self.max_tokens,
+                                             dynamic=True)
+        return {"pixel_values": torch.stack(images), "input_ids": input_ids, "attention_mask": attention_mask}
+
+
 class ImageSetCollator:
     """``[(images [K,3,H,W], text, target, index), ...]`` (a text and its K candidate images, e.g.
     ImageCoDe's 10) -> dict of ``pixel_values`` ``[B,K,3,H,W]``, ``input_ids`` / ``attention_mask``

@@ -142,6 +142,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's Python object, in rank order (a collective: all ranks must call)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shard_range(n: int) -> range:
     """This rank's contiguous slice of ``range(n)`` (ranks in order tile it; the last may be short)."""
     world, rank = get_world_size(), get_rank()
