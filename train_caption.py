@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
             for split, dataset in datasets.items():
                 record.update(evaluate_split(model, dataset, cfg, split, output_dir))
                 logger.info("%s: %s", split, {k: round(v, 2) for k, v in record.items() if k.startswith(split)})
-            if du.is_main_process():
+            if du.is_main_process() and record:  # eval_metrics: false -> captions files only
                 append_json_line(output_dir / "evaluate.txt", record)
             return record
         return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)

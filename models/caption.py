@@ -177,8 +177,10 @@ class BLIPCaptioner(nn.Module):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate_ids(self, pixel_values: torch.Tensor, settings: GenerationSettings, use_cache: bool = True,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Token ids ``[B * num_return_sequences, L]`` (prompt included, eos then padding)."""
+                     generator=None) -> torch.Tensor:
+        """Token ids ``[B * num_return_sequences, L]`` (prompt included, eos then padding).
+        Sampling draws from ``generator``: one ``torch.Generator``, or a sequence of ``B``, image
+        ``i``'s draws from the ``i``-th only (its captions then do not depend on the batch)."""
         settings.check()
         B = pixel_values.shape[0]
         # Rows per image: the beams (beam search) or the samples (greedy/sampling).

@@ -176,13 +176,6 @@ def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[
     ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
     state = extract_state_dict(ckpt)
     fmt = checkpoint_format(ckpt)
-    if isinstance(model, BLIPRetrieval):
-        if fmt == Format.CONTEXTBLIP_MERGED:
-            state = _strip(state, "blip.")
-        elif fmt != Format.BLIP:
-            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
-                                  f"'contextblip-merged' files")
-        return LoadResult(fmt, _load_blip(model, state, strict, name), None)
     if isinstance(model, BLIPCaptioner):
         if fmt not in (Format.CAPTION, Format.BLIP):
             raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a captioner loads BLIP caption or "
@@ -191,6 +184,13 @@ def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[
     if fmt == Format.CAPTION:
         raise CheckpointError(f"{name} is a BLIP captioning checkpoint (visual_encoder + text_decoder): it has "
                               f"no text encoder for {type(model).__name__}; use it with train_caption.py")
+    if isinstance(model, BLIPRetrieval):
+        if fmt == Format.CONTEXTBLIP_MERGED:
+            state = _strip(state, "blip.")
+        elif fmt != Format.BLIP:
+            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
+                                  f"'contextblip-merged' files")
+        return LoadResult(fmt, _load_blip(model, state, strict, name), None)
     if isinstance(model, ContextBLIP):
         return _load_contextblip(model, ckpt, state, fmt, strict, base, name)
     if isinstance(model, (CandidateScorer, ContextualScorer)):

@@ -254,10 +254,23 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, batch: int, s: Generatio
     return _pad_outputs(out, s.max_length, eos, pad, device)
 
 
+def _draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of ``probs`` ``[R, V]``. ``generator``: one for all rows, or a sequence of
+    ``G`` generators, generator ``g`` drawing for the ``g``-th block of ``R / G`` consecutive rows
+    (per image: its draws then depend on nothing but its own seed, not on the batch it is in)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if probs.shape[0] % len(generator):
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+    blocks = probs.split(probs.shape[0] // len(generator))
+    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(blocks, generator)]).squeeze(1)
+
+
 @torch.no_grad()
 def greedy_or_sample(decoder: Decoder, prompt: torch.Tensor, s: GenerationSettings, eos: int, pad: int,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Greedy search (``s.sample`` False) or top-k/top-p sampling; one output row per prompt row."""
+                     generator=None) -> torch.Tensor:
+    """Greedy search (``s.sample`` False) or top-k/top-p sampling; one output row per prompt row.
+    ``generator``: a ``torch.Generator``, or one per image (see :func:`_draw`)."""
     ids = prompt
     cur_len = ids.shape[1]
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
@@ -267,7 +280,7 @@ def greedy_or_sample(decoder: Decoder, prompt: torch.Tensor, s: GenerationSettin
         scores = ban_eos(scores, cur_len, s.min_length, eos)
         if s.sample:
             probs = top_k_top_p(scores, s.top_k, s.top_p).softmax(dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tokens = _draw(probs, generator)
         else:
             tokens = scores.argmax(dim=-1)
         tokens = tokens * unfinished + pad * (1 - unfinished)

@@ -54,6 +54,8 @@ class CaptionConfig(CaptionArch, GenerationConfig, TextSettings, WeightsSettings
     coco_gt_root: Optional[str] = None          # folder of BLIP's <split file stem>_gt.json references
                                                 # (default: references from the annotation files)
     spice: Union[bool, Literal['auto']] = 'auto'  # SPICE: 'auto' = when its models are available
+    eval_metrics: bool = True                   # score the captions; false (--evaluate only): just write
+                                                # captions_<split>.json (e.g. for an evaluation server)
 
     @model_validator(mode='before')
     @classmethod
@@ -76,7 +78,9 @@ def build_datasets(cfg: CaptionConfig, splits: Sequence[str]) -> Dict[str, Datas
     datasets = build_retrieval_datasets(cfg, splits=splits, train_transform=train_transform(cfg, cfg.image_size),
                                         test_transform=build_test_transform(cfg.image_size))
     check_splits(datasets, cfg.skip_bad_images)
-    evaluated = [split for split in datasets if split != 'train']
+    if 'train' in datasets and not cfg.eval_metrics and cfg.has_val:
+        raise ValueError("eval_metrics: false leaves nothing to choose the best epoch by; it is for --evaluate")
+    evaluated = [split for split in datasets if split != 'train'] if cfg.eval_metrics else []
     for split in evaluated:
         references(cfg, split, datasets[split])  # bad references stop the run now, not after an epoch
     if evaluated:
@@ -157,7 +161,8 @@ def evaluate_split(model, dataset, cfg: CaptionConfig, split: str, output_dir: P
     scores: Dict[str, float] = {}
     if du.is_main_process():
         write_results(output_dir / f"captions_{split}.json", results)
-        scores = caption_scores(results, references(cfg, split, dataset), spice=cfg.spice)
+        if cfg.eval_metrics:
+            scores = caption_scores(results, references(cfg, split, dataset), spice=cfg.spice)
     scores = du.broadcast_object(scores)
     return {f"{split}_{k}": v for k, v in scores.items()}
 

@@ -82,17 +82,18 @@ def check_pair_images(table: PairTable, cfg) -> dict:
 @dataclass
 class ToolRun:
     args: argparse.Namespace
-    cfg: RetrievalConfig
+    cfg: RetrievalConfig          # an instance of ``start``'s ``schema``
     info: du.DistInfo
     output_dir: Path
 
 
-def start(argv, prog: str, description: str, extra_args) -> ToolRun:
+def start(argv, prog: str, description: str, extra_args, schema: type = RetrievalConfig) -> ToolRun:
     """Parse ``--config/--output_dir/--opts`` plus the tool's flags, then start the run as every
     entry script does (``utils.engine.start_run``: process group, the lock on ``output_dir``,
-    logging, ``deterministic``, the resolved config), and (rank 0) save the command line too."""
-    args, cfg, doc = parse_config(RetrievalConfig, argv, description=description, extra_args=extra_args,
-                                  prog=prog)
+    logging, ``deterministic``, the resolved config), and (rank 0) save the command line too.
+    ``schema``: the config class ``--config`` is validated against (a retrieval config by default;
+    ``tools caption`` reads a ``tasks.caption.CaptionConfig``)."""
+    args, cfg, doc = parse_config(schema, argv, description=description, extra_args=extra_args, prog=prog)
     info, output_dir = start_run(cfg, doc, args, trains=False)
     if info.is_main:
         (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))

@@ -1,0 +1,460 @@
+"""The Python inference API: one call loads any BLIP captioning, retrieval or pretraining checkpoint
+with its image transform and tokenizer (what users of LAVIS ``load_model_and_preprocess`` and of
+Hugging Face processors expect)::
+
+    from models.inference import load_blip
+    blip = load_blip("model_base_caption_capfilt_large.pth", device="cuda")  # path, URL or our run's checkpoint
+    blip.caption(images, num_beams=3, max_length=20, min_length=5)            # -> list[str]
+    blip.caption(images, sample=True, top_p=0.9, num_return_sequences=3, seed=0)
+    blip.image_features(images)   # [B, E] L2-normalised ITC features (retrieval / pretraining files)
+    blip.text_features(texts)     # [B, E]
+    blip.itm(images, texts)       # [B] match probability of pair i: softmax(ITM logits)[:, 1]
+    blip.transform, blip.tokenizer, blip.model, blip.config
+
+``images``: PIL images, file paths, or a ``[B, 3, H, W]`` tensor already transformed (``blip.transform``).
+What a checkpoint serves follows from its layout (``models.factory.checkpoint_format``):
+
+| file | builds | serves |
+|---|---|---|
+| ``blip-caption`` (``model_*_caption*.pth``, train_caption.py runs) | captioner | ``caption`` |
+| ``blip`` with ``text_encoder.*`` (``model_*_retrieval_*.pth``, train_retrieval.py runs) | retrieval model without momentum encoders | ``image_features``, ``text_features``, ``itm`` |
+| ``blip`` with ``text_encoder.*`` and ``text_decoder.*`` (``model_base.pth``, ``model_large.pth``) | both | everything |
+
+The architecture: our own checkpoints (written through ``utils/engine.py``) carry the run's config and
+it is used (``vit``, ``image_size``, ``med_config``, ``tokenizer``, ``prompt``, ``embed_dim``). Official
+files carry little, so the ViT is read off the state dict's shapes (width, depth, patch size, MLP
+ratio; image size from the position-embedding grid unless the file's config or ``image_size=`` says
+otherwise; heads: 12 for width 768, 16 for 1024, else width // 64, or ``vit_heads=``), the text side
+is ``configs/med_config.json`` (bert-base) and the tokenizer ``bert-base-uncased``. Every setting
+can be overridden by keyword. Models are built and loaded through ``models.factory`` only.
+
+Outputs of ``image_features`` / ``text_features`` / ``itm`` are float32 CPU tensors (gallery-sized
+results never pile up in GPU memory); the models themselves run on ``device``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+from torch import nn
+
+from data.collate import tokenize
+from data.transforms import build_test_transform
+from data.utils import load_image, pre_caption
+from models.blip import BLIPRetrieval, BlipArch
+from models.caption import BLIPCaptioner, CaptionArch
+from models.factory import Format, build_model, checkpoint_format, load_weights
+from models.tokenizer import build_tokenizer
+from models.vit import VIT_PRESETS, ViTArch
+from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict, load_checkpoint
+from utils.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MED_CONFIG = "configs/med_config.json"   # bert-base, as BLIP's base and large models use
+DEFAULT_TOKENIZER = "bert-base-uncased"
+DEFAULT_PROMPT = CaptionArch.model_fields["prompt"].default
+MAX_TEXT_TOKENS = 35                             # BLIP's truncation of retrieval texts
+MAX_WORDS = 30                                   # BLIP's pre_caption word limit
+HEADS_BY_WIDTH = {768: 12, 1024: 16}             # BLIP's ViT-B/16 and ViT-L/16
+
+ImageInput = Union[torch.Tensor, Image.Image, str, os.PathLike, np.ndarray,
+                   Sequence[Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]]]
+TextInput = Union[str, Sequence[str]]
+
+
+class CheckpointKindError(CheckpointError):
+    """The loaded checkpoint has no part that serves the method called (e.g. ITM on a captioner),
+    or it is of a kind this API does not load."""
+
+
+# ---------------------------------------------------------------------- architecture resolution
+
+def _block_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"blocks\.(\d+)\.")
+    found = {int(m.group(1)) for k in state if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def vit_from_state_dict(state: Mapping[str, torch.Tensor], heads: Optional[int] = None,
+                        prefix: str = "visual_encoder.") -> tuple:
+    """``(ViTArch, image_size of the pos_embed grid)`` read off a BLIP state dict's shapes.
+
+    Heads leave no trace in the weights: 12 for width 768, 16 for 1024 (BLIP's two ViTs), otherwise
+    ``width // 64`` (with a warning) unless ``heads`` is given."""
+    needed = [f"{prefix}cls_token", f"{prefix}pos_embed", f"{prefix}patch_embed.proj.weight",
+              f"{prefix}blocks.0.mlp.fc1.weight"]
+    absent = [k for k in needed if k not in state]
+    if absent:
+        raise CheckpointError(f"cannot read the ViT off the checkpoint: it has no {absent[0]} "
+                              "(is it a BLIP checkpoint?); pass vit= to say which ViT it holds")
+    width = int(state[f"{prefix}cls_token"].shape[-1])
+    depth = _block_count(state, prefix)
+    patch = int(state[f"{prefix}patch_embed.proj.weight"].shape[-1])
+    mlp_ratio = float(state[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0]) / width
+    if heads is None:
+        heads = HEADS_BY_WIDTH.get(width)
+        if heads is None:
+            heads = max(1, width // 64)
+            logger.warning("ViT width %d is neither BLIP's base (768) nor large (1024): assuming %d attention "
+                           "heads (width // 64); pass vit_heads= if it was trained with another count",
+                           width, heads)
+    try:
+        arch = ViTArch(width=width, depth=depth, heads=int(heads), patch_size=patch, mlp_ratio=mlp_ratio)
+    except ValidationError as e:
+        raise ConfigError(f"ViT read off the checkpoint (width {width}, depth {depth}, patch {patch}) with "
+                          f"{heads} heads: {_one_line(e)}") from None
+    return arch, grid_image_size(state, patch, prefix)
+
+
+def grid_image_size(state: Mapping[str, torch.Tensor], patch_size: int, prefix: str = "visual_encoder.") -> int:
+    """The image size the checkpoint's position embeddings were trained at (grid x patch size)."""
+    key = f"{prefix}pos_embed"
+    if key not in state:
+        raise CheckpointError(f"the checkpoint has no {key}: pass image_size=")
+    tokens = int(state[key].shape[1]) - 1
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise CheckpointError(f"{key} has {tokens} patch positions, not a square grid; pass image_size=")
+    return grid * patch_size
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(map(str, err.get("loc", ()))) or "value"
+    return f"{where}: {err.get('msg', str(e))}"
+
+
+def _vit_arch(vit: Any, heads: Optional[int]) -> Union[str, ViTArch]:
+    """``vit=`` (a preset name, a mapping or a ViTArch) with ``vit_heads=`` applied."""
+    if isinstance(vit, str):
+        if vit not in VIT_PRESETS:
+            raise ConfigError(f"vit: must be one of {sorted(VIT_PRESETS)} or a mapping "
+                              f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
+        if heads is None:
+            return vit
+        vit = VIT_PRESETS[vit]
+    try:
+        arch = vit if isinstance(vit, ViTArch) else ViTArch.model_validate(dict(vit))
+        if heads is not None:
+            arch = ViTArch.model_validate({**arch.model_dump(), "heads": heads})
+    except (ValidationError, TypeError, ValueError) as e:
+        why = _one_line(e) if isinstance(e, ValidationError) else str(e)
+        raise ConfigError(f"vit: not a ViT architecture ({why})") from None
+    return arch
+
+
+def _local(value: str, what: str, source: str) -> str:
+    """A relative path from a stored config is tried from the working directory, then from the
+    repository root (where the runs were started)."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    if (REPO / value).exists():
+        return str(REPO / value)
+    if what == "med_config":
+        raise ConfigError(f"med_config {value!r} ({source}) does not exist; pass med_config= "
+                          "(the BERT json the model was trained with; configs/med_config.json for BLIP's)")
+    return value  # a tokenizer hub id, or a folder build_tokenizer reports itself
+
+
+def _arch_values(ckpt: Mapping, state: Mapping[str, torch.Tensor], *, image_size, vit, vit_heads,
+                 med_config, tokenizer, prompt) -> Dict[str, Any]:
+    stored = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+    # Our checkpoints carry a format tag and the run's whole config; official ones neither (their
+    # `config`, when present, holds paths of BLIP's repository: only `prompt` and `image_size` count).
+    ours = ckpt.get("format") is not None and "vit" in stored
+    origin = "the checkpoint's stored config" if ours else "default for official BLIP files"
+    grid_size = None
+    if vit is not None:
+        arch = _vit_arch(vit, vit_heads)
+    elif ours:
+        arch = _vit_arch(stored["vit"], vit_heads)
+    else:
+        arch, grid_size = vit_from_state_dict(state, vit_heads)
+    if image_size is None:
+        stored_size = stored.get("image_size")
+        image_size = stored_size if isinstance(stored_size, int) and not isinstance(stored_size, bool) else grid_size
+    if image_size is None:  # vit= given, or our config without image_size: the grid tells
+        image_size = grid_image_size(state, (VIT_PRESETS[arch] if isinstance(arch, str) else arch).patch_size)
+    if med_config is None:
+        med_config = _local(str(stored["med_config"]), "med_config", origin) if ours and stored.get("med_config") \
+            else str(REPO / DEFAULT_MED_CONFIG)
+    if tokenizer is None:
+        tokenizer = _local(str(stored["tokenizer"]), "tokenizer", origin) if ours and stored.get("tokenizer") \
+            else DEFAULT_TOKENIZER
+    if prompt is None:
+        prompt = stored.get("prompt") if isinstance(stored.get("prompt"), str) else DEFAULT_PROMPT
+    if ours and isinstance(stored.get("embed_dim"), int):
+        embed_dim = stored["embed_dim"]
+    elif "vision_proj.weight" in state:
+        embed_dim = int(state["vision_proj.weight"].shape[0])
+    else:
+        embed_dim = BlipArch.model_fields["embed_dim"].default
+    return {"vit": arch, "image_size": int(image_size), "med_config": str(med_config),
+            "tokenizer": str(tokenizer), "prompt": prompt, "embed_dim": int(embed_dim)}
+
+
+def _arch(group, values: Mapping[str, Any]):
+    keys = {k: v for k, v in values.items() if k in group.model_fields}
+    try:
+        return group.model_validate(keys)
+    except ValidationError as e:
+        raise ConfigError(f"load_blip: {_one_line(e)}") from None
+
+
+# ---------------------------------------------------------------------- the loaded model
+
+class BLIP:
+    """A loaded BLIP checkpoint: its models in eval mode, transform and tokenizer. Made by
+    :func:`load_blip`.
+
+    ``captioner`` (:class:`BLIPCaptioner`) and ``retrieval`` (:class:`BLIPRetrieval`, no momentum
+    encoders) are the models the file holds (None where it has no such part); ``model`` is the one
+    model, the retrieval model for a pretraining file. ``kind``: ``'caption'``, ``'retrieval'`` or
+    ``'pretrain'``. ``config``: the resolved settings it was built with.
+    """
+
+    def __init__(self, captioner: Optional[BLIPCaptioner], retrieval: Optional[BLIPRetrieval], tokenizer,
+                 config: Dict[str, Any], device: torch.device, load_reports: Dict[str, Any]):
+        self.captioner = captioner
+        self.retrieval = retrieval
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        self.load_reports = load_reports
+        self.image_size = config["image_size"]
+        self.transform = build_test_transform(self.image_size)
+        self.kind = "pretrain" if captioner is not None and retrieval is not None else \
+            "caption" if captioner is not None else "retrieval"
+
+    @property
+    def model(self) -> nn.Module:
+        return self.retrieval if self.retrieval is not None else self.captioner
+
+    def __repr__(self) -> str:
+        vit = self.config["vit"]
+        vit = vit if isinstance(vit, str) else f"{vit['width']}x{vit['depth']}/{vit['patch_size']}"
+        return (f"BLIP(kind={self.kind!r}, source={self.config['source']!r}, vit={vit}, "
+                f"image_size={self.image_size}, device={str(self.device)!r})")
+
+    # ------------------------------------------------------------------ inputs
+    def _need_captioner(self) -> BLIPCaptioner:
+        if self.captioner is None:
+            raise CheckpointKindError(
+                f"this is a retrieval checkpoint ({self.config['source']}): it has no text decoder to write "
+                "captions; load a captioning checkpoint (model_base_caption_capfilt_large.pth, ...) or a "
+                "pretraining checkpoint (model_base.pth)")
+        return self.captioner.eval()
+
+    def _need_retrieval(self, what: str) -> BLIPRetrieval:
+        if self.retrieval is None:
+            raise CheckpointKindError(
+                f"this is a captioning checkpoint ({self.config['source']}): it has no {what}; load a "
+                "retrieval (model_base_retrieval_coco.pth, ...) or pretraining checkpoint (model_base.pth)")
+        return self.retrieval.eval()
+
+    def _image_list(self, images: ImageInput) -> Union[torch.Tensor, List[Any]]:
+        if isinstance(images, torch.Tensor):
+            if images.dim() == 3:
+                images = images.unsqueeze(0)
+            if images.dim() != 4 or images.shape[1] != 3:
+                raise ValueError(f"an image tensor must be [B, 3, H, W] (already transformed), got "
+                                 f"{tuple(images.shape)}")
+            if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+                raise ValueError(f"the image tensor is {images.shape[-2]}x{images.shape[-1]} but this model takes "
+                                 f"{self.image_size}x{self.image_size}: pass PIL images or paths (transformed "
+                                 "here), or apply blip.transform first")
+            return images
+        if isinstance(images, (Image.Image, str, os.PathLike)) or \
+                (isinstance(images, np.ndarray) and images.ndim == 3):
+            return [images]
+        return list(images)
+
+    def _to_tensor(self, image: Any) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            if tuple(image.shape) != (3, self.image_size, self.image_size):
+                raise ValueError(f"an image tensor in a list must be [3, {self.image_size}, {self.image_size}] "
+                                 f"(already transformed), got {tuple(image.shape)}")
+            return image
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image, context="load_blip input")
+        elif isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images: expected PIL images, file paths, HxWx3 uint8 arrays or a [B, 3, H, W] "
+                            f"tensor, got {type(image).__name__}")
+        return self.transform(image.convert("RGB"))
+
+    def _image_batches(self, images: ImageInput, batch_size: int) -> Iterator[torch.Tensor]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = self._image_list(images)
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            batch = chunk if isinstance(chunk, torch.Tensor) else torch.stack([self._to_tensor(x) for x in chunk])
+            yield batch.to(self.device, torch.float32)
+
+    @staticmethod
+    def _text_list(texts: TextInput) -> List[str]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts: expected strings, got {bad[0]}")
+        return texts
+
+    def _tokenize(self, texts: Sequence[str]):
+        # BLIP's evaluation text: pre_caption (lowercase, punctuation off, 30 words), 35 tokens.
+        ids, mask = tokenize(self.tokenizer, [pre_caption(t, MAX_WORDS) for t in texts], MAX_TEXT_TOKENS,
+                             dynamic=True)
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ captioning
+    @torch.no_grad()
+    def caption(self, images: ImageInput, *, num_beams: int = 3, max_length: int = 20, min_length: int = 5,
+                sample: bool = False, top_p: float = 0.9, top_k: int = 50, repetition_penalty: float = 1.0,
+                num_return_sequences: int = 1, seed: Optional[int] = None, batch_size: int = 16,
+                use_cache: bool = True) -> List[str]:
+        """Captions of ``images`` (prompt removed), ``len(images) * num_return_sequences`` strings,
+        those of image ``i`` together. Defaults: BLIP's caption evaluation (3 beams, max 20, min 5
+        tokens, prompt included). ``sample=True``: nucleus sampling (``top_p``, ``top_k``);
+        ``seed`` makes it repeatable (a ``torch.Generator`` on the model's device, shared by the
+        batches, so the result depends on ``batch_size`` too)."""
+        model = self._need_captioner()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        out: List[str] = []
+        for pixels in self._image_batches(images, batch_size):
+            out += model.generate(pixels, sample=sample, num_beams=num_beams, max_length=max_length,
+                                  min_length=min_length, top_p=top_p, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+                                  generator=generator, use_cache=use_cache)
+        return out
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def image_features(self, images: ImageInput, batch_size: int = 64) -> torch.Tensor:
+        """``[B, embed_dim]`` L2-normalised ITC image features (float32, CPU)."""
+        model = self._need_retrieval("image-text projection heads for features")
+        feats = [model.encode_image(pixels)[1].float().cpu() for pixels in self._image_batches(images, batch_size)]
+        return torch.cat(feats) if feats else torch.empty(0, model.embed_dim)
+
+    @torch.no_grad()
+    def text_features(self, texts: TextInput, batch_size: int = 256) -> torch.Tensor:
+        """``[B, embed_dim]`` L2-normalised ITC text features (float32, CPU); texts are cleaned as
+        BLIP's evaluation does (``pre_caption``) and truncated to 35 tokens."""
+        model = self._need_retrieval("text encoder for features")
+        texts = self._text_list(texts)
+        feats = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self._tokenize(texts[start:start + batch_size])
+            feats.append(model.encode_text(ids, mask)[1].float().cpu())
+        return torch.cat(feats) if feats else torch.empty(0, model.embed_dim)
+
+    @torch.no_grad()
+    def itm(self, images: ImageInput, texts: TextInput, batch_size: int = 32,
+            return_logits: bool = False) -> torch.Tensor:
+        """Match probability of each pair (image ``i``, text ``i``): ``softmax(ITM logits)[:, 1]``,
+        ``[B]`` float32 on CPU (``return_logits``: the logits ``[B, 2]``). One image with several
+        texts (or one text with several images) scores it against each."""
+        model = self._need_retrieval("ITM head")
+        texts = self._text_list(texts)
+        items = self._image_list(images)
+        n_img, n_txt = len(items), len(texts)
+        if n_img != n_txt and 1 not in (n_img, n_txt):
+            raise ValueError(f"itm scores pairs: got {n_img} images and {n_txt} texts (give as many of each, "
+                             "or one image / one text to score against all)")
+        n = max(n_img, n_txt)
+        single_image = None
+        if n_img == 1 and n > 1:
+            single_image = model.visual_encoder(next(self._image_batches(items, 1)))
+        if n_txt == 1 and n > 1:
+            texts = texts * n
+        logits = []
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if single_image is not None:
+                tokens = single_image.expand(stop - start, -1, -1)
+            else:
+                tokens = model.visual_encoder(next(self._image_batches(items[start:stop], stop - start)))
+            ids, mask = self._tokenize(texts[start:stop])
+            logits.append(model.itm_logits(ids, mask, image_tokens=tokens).float().cpu())
+        logits = torch.cat(logits) if logits else torch.empty(0, 2)
+        return logits if return_logits else logits.softmax(-1)[:, 1]
+
+
+# ---------------------------------------------------------------------- loading
+
+def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Optional[int] = None,
+              vit: Any = None, med_config: Optional[str] = None, tokenizer: Optional[str] = None,
+              prompt: Optional[str] = None, strict: bool = True, vit_heads: Optional[int] = None) -> BLIP:
+    """Load a BLIP captioning, retrieval or pretraining checkpoint (a path, an http(s) URL, or a
+    checkpoint of train_caption.py / train_retrieval.py) with its transform and tokenizer.
+
+    ``device``: default CUDA when available, else CPU. ``image_size``: the input resolution (the
+    position embeddings are resized to it when it differs from the file's). ``vit``: ``'base'``,
+    ``'large'`` or ``{width, depth, heads, patch_size, mlp_ratio}``; ``vit_heads``: the head count
+    alone. ``med_config`` / ``tokenizer``: the text side (defaults: the run's, or bert-base and
+    ``bert-base-uncased`` for official files). ``prompt``: the captioning prefix. ``strict``: every
+    weight the model has must be in the file, shape for shape.
+    """
+    name = str(path)
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{name} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    fmt = checkpoint_format(ckpt)
+    state = extract_state_dict(ckpt)
+    has_encoder = any(k.startswith("text_encoder.") for k in state)
+    has_decoder = any(k.startswith("text_decoder.") for k in state)
+    if fmt == Format.CAPTION:
+        parts = ("caption",)
+    elif fmt == Format.BLIP and has_encoder:
+        parts = ("retrieval", "caption") if has_decoder else ("retrieval",)
+    elif fmt == Format.BLIP:
+        raise CheckpointKindError(f"{name} has neither text_encoder.* nor text_decoder.* weights: not a BLIP "
+                                  "captioning, retrieval or pretraining checkpoint")
+    else:
+        raise CheckpointKindError(
+            f"{name} is a {fmt!r} checkpoint; load_blip loads BLIP captioning, retrieval and pretraining "
+            "checkpoints (official files, train_caption.py / train_retrieval.py runs). ContextBLIP and "
+            "ImageCoDe checkpoints load through models.factory (create_model / model_from_checkpoint)")
+
+    values = _arch_values(ckpt, state, image_size=image_size, vit=vit, vit_heads=vit_heads,
+                          med_config=med_config, tokenizer=tokenizer, prompt=prompt)
+    tok = build_tokenizer(values["tokenizer"])
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    models: Dict[str, nn.Module] = {}
+    reports: Dict[str, Any] = {}
+    for part in parts:
+        group, kind = (BlipArch, "blip_inference") if part == "retrieval" else (CaptionArch, "caption")
+        model = build_model(_arch(group, values), kind, tok)
+        try:
+            reports[part] = load_weights(model, ckpt, strict=strict, source_name=name).blip
+        except CheckpointMismatchError as e:
+            vit_desc = values["vit"] if isinstance(values["vit"], str) else values["vit"].model_dump()
+            raise CheckpointMismatchError(
+                f"{name} does not fit the {part} model built with vit={vit_desc}, med_config="
+                f"{values['med_config']!r}, tokenizer={values['tokenizer']!r}: pass load_blip the vit=, "
+                f"vit_heads=, med_config= or tokenizer= it was trained with (or strict=False to load what "
+                f"fits).\n{e}") from None
+        models[part] = model.to(dev).eval()
+    del ckpt, state
+
+    vit_value = values["vit"] if isinstance(values["vit"], str) else values["vit"].model_dump()
+    config = {**values, "vit": vit_value, "source": name, "format": fmt, "kind": None}
+    if "retrieval" not in models:
+        config["embed_dim"] = None  # a captioner has no ITC projection
+    blip = BLIP(models.get("caption"), models.get("retrieval"), tok, config, dev, reports)
+    blip.config["kind"] = blip.kind
+    logger.info("loaded %r", blip)
+    return blip
