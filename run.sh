@@ -3,6 +3,7 @@
 #   bash run.sh demo                          the whole demo on the embedded synthetic benchmark
 #   bash run.sh retrieval CONFIG [args...]    train_retrieval.py under torchrun (NPROC processes)
 #   bash run.sh eval CONFIG [args...]         evaluation only (--evaluate)
+#   bash run.sh caption CONFIG [args...]      train_caption.py under torchrun (NPROC processes)
 #   bash run.sh pretrain [CONFIG] [args...]   ContextBLIP adapter pretraining (default configs/pretrain.yaml)
 #   bash run.sh sweep-mask "0.1 0.25 0.5 0.75" [CONFIG] [args...]
 #                                             one pretraining per mask rate (+ random) into SWEEP_DIR
@@ -79,11 +80,19 @@ case "$cmd" in
       --out "$DEMO/imagecode_analysis"
     stage "6 MMVP-VLM" "$PYTHON" eval_mmvp.py --config configs/demo/mmvp.yaml --output_dir "$DEMO/mmvp" \
       --opts "data_root=$D/mmvp" "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+    # A captioner whose ViT starts from stage 1's BLIP; then its test captions against the best
+    # constant caption, and a contact sheet.
+    stage "7 captioning" "$PYTHON" train_caption.py --config configs/demo/caption.yaml --output_dir "$DEMO/caption" \
+      --no_progress --overwrite --opts "image_root=$D/retrieval/images" "ann_root=$D/retrieval/annotation" \
+      "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
+    stage "caption report" "$PYTHON" -m analysis.caption_report "$DEMO/caption" --image_root "$D/retrieval/images" \
+      --train_file "$D/retrieval/annotation/synthetic_train.json" --test_file "$D/retrieval/annotation/synthetic_test.json"
     "$PYTHON" -m analysis.demo_report "$DEMO"
     echo "Report: $DEMO/REPORT.md"
     ;;
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
+  caption) cfg=$1; shift; launch train_caption.py --config "$cfg" "$@" ;;
   pretrain)
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
@@ -93,5 +102,5 @@ case "$cmd" in
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
     "$PYTHON" -m tasks.sweep_mask --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 1 ;;
+  *) sed -n '2,11p' "$0"; exit 1 ;;
 esac

@@ -107,12 +107,29 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
     else:
         rows.append(("6 MMVP-VLM", "not run", "-", ""))
 
+    caption_file = demo / "caption" / "caption_baseline.json"
+    if caption_file.is_file():
+        cap = json.loads(caption_file.read_text())
+        ours, const = cap["ours"], cap["constant_baseline"]
+        rows.append(("7 captioning (BLIP decoder)", f"test CIDEr / BLEU-4 ({cap['images']} images, 3 beams)",
+                     f"{ours['CIDEr']:.3f} / {ours['Bleu_4']:.3f}",
+                     _link(demo, demo / "caption" / "caption_sheet.png", "contact sheet")))
+        rows.append(("", f"best constant caption (of {const['candidates']} frequent train captions): "
+                         f"\"{const['caption']}\"", f"{const['CIDEr']:.3f} / {const['Bleu_4']:.3f}", ""))
+        rows.append(("", "test METEOR / ROUGE-L", f"{ours['METEOR']:.3f} / {ours['ROUGE_L']:.3f}",
+                     _link(demo, demo / "caption" / "captions_test.json", "captions")))
+    else:
+        rows.append(("7 captioning", "not run", "-", ""))
+
     lines += ["| stage | metric | value | files |", "|---|---|---|---|"]
     lines += [f"| {s} | {m} | {v} | {f} |" for s, m, v, f in rows]
     if seconds:
         lines += ["", "## Time per stage (wall clock)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {name} | {sec:.0f} |" for name, sec in seconds.items()]
         lines += [f"| **total** | **{sum(seconds.values()):.0f}** |"]
+    if (demo / "caption" / "caption_sheet.png").is_file():
+        lines += ["", "## Captions (synthetic test split: ours, then the references)", "",
+                  "![captions](caption/caption_sheet.png)"]
     for title, path in (("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
                         ("MMVP-VLM per pattern", demo / "mmvp" / "mmvp_results.md")):
         if path.is_file():

@@ -209,8 +209,9 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, batch: int, s: Generatio
         vocab = scores.shape[-1]
         scores = (scores + beam_scores[:, None]).view(batch, nb * vocab)
         top_scores, top = torch.topk(scores, 2 * nb, dim=1, largest=True, sorted=True)
-        # One host transfer per step: the bookkeeping below is per sentence, in Python.
-        top_scores_h, top_h = top_scores.cpu(), top.cpu()
+        # One host transfer per step: the bookkeeping below is per sentence, in Python (lists:
+        # reading tensor elements one by one costs more than the step at large batches).
+        top_scores_h, top_h = top_scores.cpu().tolist(), top.cpu().tolist()
         next_scores = torch.zeros(batch, nb, dtype=torch.float)
         next_tokens = torch.full((batch, nb), pad, dtype=torch.long)
         next_rows = torch.arange(batch).repeat_interleave(nb).view(batch, nb) * nb
@@ -220,21 +221,21 @@ def beam_search(decoder: Decoder, prompt: torch.Tensor, batch: int, s: Generatio
                 continue
             filled = 0
             for rank in range(2 * nb):
-                token = int(top_h[b, rank]) % vocab
-                row = b * nb + int(top_h[b, rank]) // vocab
-                score = top_scores_h[b, rank]
+                token = top_h[b][rank] % vocab
+                row = b * nb + top_h[b][rank] // vocab
+                score = top_scores_h[b][rank]
                 if token == eos:
                     if rank >= nb:
                         continue
                     if ids_h is None:
                         ids_h = ids.cpu()
-                    hyps[b].add(ids_h[row].clone(), score.item())
+                    hyps[b].add(ids_h[row].clone(), score)
                 else:
                     next_scores[b, filled], next_tokens[b, filled], next_rows[b, filled] = score, token, row
                     filled += 1
                 if filled == nb:
                     break
-            done[b] = hyps[b].is_done(top_scores_h[b].max().item(), cur_len)
+            done[b] = hyps[b].is_done(max(top_scores_h[b]), cur_len)
         beam_scores = next_scores.view(-1).to(device)
         rows = next_rows.view(-1).to(device)
         tokens = next_tokens.view(-1).to(device)

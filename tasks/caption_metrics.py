@@ -116,6 +116,30 @@ def caption_scores(results: Sequence[Mapping[str, Any]], gts: Mapping[ImageId, S
     return scores
 
 
+def best_constant_caption(gts: Mapping[ImageId, Sequence[str]], candidates: Sequence[str]) -> dict:
+    """The baseline a captioner must beat: the one caption of ``candidates`` that, given for every
+    image, scores the highest CIDEr against ``gts``. Returns ``{"caption", "CIDEr", "Bleu_4",
+    "candidates"}`` (pycocoevalcap's values, the same PTB tokenization as :func:`caption_scores`;
+    METEOR is left out: one Java run per candidate)."""
+    if not candidates:
+        raise ValueError("best_constant_caption: no candidate captions")
+    require_java()
+    ids = list(gts)
+    gts_tok = _tokenize({i: [{"caption": c} for c in refs] for i, refs in gts.items()})
+    cand_tok = _tokenize({k: [{"caption": c}] for k, c in enumerate(candidates)})
+    best = None
+    for k, caption in enumerate(candidates):
+        res_tok = {i: cand_tok[k] for i in ids}
+        cider = float(Cider().compute_score(gts_tok, res_tok)[0])
+        if best is None or cider > best["CIDEr"]:
+            best = {"caption": caption, "CIDEr": cider, "k": k}
+    k = best.pop("k")
+    res_tok = {i: cand_tok[k] for i in ids}
+    best["Bleu_4"] = float(Bleu(4).compute_score(gts_tok, res_tok, verbose=0)[0][3])
+    best["candidates"] = len(candidates)
+    return best
+
+
 def _match_results(results: Sequence[Mapping[str, Any]], gts: Mapping[ImageId, Sequence[str]]) -> dict:
     """``{id: candidate caption}``, after checking that results and references pair one to one."""
     if not gts:

@@ -185,6 +185,12 @@ def test_train_caption_evaluate_reproduces_the_original_and_pycocoevalcap(tmp_pa
     assert set(ours) == {f"test_{k}" for k in expected}
     for k, v in expected.items():
         assert ours[f"test_{k}"] == v, k
+    # BLIP's *_gt.json references (coco_gt_root: <annotation stem>_gt.json) give the same scores.
+    gt_root = tmp_path / "gt"
+    gt_root.mkdir()
+    (out / "gt_by_hand.json").rename(gt_root / "test_gt.json")
+    _evaluate(run_script, tmp_path / "with_gt", spice="false", coco_gt_root=gt_root)
+    assert json.loads((tmp_path / "with_gt" / "evaluate.txt").read_text()) == ours
 
 
 def _pycocoevalcap(results_file: Path, annotation: Path) -> dict:

@@ -402,3 +402,23 @@ def test_write_results_is_atomic_and_readable(tmp_path):
         cm.write_results(path, [{"image_id": object(), "caption": "x"}])
     assert json.loads(path.read_text(encoding="utf-8"))[0]["image_id"] == 391895  # the old file intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["test_epoch0.json"]  # no temp file left
+
+
+@needs_java
+def test_best_constant_caption_is_the_argmax_of_cider_over_the_candidates():
+    from pycocoevalcap.cider.cider import Cider
+    gts = {1: ["a red circle on the left", "a red circle at the left side"],
+           2: ["a blue square on the right", "one blue square at the right"],
+           3: ["a red square in the middle", "a red square in the center"]}
+    candidates = ["a red circle on the left", "a blue square on the right", "a red square", "an image"]
+    best = cm.best_constant_caption(gts, candidates)
+    # Each candidate's CIDEr when it is the caption of every image, computed independently.
+    tok = cm._tokenize({i: [{"caption": c} for c in refs] for i, refs in gts.items()})
+    ciders = []
+    for c in candidates:
+        res = cm._tokenize({i: [{"caption": c}] for i in gts})
+        ciders.append(Cider().compute_score(tok, res)[0])
+    k = max(range(len(candidates)), key=lambda j: ciders[j])
+    assert best["caption"] == candidates[k] and best["CIDEr"] == pytest.approx(ciders[k], abs=1e-12)
+    assert best["candidates"] == 4 and 0.0 <= best["Bleu_4"] <= 1.0
+    assert ciders[-1] < best["CIDEr"]  # "an image" shares nothing
