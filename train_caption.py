@@ -21,45 +21,22 @@ from models.factory import create_model
 from tasks.caption import CaptionConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import run_entry, start_run
+from utils.engine import add_train_eval_args, run_entry, run_splits, start_run, unused_when_evaluating
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_caption")
 
 
 def _extra_args(parser) -> None:
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--eval_splits", default=None,
-                        help="comma-separated splits to evaluate with --evaluate (default: val,test "
-                             "when a val file is configured, else test)")
-    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
-    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
-
-
-def _unused(args) -> tuple:
-    return ("vit_grad_ckpt",) if args.evaluate else ()
-
-
-def _splits(args, cfg) -> tuple:
-    if not args.evaluate:
-        return ("train",) + eval_splits(cfg)
-    if args.eval_splits:
-        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
-        if not splits or not set(splits) <= {"val", "test"}:
-            raise ValueError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
-        return splits
-    splits = eval_splits(cfg)
-    if not splits:
-        raise ValueError("--evaluate needs a val_file or a test_file (dataset: custom)")
-    return splits
+    add_train_eval_args(parser)
 
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(CaptionConfig, argv, description=__doc__.splitlines()[0],
-                                  extra_args=_extra_args, unused_keys=_unused)
+                                  extra_args=_extra_args, unused_keys=unused_when_evaluating)
     info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
     try:
-        datasets = build_datasets(cfg, _splits(args, cfg))
+        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)))
         model, tokenizer = create_model(cfg, "caption", info.device)
         if args.evaluate:
             record = {}

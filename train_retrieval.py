@@ -22,36 +22,16 @@ from models.factory import create_model
 from tasks.retrieval import RetrievalConfig, build_datasets, eval_splits, run_evaluation, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import run_entry, start_run
+from utils.engine import add_train_eval_args, run_entry, run_splits, start_run, unused_when_evaluating
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
 
 
 def _extra_args(parser) -> None:
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--eval_splits", default=None,
-                        help="comma-separated splits to evaluate with --evaluate (default: val,test "
-                             "when a val file is configured, else test)")
+    add_train_eval_args(parser)
     parser.add_argument("--save_scores", action="store_true",
                         help="write scores_<split>.npz with score_i2t [n_img, n_txt] and score_t2i [n_txt, n_img]")
-    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
-    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
-
-
-def _unused(args) -> tuple:
-    return ("vit_grad_ckpt",) if args.evaluate else ()
-
-
-def _splits(args, cfg) -> tuple:
-    if not args.evaluate:
-        return ("train",) + eval_splits(cfg)
-    if args.eval_splits:
-        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
-        if not splits or not set(splits) <= {"val", "test"}:
-            raise ValueError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
-        return splits
-    return eval_splits(cfg)
 
 
 def evaluate_only(args, cfg, model, tokenizer, datasets, output_dir: Path) -> dict:
@@ -71,10 +51,10 @@ def evaluate_only(args, cfg, model, tokenizer, datasets, output_dir: Path) -> di
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0],
-                                  extra_args=_extra_args, unused_keys=_unused)
+                                  extra_args=_extra_args, unused_keys=unused_when_evaluating)
     info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
     try:
-        datasets = build_datasets(cfg, _splits(args, cfg))
+        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)))
         # Evaluation needs no momentum encoders or queues: half the memory.
         model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device)
         if args.evaluate:

@@ -118,8 +118,37 @@ def run_script():
 
 @pytest.fixture(scope="session")
 def tiny_train_config():
-    """``tiny_train_config(tmp_path, data, **overrides) -> Path``: a seconds-per-epoch retrieval run."""
+    """``tiny_train_config(tmp_path, data, **overrides) -> Path``: a seconds-per-epoch retrieval run
+    (an override of None drops that key: e.g. the retrieval-only ones for another task)."""
     return _tiny_train_config
+
+
+def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> None:
+    """Start ``cmd`` from the repo root and SIGKILL it as soon as ``checkpoint`` records loop step
+    ``>= step`` (a run saving every few steps: killed mid-epoch, as a crash would)."""
+    import signal
+    import time
+    import torch
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.is_file():
+            try:
+                if torch.load(checkpoint, weights_only=True)["loop"]["step"] >= step:
+                    break
+            except Exception:  # noqa: BLE001 - replaced atomically, but read while renamed: retry
+                pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def kill_at_step():
+    """``kill_at_step(cmd, checkpoint, step)``: run ``cmd``, SIGKILL it once ``checkpoint`` is at ``step``."""
+    return _kill_at_step
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +176,7 @@ def _tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
         "train_resize_only": True, "deterministic": "true",
     }
     cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}  # an override of None drops the key
     path = tmp_path / "train.yaml"
     path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
     return path

@@ -4,11 +4,7 @@ hand, checkpoint layouts, 2-rank evaluation, exact resume after SIGKILL."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -254,24 +250,12 @@ def test_two_rank_evaluation_writes_the_same_captions_as_one_process(tmp_path, r
 
 # ---------------------------------------------------------------------- training
 
-def _train_config(tmp_path: Path, data: Path, **overrides) -> Path:
-    med = tmp_path / "med_tiny.json"
-    med.write_text('{"vocab_size": null, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,'
-                   ' "intermediate_size": 64, "max_position_embeddings": 48, "encoder_width": 32}')
-    cfg = {
-        "dataset": "custom", "image_root": str(data / "retrieval" / "images"),
-        "ann_root": str(data / "retrieval" / "annotation"), "train_file": "synthetic_train.json",
-        "val_file": "null", "test_file": "null",
-        "tokenizer": str(data / "tokenizer"), "med_config": str(med), "pretrained": "''",
-        "vit": "{width: 32, depth: 1, heads: 2, patch_size: 16}", "image_size": 32,
-        "batch_size_train": 16, "batch_size_test": 16, "init_lr": 1e-3, "min_lr": 1e-4, "max_epoch": 2,
-        "num_workers": 0, "device": "cpu", "seed": 3, "log_every": 1000, "train_resize_only": True,
-        "deterministic": "true", "spice": "false", "max_length": 12, "min_length": 3,
-    }
-    cfg.update(overrides)
-    path = tmp_path / "caption.yaml"
-    path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
-    return path
+def _train_config(make, tmp_path: Path, data: Path, **overrides) -> Path:
+    """The tiny retrieval run of conftest, made a caption run: no retrieval keys, no eval splits."""
+    settings = dict(embed_dim=None, queue_size=None, k_test=None, val_file="null", test_file="null",
+                    spice="false", max_length=12, min_length=3)
+    settings.update(overrides)
+    return make(tmp_path, data, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -292,28 +276,15 @@ def _train_records(out):
 
 
 @pytest.mark.slow
-def test_caption_training_resumes_exactly_after_sigkill(tmp_path, synthetic_small, caption_cli):
-    cfg = _train_config(tmp_path, synthetic_small, ckpt_every_steps=4)
+def test_caption_training_resumes_exactly_after_sigkill(tmp_path, synthetic_small, caption_cli, tiny_train_config,
+                                                        kill_at_step):
+    cfg = _train_config(tiny_train_config, tmp_path, synthetic_small, ckpt_every_steps=4)
     straight = tmp_path / "straight"
     caption_cli(cfg, straight)
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "train_caption.py"), "--config", str(cfg), "--output_dir", str(killed),
-           "--no_progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     ckpt = killed / "checkpoint_last.pth"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file():
-            try:
-                if torch.load(ckpt, weights_only=True)["loop"]["step"] >= 8:  # inside epoch 0 (18 steps)
-                    break
-            except Exception:  # noqa: BLE001 - the file is replaced atomically; retry on a race
-                pass
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_step([sys.executable, REPO / "train_caption.py", "--config", cfg, "--output_dir", killed, "--no_progress"],
+                 ckpt, 8)  # inside epoch 0 (18 steps)
     assert torch.load(ckpt, weights_only=True)["loop"]["batch_in_epoch"] > 0
     caption_cli(cfg, killed, "--resume", "auto")
     assert _train_records(straight) == _train_records(killed)
@@ -324,8 +295,9 @@ def test_caption_training_resumes_exactly_after_sigkill(tmp_path, synthetic_smal
 
 
 @pytest.mark.slow
-def test_caption_training_evaluates_val_picks_best_by_cider_and_tests_it(tmp_path, synthetic_small, caption_cli):
-    cfg = _train_config(tmp_path, synthetic_small, val_file="synthetic_val.json", test_file="synthetic_test.json",
+def test_caption_training_evaluates_val_picks_best_by_cider_and_tests_it(tmp_path, synthetic_small, caption_cli,
+                                                                       tiny_train_config):
+    cfg = _train_config(tiny_train_config, tmp_path, synthetic_small, val_file="synthetic_val.json", test_file="synthetic_test.json",
                         max_epoch=2, init_lr=2e-3)
     out = tmp_path / "run"
     caption_cli(cfg, out)

@@ -3,11 +3,7 @@ distributed equivalence, non-finite loss handling."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -83,24 +79,12 @@ def test_resume_continues_exactly(tmp_path, baseline, train_cli):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, baseline, train_cli):
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, baseline, train_cli, kill_at_step):
     cfg, straight = baseline
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(REPO / "train_retrieval.py"), "--config", str(cfg), "--output_dir", str(killed),
-           "--no_progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     ckpt = killed / "checkpoint_last.pth"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.is_file():
-            state = torch.load(ckpt, weights_only=True)["loop"]
-            if state["step"] >= 8:  # well inside epoch 0 (18 steps per epoch)
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_step([sys.executable, REPO / "train_retrieval.py", "--config", cfg, "--output_dir", killed, "--no_progress"],
+                 ckpt, 8)  # well inside epoch 0 (18 steps per epoch)
     assert torch.load(ckpt, weights_only=True)["loop"]["batch_in_epoch"] > 0  # a mid-epoch checkpoint
     assert not list(killed.glob(".*.tmp")), "a temp file was left next to the checkpoint"
     train_cli(cfg, killed, "--resume", "auto")

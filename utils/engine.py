@@ -548,6 +548,36 @@ def start_run(cfg, doc, args, *, trains: bool) -> tuple:
     return info, output_dir
 
 
+def add_train_eval_args(parser) -> None:
+    """The flags every fine-tuning entry script with an evaluation mode takes (BLIP's CLI)."""
+    parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
+    parser.add_argument("--eval_splits", default=None,
+                        help="comma-separated splits to evaluate with --evaluate (default: val,test "
+                             "when a val file is configured, else test)")
+    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
+    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
+
+
+def unused_when_evaluating(args) -> tuple:
+    """Config keys an ``--evaluate`` run does not use (not cross-checked)."""
+    return ("vit_grad_ckpt",) if args.evaluate else ()
+
+
+def run_splits(args, configured: tuple) -> tuple:
+    """The splits a run reads: ``train`` + the ``configured`` eval splits, or with ``--evaluate``
+    those of ``--eval_splits`` (val/test) or else the configured ones (at least one)."""
+    if not args.evaluate:
+        return ("train",) + tuple(configured)
+    if args.eval_splits:
+        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
+        if not splits or not set(splits) <= {"val", "test"}:
+            raise ValueError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
+        return splits
+    if not configured:
+        raise ValueError("--evaluate needs a val_file or a test_file (dataset: custom)")
+    return tuple(configured)
+
+
 def run_entry(main: Callable, log: Optional[logging.Logger] = None) -> None:
     """Run an entry script's ``main`` as a command. One of our own errors (:data:`USER_ERRORS`: a
     config key, a checkpoint, data, the output directory, a non-finite loss, a missing file) ends it
