@@ -87,7 +87,15 @@ class BLIPRetrieval(nn.Module):
     @staticmethod
     def _pointer_from_buffer(module: "BLIPRetrieval", _incompatible) -> None:
         if module.with_momentum:
-            module._ptr = int(module.ptr_queue)
+            module._ptr = int(module.pointer_buffer())
+
+    def pointer_buffer(self) -> torch.Tensor:
+        """The checkpointed queue pointer (``ptr_queue``; pretraining's layout calls it ``queue_ptr``)."""
+        return self.ptr_queue
+
+    def queue_ids(self) -> torch.Tensor:
+        """The contrastive ids of the queued features ``[queue_size]``."""
+        return self.idx_queue.view(-1)
 
     def _momentum_modules(self) -> List[nn.Module]:
         if not self.with_momentum:
@@ -152,15 +160,23 @@ class BLIPRetrieval(nn.Module):
         ptr = self._ptr
         self.image_queue[:, ptr:ptr + G] = image_feat.t()
         self.text_queue[:, ptr:ptr + G] = text_feat.t()
-        self.idx_queue[:, ptr:ptr + G] = idx.view(1, -1)
+        if "idx_queue" in self._buffers:
+            self.idx_queue[:, ptr:ptr + G] = idx.view(1, -1)
         self._ptr = (ptr + G) % self.queue_size
-        self.ptr_queue.fill_(self._ptr)
+        self.pointer_buffer().fill_(self._ptr)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 idx: torch.Tensor, alpha: float, use_queue: bool = True,
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """BLIP's retrieval fine-tuning losses for a batch. Returns ``loss_ita`` and ``loss_itm``."""
+        return self.contrastive_and_matching(pixel_values, input_ids, attention_mask, idx, alpha, use_queue,
+                                             generator)[0]
+
+    def contrastive_and_matching(self, pixel_values, input_ids, attention_mask, idx, alpha: float,
+                                 use_queue: bool = True, generator: Optional[torch.Generator] = None
+                                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """(``{loss_ita, loss_itm}``, the image tokens ``[B, 1 + N, Dv]`` for further losses)."""
         if not self.with_momentum:
             raise RuntimeError("this BLIPRetrieval was built with with_momentum=False: ITC training "
                                "needs the momentum encoders and queues")
@@ -184,7 +200,7 @@ class BLIPRetrieval(nn.Module):
         if use_queue:
             image_keys = torch.cat([image_keys, self.image_queue.t().clone()])
             text_keys = torch.cat([text_keys, self.text_queue.t().clone()])
-            idx_keys = torch.cat([idx_keys, self.idx_queue.view(-1).clone()])
+            idx_keys = torch.cat([idx_keys, self.queue_ids().clone()])
         loss_ita = itc_momentum_loss(image_feat, text_feat, image_keys, text_keys, image_feat_m,
                                      text_feat_m, idx, idx_keys, self.temp, alpha)
         if use_queue:
@@ -192,7 +208,7 @@ class BLIPRetrieval(nn.Module):
 
         loss_itm = self._itm_loss(image_tokens, image_feat, text_feat, input_ids, attention_mask,
                                   idx, idx_all, generator)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm}
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm}, image_tokens
 
     def _itm_loss(self, image_tokens, image_feat, text_feat, input_ids, attention_mask, idx, idx_all,
                   generator) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """One door to every model: build it from its config, load any checkpoint kind into it.
 
     model, tokenizer = create_model(cfg, "blip", device)           # BLIP retrieval, momentum encoders + queues
+    model, tokenizer = create_model(cfg, "blip_pretrain", device)  # BLIP pretraining (tied decoder; model_base.pth layout)
     model, tokenizer = create_model(cfg, "blip_inference", device) # the same without them (half the memory)
     model, tokenizer = create_model(cfg, "contextblip_pretrain")    # ContextBLIP + TMIM decoder
     model, tokenizer = create_model(cfg, "zero_shot")              # ContextBLIP; a plain BLIP file -> BLIP itself
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from models.blip import BLIPRetrieval, build_blip_retrieval
+from models.blip_pretrain import build_blip_pretrain
 from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
@@ -54,7 +56,7 @@ class Format:
     ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION)
 
 
-KINDS = ("blip", "blip_inference", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption")
+KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption")
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
@@ -83,6 +85,8 @@ def build_model(cfg, kind: str, tokenizer) -> nn.Module:
         return build_blip_retrieval(cfg, tokenizer, itc=cfg)
     if kind == "blip_inference":
         return build_blip_retrieval(cfg, tokenizer)
+    if kind == "blip_pretrain":
+        return build_blip_pretrain(cfg, tokenizer, itc=cfg)
     if kind in ("contextblip", "zero_shot"):
         # A pretraining config's mask settings come along (compute_mask reads them); others: defaults.
         return build_contextblip(cfg, tokenizer, settings=cfg if isinstance(cfg, PretrainSettings) else None)

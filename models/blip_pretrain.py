@@ -1,0 +1,89 @@
+"""BLIP's own pretraining model (``BLIP_Pretrain``; the official ``model_base.pth`` layout).
+
+One model, three losses per batch (docs/BLIP.md "Pretraining"):
+
+- ITC with momentum encoders and queues, positives on the diagonal only: every pair is its own
+  class (the caller gives each pair a unique ``idx``; queued features are never positives);
+- ITM with hard negatives from the batch;
+- LM with ``text_decoder``: the caption after ``[DEC]`` (no prompt), label smoothing 0.1.
+
+The decoder is **tied** to the text encoder for everything but its self-attention: embeddings,
+cross-attention, feed-forward and LayerNorms are the same ``nn.Module`` objects (one parameter, not
+a copy, so a step updates both views), while ``text_decoder.bert.encoder.layer.N.attention`` is the
+decoder's own causal self-attention. The state dict still lists every tensor under both names, as
+the official file does, so it loads into retrieval (``train_retrieval.py``: the decoder is an
+expected extra) and captioning (``train_caption.py``: the encoder is) unchanged. The queue pointer is
+``queue_ptr`` and there is no ``idx_queue``, as in ``model_base.pth``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from models.blip import BLIPRetrieval, BlipArch, ITCSettings
+from models.caption import TextDecoder, lm_loss
+from models.med import MedEncoder, med_config_for
+from models.vit import BlipViT, build_vit
+
+IGNORE = -100
+
+
+def tie_decoder_to_encoder(encoder: MedEncoder, decoder: MedEncoder) -> None:
+    """Make ``decoder`` share every module of ``encoder`` except the self-attention blocks (BLIP's
+    ``tie_encoder_decoder_weights(..., skip_key='/attention')``: cross-attention is shared)."""
+    if len(encoder.layers) != len(decoder.layers):
+        raise ValueError(f"cannot tie a {len(decoder.layers)}-layer decoder to a {len(encoder.layers)}-layer encoder")
+    decoder.embeddings = encoder.embeddings
+    for enc, dec in zip(encoder.layers, decoder.layers):
+        dec.crossattention = enc.crossattention
+        dec.intermediate = enc.intermediate
+        dec.output = enc.output
+
+
+class BLIPPretrain(BLIPRetrieval):
+    checkpoint_format = "blip"
+
+    def __init__(self, visual_encoder: BlipViT, med_config, tokenizer, embed_dim: int = 256, queue_size: int = 57600,
+                 momentum: float = 0.995, negative_all_rank: bool = False, itc_all_rank_keys: bool = True):
+        super().__init__(visual_encoder, med_config, embed_dim=embed_dim, queue_size=queue_size, momentum=momentum,
+                         negative_all_rank=negative_all_rank, enc_token_id=tokenizer.enc_token_id,
+                         itc_all_rank_keys=itc_all_rank_keys, with_momentum=True)
+        # model_base.pth's layout: the pointer is `queue_ptr`, and pairs need no id queue.
+        del self._buffers["idx_queue"]
+        del self._buffers["ptr_queue"]
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("_no_ids", torch.full((queue_size,), -1, dtype=torch.long), persistent=False)
+        self.text_decoder = TextDecoder(self.text_encoder.config)
+        tie_decoder_to_encoder(self.text_encoder, self.text_decoder.bert)
+        # The LM head's projection stays tied to the (now shared) word embeddings.
+        self.text_decoder.cls.predictions.decoder.weight = self.text_encoder.embeddings.word_embeddings.weight
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def pointer_buffer(self) -> torch.Tensor:
+        return self.queue_ptr
+
+    def queue_ids(self) -> torch.Tensor:
+        return self._no_ids  # -1: never equal to a pair's id (>= 0), so queued keys are negatives
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                idx: torch.Tensor, alpha: float, use_queue: bool = True,
+                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """``loss_ita``, ``loss_itm``, ``loss_lm`` of a batch; ``idx`` ``[B]``: a unique id >= 0 per
+        pair (diagonal positives)."""
+        losses, image_tokens = self.contrastive_and_matching(pixel_values, input_ids, attention_mask, idx, alpha,
+                                                             use_queue, generator)
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.bos_token_id
+        targets = dec_ids.masked_fill(attention_mask == 0, IGNORE)
+        logits, _ = self.text_decoder(dec_ids, attention_mask, image_embeds=image_tokens)
+        losses["loss_lm"] = lm_loss(logits, targets)
+        return losses
+
+
+def build_blip_pretrain(arch: BlipArch, tokenizer, itc: ITCSettings) -> BLIPPretrain:
+    vit = build_vit(arch)
+    return BLIPPretrain(vit, med_config_for(arch.med_config, tokenizer, vit.width), tokenizer, embed_dim=arch.embed_dim,
+                        queue_size=itc.queue_size, momentum=itc.momentum, negative_all_rank=itc.negative_all_rank,
+                        itc_all_rank_keys=itc.itc_all_rank_keys)
+
