@@ -1,0 +1,93 @@
+"""BLIP's own pretraining (ITC + ITM + LM with the tied decoder): its config, data and loss, and its
+hooks into the shared loop (``pretrain_blip.py``).
+
+Pairs are docs/FORMATS.md 2 json lists (``train_file``: one file or a list, as BLIP's
+``configs/pretrain.yaml``). Every pair is its own contrastive class (BLIP's diagonal targets): the
+loss gives each row of a step a unique id, and queued features are never positives. ``alpha``
+ramps from 0 over the first ``alpha_ramp_epochs`` (2) epochs, per step. Schedule: linear warm-up from
+``warmup_lr`` to ``init_lr`` over ``warmup_steps``, then ``init_lr * lr_decay_rate ** epoch`` down to
+``min_lr``. ``log.txt`` gets ``train_loss_ita``, ``train_loss_itm``, ``train_loss_lm``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Union
+
+import torch
+from pydantic import model_validator
+
+from data.collate import RetrievalCollator
+from data.preflight import check_splits, log_unk_rate
+from data.pretrain import PretrainDataset, build_pretrain_dataset
+from models.blip import BlipArch, ITCSettings
+from tasks.retrieval import train_transform
+from utils import dist as du
+from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
+from utils.engine import Trainer
+from utils.schedule import WarmupStepSchedule, build_adamw
+from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
+                            TextSettings, WarmupSettings, WeightsSettings)
+
+logger = logging.getLogger(__name__)
+
+
+class BlipPretrainConfig(BlipArch, ITCSettings, TextSettings, WeightsSettings, AugmentSettings, OptimSettings,
+                         WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+    """BLIP pretraining (pretrain_blip.py). Defaults are BLIP's released recipe (docs/BLIP.md)."""
+    train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
+    image_root: str = ''                        # prefix for relative image paths ('' = as written)
+    skip_bad_images: bool = False               # drop pairs of missing/unreadable images (logged, counted)
+    image_size: PosInt = 224
+    max_tokens: PosInt = 30                     # BLIP pads/truncates pretraining text to 30 tokens
+    batch_size_train: PosInt = 75               # per GPU
+    init_lr: PosFloat = 3e-4
+    min_lr: NonNegFloat = 1e-6
+    warmup_steps: NonNegInt = 3000
+    warmup_lr: NonNegFloat = 1e-6
+    max_epoch: NonNegInt = 20
+    train_crop_min_scale: Fraction = 0.2
+    alpha_ramp_epochs: NonNegInt = 2            # alpha grows linearly from 0 over these epochs (per step)
+
+    @model_validator(mode='after')
+    def _has_pairs(self):
+        if not self.train_file:
+            raise ValueError('train_file: must name at least one pretraining json file')
+        return self
+
+
+def build_dataset(cfg: BlipPretrainConfig) -> PretrainDataset:
+    """The pairs of ``train_file`` (train transform), parsed and with their images checked before any
+    model is built. A collective under torchrun."""
+    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size))
+    check_splits({"train": dataset}, cfg.skip_bad_images)
+    return dataset
+
+
+def pretrain_loss(cfg: BlipPretrainConfig):
+    """ITC + ITM + LM; each row of a step its own class (ids unique over every rank's rows)."""
+    def loss_fn(model, batch, ctx):
+        ramp = cfg.alpha_ramp_epochs * ctx['batches_per_epoch']
+        alpha = cfg.alpha * (min(1.0, (ctx['epoch'] * ctx['batches_per_epoch'] + ctx['batch_index']) / ramp)
+                             if ramp else 1.0)
+        B = batch['input_ids'].shape[0]
+        ids = torch.arange(B, device=batch['input_ids'].device) + du.get_rank() * B
+        return model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], ids, alpha=alpha,
+                     generator=ctx['generator'])
+    return loss_fn
+
+
+def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset: PretrainDataset,
+          resume: Optional[str] = None, progress: bool = True) -> dict:
+    """Pretrain on ``dataset`` (from ``build_dataset``)."""
+    model.check_queue(cfg.batch_size_train * info.world_size)
+    log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
+    optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
+    schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
+    trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)
+    # Gathering token ids across ranks (negative_all_rank) needs one fixed length on every rank.
+    dynamic = not (cfg.negative_all_rank and info.distributed)
+    loader = trainer.loader(dataset, cfg.batch_size_train, RetrievalCollator(tokenizer, cfg.max_tokens, dynamic),
+                            num_workers=cfg.num_workers)
+    logger.info("BLIP pretraining on %d pairs of %d images, %d batches per epoch per rank", len(dataset),
+                dataset.num_images, len(loader))
+    return trainer.fit(loader, pretrain_loss(cfg), cfg.max_epoch, resume=resume)
