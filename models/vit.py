@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
+from utils.checkpoint import CheckpointError, extract_state_dict, interpolate_pos_embed, load_checkpoint
 from utils.config import Config, NonNegInt, PosFloat, PosInt, Probability, unused
 
 
@@ -40,6 +41,7 @@ class ViTArch(Config):
 
 
 VIT_PRESETS = {
+    "small": ViTArch(width=384, depth=12, heads=6, patch_size=16),   # ViT-S/16 (DeiT-small; DLIP's student)
     "base": ViTArch(width=768, depth=12, heads=12, patch_size=16),
     "large": ViTArch(width=1024, depth=24, heads=16, patch_size=16),
 }
@@ -55,6 +57,8 @@ class ViTSettings(Config):
     vit_grad_ckpt: bool = False                   # gradient checkpointing in the ViT (training only)
     vit_ckpt_layer: NonNegInt = 0                 # checkpoint the last N blocks (0 = all, if enabled)
     vit_drop_path_rate: Optional[Probability] = None  # None -> 0.1 for large, 0.0 otherwise
+    vit_init: str = ''                            # local timm/DeiT ViT state dict (e.g. vit_small_patch16_224)
+                                                  # to start the ViT from; '' = random (then `pretrained`)
 
     @field_validator("vit")
     @classmethod
@@ -150,7 +154,38 @@ class BlipViT(VisionTransformer):
 
 def build_vit(settings: ViTSettings) -> BlipViT:
     """BLIP's ViT from its config keys (gradient checkpointing of the last ``vit_ckpt_layer`` blocks
-    only when ``vit_grad_ckpt`` is on)."""
+    only when ``vit_grad_ckpt`` is on), started from ``vit_init`` when given."""
     arch = settings.vit_arch
-    return BlipViT(settings.image_size, arch, drop_path_rate=settings.vit_drop_path_rate,
-                   ckpt_layer=min(settings.vit_ckpt_layer, arch.depth) if settings.vit_grad_ckpt else 0)
+    vit = BlipViT(settings.image_size, arch, drop_path_rate=settings.vit_drop_path_rate,
+                  ckpt_layer=min(settings.vit_ckpt_layer, arch.depth) if settings.vit_grad_ckpt else 0)
+    if settings.vit_init:
+        load_timm_vit(vit, settings.vit_init)
+    return vit
+
+
+# Keys of a timm / DeiT classifier that a feature ViT has no use for.
+CLASSIFIER_KEYS = ("head.", "head_dist.", "fc_norm.", "pre_logits.")
+
+
+def load_timm_vit(vit: BlipViT, path) -> None:
+    """Start ``vit`` from a timm or DeiT ImageNet checkpoint (a state dict, or ``{'model': ...}`` as
+    DeiT's releases; weights_only). Mapped key for key: ``cls_token``, ``pos_embed`` (resized to the
+    model's patch grid), ``patch_embed.proj.*``, ``blocks.N.{norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2}.*``, ``norm.*`` -> the same names under ``visual_encoder.``; the classifier
+    (``head.*``, DeiT's ``head_dist.*``) is dropped. A distilled DeiT's ``dist_token`` has no place in
+    BLIP's ViT and is refused; so is any missing or mis-shaped key."""
+    state = dict(extract_state_dict(load_checkpoint(str(path))))
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if "dist_token" in state:
+        raise CheckpointError(f"vit_init {path}: a distilled DeiT (dist_token); use the plain DeiT or timm ViT weights")
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_KEYS)}
+    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], vit.num_patches)
+    own = vit.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"vit_init {path} does not fit the {vit.arch.width}x{vit.arch.depth} ViT: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, mismatched {sorted(mismatched)[:5]}")
+    vit.load_state_dict(state, strict=True)

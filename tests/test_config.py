@@ -139,7 +139,7 @@ def test_semantic_checks_name_the_key():
     with pytest.raises(ConfigError, match=r"invalid value for config key 'batch_size_test' in --opts: "
                                           r"input should be greater than or equal to 1, got 0"):
         load_config(COCO, RetrievalConfig, ['batch_size_test=0'])
-    with pytest.raises(ConfigError, match=r"'vit' .*must be one of \['base', 'large'\]"):
+    with pytest.raises(ConfigError, match=r"'vit' .*must be one of \['base', 'large', 'small'\]"):
         load_config(COCO, RetrievalConfig, ['vit=huge'])
     # A value error is worded as one, and names where the value came from.
     with pytest.raises(ConfigError, match=r"invalid value for config key 'vit_ckpt_layer' in .*retrieval_coco\.yaml: "
@@ -205,3 +205,28 @@ def test_parse_config_like_an_entry_script(tmp_path):
     assert cfg.dataset == 'coco'
     with pytest.raises(SystemExit):  # bad key -> argparse error, not a traceback
         parse_config(RetrievalConfig, ['--config', str(COCO), '--opts', 'k_tset=1'])
+
+
+def test_caption_pretraining_and_dlip_configs_are_their_recipes():
+    from tasks.blip_pretrain import BlipPretrainConfig
+    from tasks.caption import CaptionConfig
+    cap, _ = load_config(CONFIGS / 'caption_coco.yaml', CaptionConfig)
+    assert (cap.prompt, cap.max_length, cap.min_length, cap.num_beams) == ('a picture of ', 20, 5, 3)
+    assert (cap.batch_size_train, cap.batch_size_test, cap.init_lr, cap.max_epoch, cap.image_size) == (32, 32, 1e-5, 5, 384)
+    flickr, _ = load_config(CONFIGS / 'caption_flickr.yaml', CaptionConfig)
+    assert flickr.dataset == 'flickr' and flickr.pretrained.endswith('/model_base.pth')
+    pre, _ = load_config(CONFIGS / 'pretrain_blip.yaml', BlipPretrainConfig)
+    assert (pre.image_size, pre.max_tokens, pre.batch_size_train, pre.init_lr, pre.warmup_steps) == (224, 30, 75, 3e-4, 3000)
+    assert (pre.lr_decay_rate, pre.min_lr, pre.max_epoch, pre.queue_size, pre.momentum) == (0.9, 1e-6, 20, 57600, 0.995)
+    assert len(pre.train_file) == 4
+    ret, _ = load_config(CONFIGS / 'dlip_retrieval_flickr.yaml', RetrievalConfig)
+    dcap, _ = load_config(CONFIGS / 'dlip_caption_flickr.yaml', CaptionConfig)
+    for cfg in (ret, dcap):
+        assert cfg.vit_arch.width == 384 and cfg.vit_arch.heads == 6 and cfg.med_config.endswith('med_config_small.json')
+        assert (cfg.batch_size_train, cfg.init_lr, cfg.max_epoch, cfg.image_size) == (32, 5e-5, 6, 384)
+        assert (cfg.vit_grad_ckpt, cfg.vit_ckpt_layer) == (True, 4)
+    assert ret.k_test == 128
+    from models.med import MedConfig
+    small = MedConfig.from_json(CONFIGS / 'med_config_small.json')
+    assert (small.hidden_size, small.num_hidden_layers, small.num_attention_heads, small.intermediate_size,
+            small.vocab_size, small.encoder_width) == (384, 6, 12, 3072, 30524, 384)
