@@ -18,7 +18,7 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from data.utils import read_json
 from tasks.caption_metrics import best_constant_caption
