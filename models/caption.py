@@ -186,22 +186,23 @@ class BLIPCaptioner(nn.Module):
         # Rows per image: the beams (beam search) or the samples (greedy/sampling).
         per_image = settings.num_beams if settings.num_beams > 1 else settings.num_return_sequences
         image_embeds = self.visual_encoder(pixel_values)
-        if per_image > 1:
-            image_embeds = image_embeds.repeat_interleave(per_image, dim=0)
         prompt = self.prompt_input_ids.to(pixel_values.device).expand(B * per_image, -1)
-        decoder = self._decoder(image_embeds, use_cache)
+        decoder = self._decoder(image_embeds, per_image, use_cache)
         if settings.num_beams > 1:
             return beam_search(decoder, prompt, B, settings, self.eos_token_id, self.pad_token_id)
         return greedy_or_sample(decoder, prompt, settings, self.eos_token_id, self.pad_token_id, generator)
 
-    def _decoder(self, image_embeds: torch.Tensor, use_cache: bool):
+    def _decoder(self, image_embeds: torch.Tensor, per_image: int, use_cache: bool):
+        """The search's view of the decoder for ``per_image`` rows (beams or samples) per image."""
         if not use_cache:
-            # The original under current transformers: the whole prefix and the image's
-            # cross-attention keys/values are recomputed at every step.
-            return RecomputeDecoder(lambda ids, _: self.text_decoder(ids, None, image_embeds=image_embeds,
-                                                                     last_only=True))
-        # The image's cross-attention keys/values once per generation (beams never change image).
-        cross_kv = self.text_decoder.bert.project_cross_kv(image_embeds)
+            # The original under current transformers: the image tokens repeated per row, and the
+            # whole prefix and the cross-attention keys/values recomputed at every step.
+            rows = image_embeds.repeat_interleave(per_image, dim=0)
+            return RecomputeDecoder(lambda ids, _: self.text_decoder(ids, None, image_embeds=rows, last_only=True))
+        # The image's cross-attention keys/values projected once per image and generation (its
+        # beams never change image), then laid out per row.
+        cross_kv = [(k.repeat_interleave(per_image, dim=0), v.repeat_interleave(per_image, dim=0))
+                    for k, v in self.text_decoder.bert.project_cross_kv(image_embeds)]
         return CachedDecoder(lambda ids, past: self.text_decoder(ids, None, cross_kv=cross_kv, past_key_values=past,
                                                                  use_cache=True, last_only=True))
 
