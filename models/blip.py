@@ -174,9 +174,12 @@ class BLIPRetrieval(nn.Module):
                                              generator)[0]
 
     def contrastive_and_matching(self, pixel_values, input_ids, attention_mask, idx, alpha: float,
-                                 use_queue: bool = True, generator: Optional[torch.Generator] = None
-                                 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """(``{loss_ita, loss_itm}``, the image tokens ``[B, 1 + N, Dv]`` for further losses)."""
+                                 use_queue: bool = True, generator: Optional[torch.Generator] = None,
+                                 full_positive: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+        """(``{loss_ita, loss_itm}``, parts for further losses: ``image_tokens`` ``[B, 1 + N, Dv]``,
+        the online ``image_feat`` / ``text_feat`` ``[B, E]`` and, with ``full_positive``, ``positive``:
+        the multimodal pass of the positive pairs over every position with its last layer's
+        attention probabilities (a :class:`~models.med.TextOutput`), as distillation needs)."""
         if not self.with_momentum:
             raise RuntimeError("this BLIPRetrieval was built with with_momentum=False: ITC training "
                                "needs the momentum encoders and queues")
@@ -206,12 +209,20 @@ class BLIPRetrieval(nn.Module):
         if use_queue:
             self.enqueue(image_m_all, text_m_all, idx_all)
 
+        positive = None
+        if full_positive:
+            positive = self.text_encoder(self.itm_input_ids(input_ids), attention_mask, mode="multimodal",
+                                         encoder_hidden_states=image_tokens, output_last_attentions=True)
         loss_itm = self._itm_loss(image_tokens, image_feat, text_feat, input_ids, attention_mask,
-                                  idx, idx_all, generator)
-        return {"loss_ita": loss_ita, "loss_itm": loss_itm}, image_tokens
+                                  idx, idx_all, generator, positive)
+        parts = {"image_tokens": image_tokens, "image_feat": image_feat, "text_feat": text_feat,
+                 "positive": positive}
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm}, parts
 
     def _itm_loss(self, image_tokens, image_feat, text_feat, input_ids, attention_mask, idx, idx_all,
-                  generator) -> torch.Tensor:
+                  generator, positive=None) -> torch.Tensor:
+        """``positive``: the positives' multimodal pass if already computed (only the 2B negatives
+        are then encoded here)."""
         if self.negative_all_rank:
             # Negatives from every rank's batch; the image tokens travel with their gradient.
             image_pool = du.all_gather_with_grad(image_tokens)
@@ -224,10 +235,17 @@ class BLIPRetrieval(nn.Module):
         neg_img, neg_txt, valid_img, valid_txt = sample_hard_negatives(
             image_feat.detach(), text_feat.detach(), feats[0].detach(), feats[1].detach(), idx, idx_pool,
             self.temp.detach(), generator)
-        ids = torch.cat([input_ids, input_ids, ids_pool[neg_txt]])
-        mask = torch.cat([attention_mask, attention_mask, mask_pool[neg_txt]])
-        images = torch.cat([image_tokens, image_pool[neg_img], image_tokens])
-        logits = self.itm_logits(ids, mask, image_tokens=images)
+        if positive is not None:
+            ids = torch.cat([input_ids, ids_pool[neg_txt]])
+            mask = torch.cat([attention_mask, mask_pool[neg_txt]])
+            images = torch.cat([image_pool[neg_img], image_tokens])
+            logits = torch.cat([self.itm_head(positive.last_hidden_state[:, 0]),
+                                self.itm_logits(ids, mask, image_tokens=images)])
+        else:
+            ids = torch.cat([input_ids, input_ids, ids_pool[neg_txt]])
+            mask = torch.cat([attention_mask, attention_mask, mask_pool[neg_txt]])
+            images = torch.cat([image_tokens, image_pool[neg_img], image_tokens])
+            logits = self.itm_logits(ids, mask, image_tokens=images)
         return itm_loss(logits, torch.cat([valid_img, valid_txt]))
 
 

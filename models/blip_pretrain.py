@@ -23,6 +23,7 @@ import torch
 
 from models.blip import BLIPRetrieval, BlipArch, ITCSettings
 from models.caption import TextDecoder, lm_loss
+from models.distill import DistillSettings, Views, distillation_losses, teacher_views
 from models.med import MedEncoder, med_config_for
 from models.vit import BlipViT, build_vit
 
@@ -45,15 +46,18 @@ class BLIPPretrain(BLIPRetrieval):
     checkpoint_format = "blip"
 
     def __init__(self, visual_encoder: BlipViT, med_config, tokenizer, embed_dim: int = 256, queue_size: int = 57600,
-                 momentum: float = 0.995, negative_all_rank: bool = False, itc_all_rank_keys: bool = True):
+                 momentum: float = 0.995, negative_all_rank: bool = False, itc_all_rank_keys: bool = True,
+                 with_momentum: bool = True):
+        """``with_momentum=False``: no momentum encoders and queues (a frozen distillation teacher)."""
         super().__init__(visual_encoder, med_config, embed_dim=embed_dim, queue_size=queue_size, momentum=momentum,
                          negative_all_rank=negative_all_rank, enc_token_id=tokenizer.enc_token_id,
-                         itc_all_rank_keys=itc_all_rank_keys, with_momentum=True)
-        # model_base.pth's layout: the pointer is `queue_ptr`, and pairs need no id queue.
-        del self._buffers["idx_queue"]
-        del self._buffers["ptr_queue"]
-        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("_no_ids", torch.full((queue_size,), -1, dtype=torch.long), persistent=False)
+                         itc_all_rank_keys=itc_all_rank_keys, with_momentum=with_momentum)
+        if with_momentum:
+            # model_base.pth's layout: the pointer is `queue_ptr`, and pairs need no id queue.
+            del self._buffers["idx_queue"]
+            del self._buffers["ptr_queue"]
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            self.register_buffer("_no_ids", torch.full((queue_size,), -1, dtype=torch.long), persistent=False)
         self.text_decoder = TextDecoder(self.text_encoder.config)
         tie_decoder_to_encoder(self.text_encoder, self.text_decoder.bert)
         # The LM head's projection stays tied to the (now shared) word embeddings.
@@ -68,22 +72,45 @@ class BLIPPretrain(BLIPRetrieval):
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 idx: torch.Tensor, alpha: float, use_queue: bool = True,
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                generator: Optional[torch.Generator] = None, teacher: Optional["BLIPPretrain"] = None,
+                distill: Optional[DistillSettings] = None) -> Dict[str, torch.Tensor]:
         """``loss_ita``, ``loss_itm``, ``loss_lm`` of a batch; ``idx`` ``[B]``: a unique id >= 0 per
-        pair (diagonal positives)."""
-        losses, image_tokens = self.contrastive_and_matching(pixel_values, input_ids, attention_mask, idx, alpha,
-                                                             use_queue, generator)
+        pair (diagonal positives). With a frozen ``teacher`` (not a submodule: it is passed in, so
+        checkpoints hold the student only) and ``distill``, also DLIP's distillation terms of
+        nonzero weight (``models/distill.py``), unweighted, computed as the release does: after
+        this step's enqueue."""
+        distilling = teacher is not None
+        losses, parts = self.contrastive_and_matching(pixel_values, input_ids, attention_mask, idx, alpha,
+                                                      use_queue, generator, full_positive=distilling)
+        image_tokens = parts["image_tokens"]
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.bos_token_id
         targets = dec_ids.masked_fill(attention_mask == 0, IGNORE)
-        logits, _ = self.text_decoder(dec_ids, attention_mask, image_embeds=image_tokens)
+        dec = self.text_decoder.bert(dec_ids, attention_mask, mode="decoder", encoder_hidden_states=image_tokens,
+                                     output_last_attentions=distilling)
+        logits = self.text_decoder.cls.predictions(dec.last_hidden_state)
         losses["loss_lm"] = lm_loss(logits, targets)
+        if distilling:
+            positive = parts["positive"]
+            student = Views(parts["image_feat"], parts["text_feat"], positive.last_hidden_state[:, 0],
+                            positive.last_attentions, dec.last_hidden_state[:, 0], logits, dec.last_attentions[0])
+            tviews = teacher_views(teacher, pixel_values, input_ids, attention_mask, dec_ids)
+            E = self.embed_dim
+            keys = ((self.image_queue.t().clone(), self.text_queue.t().clone()) if use_queue
+                    else (pixel_values.new_zeros(0, E), pixel_values.new_zeros(0, E)))
+            losses.update(distillation_losses(self, teacher, student, tviews, keys[0], keys[1], alpha,
+                                              distill or DistillSettings()))
         return losses
 
 
-def build_blip_pretrain(arch: BlipArch, tokenizer, itc: ITCSettings) -> BLIPPretrain:
+def build_blip_pretrain(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] = None) -> BLIPPretrain:
+    """A BLIP pretraining model with random weights; ``itc`` None: no momentum encoders and queues
+    (a frozen distillation teacher)."""
     vit = build_vit(arch)
-    return BLIPPretrain(vit, med_config_for(arch.med_config, tokenizer, vit.width), tokenizer, embed_dim=arch.embed_dim,
-                        queue_size=itc.queue_size, momentum=itc.momentum, negative_all_rank=itc.negative_all_rank,
+    med = med_config_for(arch.med_config, tokenizer, vit.width)
+    if itc is None:
+        return BLIPPretrain(vit, med, tokenizer, embed_dim=arch.embed_dim, with_momentum=False)
+    return BLIPPretrain(vit, med, tokenizer, embed_dim=arch.embed_dim, queue_size=itc.queue_size,
+                        momentum=itc.momentum, negative_all_rank=itc.negative_all_rank,
                         itc_all_rank_keys=itc.itc_all_rank_keys)
 

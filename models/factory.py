@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from models.blip import BLIPRetrieval, build_blip_retrieval
+from models.blip import BlipArch, BLIPRetrieval, build_blip_retrieval
 from models.blip_pretrain import build_blip_pretrain
 from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
@@ -60,7 +60,8 @@ KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
-PRETRAIN_EXTRAS = ("text_decoder.",)
+# DLIP's released student also carries `vl_proj` (a projection its losses never use).
+PRETRAIN_EXTRAS = ("text_decoder.", "vl_proj.")
 PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
 # What a model built without momentum encoders leaves unused in any BLIP checkpoint.
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
@@ -124,6 +125,30 @@ def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] 
     if kind == "zero_shot":
         model.eval()
     return model.to(device), tokenizer
+
+
+def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
+    """DLIP's frozen teacher: a BLIP pretraining model (no momentum encoders or queues) of the
+    config's ``teacher_vit`` / ``teacher_med_config`` (same ``embed_dim``, ``image_size`` and
+    tokenizer as the student), ``cfg.teacher`` loaded strictly (it must carry a decoder), every
+    parameter frozen, in eval mode (no dropout) for good: distillation runs it under no_grad."""
+    if not cfg.teacher:
+        raise ConfigError("`teacher` is empty: name the BLIP checkpoint (with a decoder) to distil from")
+    arch = BlipArch.model_validate({"vit": cfg.teacher_vit, "image_size": cfg.image_size,
+                                    "med_config": cfg.teacher_med_config, "embed_dim": cfg.embed_dim})
+    ckpt = load_checkpoint(cfg.teacher)
+    state = extract_state_dict(ckpt)
+    if not any(k.startswith("text_decoder.") for k in state) or not any(k.startswith("text_encoder.") for k in state):
+        raise CheckpointError(f"teacher {cfg.teacher}: a DLIP teacher needs a text encoder and a decoder "
+                              "(BLIP's pretraining layout, model_base.pth); this file has "
+                              f"{'no decoder' if not any(k.startswith('text_decoder.') for k in state) else 'no text encoder'}")
+    teacher = build_blip_pretrain(arch, tokenizer, itc=None)
+    report = load_weights(teacher, ckpt, strict=True, source_name=f"teacher {cfg.teacher}").blip
+    teacher.requires_grad_(False)
+    teacher.eval()
+    logger.info("teacher %s: %d tensors loaded, %.1fM parameters, frozen (eval, no_grad)", cfg.teacher,
+                report.num_loaded, sum(p.numel() for p in teacher.parameters()) / 1e6)
+    return teacher.to(device)
 
 
 def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> Tuple[nn.Module, Any, Dict]:

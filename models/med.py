@@ -97,6 +97,9 @@ class TextOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # [B, T, D] ([B, 1, D] with first_token_only)
     cross_attentions: Optional[List[torch.Tensor]]  # per layer [B, H, T, N] when requested
     past_key_values: Optional[List[KV]] = None  # per layer self-attention (k, v) [B, H, P+T, d] (use_cache)
+    # output_last_attentions: the last layer's attention probabilities, (self [B, H, T, T],
+    # cross [B, H, T, N] or None in text mode) -- what DLIP's attention distillation compares.
+    last_attentions: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
 
 
 class Embeddings(nn.Module):
@@ -223,23 +226,25 @@ class MedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, self_mask: Optional[torch.Tensor], cross_kv: Optional[KV] = None,
                 cross_mask: Optional[torch.Tensor] = None, first_token_only: bool = False,
-                need_weights: bool = False, past_kv: Optional[KV] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], KV]:
+                need_weights: bool = False, past_kv: Optional[KV] = None, need_self_weights: bool = False
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], KV, Optional[torch.Tensor]]:
         """``x`` ``[B, T, D]``. With ``first_token_only`` only position 0 is computed past the
         self-attention keys/values (all a classifier on [CLS]/[ENC] needs from the last layer).
         ``past_kv``: the self-attention keys/values of earlier positions (a decoder's cache); the
-        returned third item is the keys/values including ``x``'s."""
+        returned third item is the keys/values including ``x``'s. Returns (output, cross-attention
+        probabilities if ``need_weights``, self K/V, self-attention probabilities if
+        ``need_self_weights``)."""
         self_kv = self.attention.self.project_kv(x)
         if past_kv is not None:
             self_kv = (torch.cat([past_kv[0], self_kv[0]], dim=2), torch.cat([past_kv[1], self_kv[1]], dim=2))
         if first_token_only:
             x = x[:, :1]
             self_mask = self_mask[:, :, :1] if self_mask is not None and self_mask.shape[2] > 1 else self_mask
-        h, _ = self.attention(x, self_kv, self_mask)
+        h, self_probs = self.attention(x, self_kv, self_mask, need_self_weights)
         probs = None
         if cross_kv is not None:
             h, probs = self.crossattention(h, cross_kv, cross_mask, need_weights)
-        return self.output(self.intermediate(h), h), probs, self_kv
+        return self.output(self.intermediate(h), h), probs, self_kv, self_probs
 
 
 class _LayerStack(nn.Module):
@@ -299,7 +304,8 @@ class MedEncoder(nn.Module):
                 encoder_attention_mask: Optional[torch.Tensor] = None,
                 cross_kv: Optional[Sequence[KV]] = None, cross_index: Optional[torch.Tensor] = None,
                 first_token_only: bool = False, output_cross_attentions: bool = False,
-                past_key_values: Optional[Sequence[KV]] = None, use_cache: bool = False) -> TextOutput:
+                past_key_values: Optional[Sequence[KV]] = None, use_cache: bool = False,
+                output_last_attentions: bool = False) -> TextOutput:
         """Encode ``input_ids`` ``[B, T]`` (``attention_mask`` ``[B, T]`` of 1/0).
 
         For ``multimodal``/``decoder`` give either ``encoder_hidden_states`` ``[B, N, W]`` or
@@ -311,6 +317,9 @@ class MedEncoder(nn.Module):
         Decoding with a cache (``decoder`` mode): ``past_key_values`` from the previous call's
         output (``use_cache=True``) holds ``P`` earlier positions; ``input_ids`` ``[B, T]`` are the
         new ones and ``attention_mask`` covers all ``P + T`` (or is None: nothing padded).
+
+        ``output_last_attentions``: also return the last layer's self- and cross-attention
+        probabilities (``TextOutput.last_attentions``; computed explicitly, not by SDPA).
         """
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
@@ -345,12 +354,15 @@ class MedEncoder(nn.Module):
                     kv = (k[cross_index], v[cross_index]) if cross_index is not None else (k, v)
                 else:
                     kv = layer.crossattention.self.project_kv(encoder_hidden_states)
-            x, probs, self_kv = layer(x, self_mask, kv, cross_mask,
-                                      first_token_only=first_token_only and i == last,
-                                      need_weights=output_cross_attentions,
-                                      past_kv=None if past_key_values is None else past_key_values[i])
+            want_last = output_last_attentions and i == last
+            x, probs, self_kv, self_probs = layer(
+                x, self_mask, kv, cross_mask, first_token_only=first_token_only and i == last,
+                need_weights=output_cross_attentions or want_last,
+                past_kv=None if past_key_values is None else past_key_values[i], need_self_weights=want_last)
             if attentions is not None and probs is not None:
                 attentions.append(probs)
             if presents is not None:
                 presents.append(self_kv)
-        return TextOutput(x, attentions, presents)
+            if want_last:
+                last_attentions = (self_probs, probs)
+        return TextOutput(x, attentions, presents, last_attentions if output_last_attentions else None)

@@ -19,7 +19,9 @@ from pydantic import model_validator
 from data.collate import RetrievalCollator
 from data.preflight import check_splits, log_unk_rate
 from data.pretrain import PretrainDataset, build_pretrain_dataset
+from data.transforms import build_test_transform
 from models.blip import BlipArch, ITCSettings
+from models.distill import DistillSettings, check_teacher
 from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
@@ -31,9 +33,10 @@ from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimS
 logger = logging.getLogger(__name__)
 
 
-class BlipPretrainConfig(BlipArch, ITCSettings, TextSettings, WeightsSettings, AugmentSettings, OptimSettings,
-                         WarmupSettings, DecaySettings, LoopSettings, RunSettings):
-    """BLIP pretraining (pretrain_blip.py). Defaults are BLIP's released recipe (docs/BLIP.md)."""
+class BlipPretrainConfig(BlipArch, ITCSettings, DistillSettings, TextSettings, WeightsSettings, AugmentSettings,
+                         OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+    """BLIP pretraining (pretrain_blip.py), and DLIP distillation when ``teacher`` is set. Defaults
+    are BLIP's released recipe (docs/BLIP.md); configs/dlip_pretrain.yaml is DLIP's."""
     train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
     image_root: str = ''                        # prefix for relative image paths ('' = as written)
     skip_bad_images: bool = False               # drop pairs of missing/unreadable images (logged, counted)
@@ -55,39 +58,58 @@ class BlipPretrainConfig(BlipArch, ITCSettings, TextSettings, WeightsSettings, A
         return self
 
 
-def build_dataset(cfg: BlipPretrainConfig) -> PretrainDataset:
-    """The pairs of ``train_file`` (train transform), parsed and with their images checked before any
-    model is built. A collective under torchrun."""
-    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size))
+def build_dataset(cfg: BlipPretrainConfig, dry_run: bool = False) -> PretrainDataset:
+    """The pairs of ``train_file`` (train transform; ``dry_run``: the test transform), parsed and
+    with their images checked before any model is built. A collective under torchrun."""
+    transform = build_test_transform(cfg.image_size) if dry_run else train_transform(cfg, cfg.image_size)
+    dataset = build_pretrain_dataset(cfg, transform)
     check_splits({"train": dataset}, cfg.skip_bad_images)
     return dataset
 
 
-def pretrain_loss(cfg: BlipPretrainConfig):
-    """ITC + ITM + LM; each row of a step its own class (ids unique over every rank's rows)."""
+def pretrain_loss(cfg: BlipPretrainConfig, teacher=None):
+    """ITC + ITM + LM (+ with a ``teacher`` the distillation terms, each times its weight); each row
+    of a step its own class (ids unique over every rank's rows). In a dry run ``alpha`` is the
+    config's (no ramp) and the terms are returned unweighted."""
+    weights = cfg.distill_weights()
+
     def loss_fn(model, batch, ctx):
         ramp = cfg.alpha_ramp_epochs * ctx['batches_per_epoch']
         alpha = cfg.alpha * (min(1.0, (ctx['epoch'] * ctx['batches_per_epoch'] + ctx['batch_index']) / ramp)
-                             if ramp else 1.0)
+                             if ramp and not ctx.get('dry_run') else 1.0)
         B = batch['input_ids'].shape[0]
         ids = torch.arange(B, device=batch['input_ids'].device) + du.get_rank() * B
-        return model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], ids, alpha=alpha,
-                     generator=ctx['generator'])
+        losses = model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], ids, alpha=alpha,
+                       generator=ctx['generator'], teacher=teacher, distill=cfg)
+        if ctx.get('dry_run'):
+            return losses
+        return {k: v * weights[k] if k in weights else v for k, v in losses.items()}
     return loss_fn
 
 
 def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset: PretrainDataset,
-          resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Pretrain on ``dataset`` (from ``build_dataset``)."""
+          resume: Optional[str] = None, progress: bool = True, teacher=None, dry_run: bool = False) -> dict:
+    """Pretrain on ``dataset`` (from ``build_dataset``), distilling ``teacher`` if given
+    (``models.factory.create_teacher``). ``dry_run``: one eval-mode forward of the first batch
+    (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
     model.check_queue(cfg.batch_size_train * info.world_size)
     log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
+    if teacher is not None:
+        check_teacher(model, teacher, cfg)
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)
-    # Gathering token ids across ranks (negative_all_rank) needs one fixed length on every rank.
-    dynamic = not (cfg.negative_all_rank and info.distributed)
+    # Text is padded to max_tokens, as BLIP and DLIP do, when distilling (the logit and attention
+    # terms average over every position, padding included) or when token ids are gathered across
+    # ranks (negative_all_rank); otherwise only to the batch's longest (no result changes).
+    dynamic = teacher is None and not (cfg.negative_all_rank and info.distributed)
     loader = trainer.loader(dataset, cfg.batch_size_train, RetrievalCollator(tokenizer, cfg.max_tokens, dynamic),
-                            num_workers=cfg.num_workers)
-    logger.info("BLIP pretraining on %d pairs of %d images, %d batches per epoch per rank", len(dataset),
+                            num_workers=cfg.num_workers, shuffle=not dry_run)
+    if dry_run:
+        return trainer.dry_run(loader, pretrain_loss(cfg, teacher),
+                               extra={"alpha": cfg.alpha, "teacher": cfg.teacher or None,
+                                      "distill_weights": cfg.distill_weights() if teacher is not None else None})
+    logger.info("%s on %d pairs of %d images, %d batches per epoch per rank",
+                "DLIP distillation" if teacher is not None else "BLIP pretraining", len(dataset),
                 dataset.num_images, len(loader))
-    return trainer.fit(loader, pretrain_loss(cfg), cfg.max_epoch, resume=resume)
+    return trainer.fit(loader, pretrain_loss(cfg, teacher), cfg.max_epoch, resume=resume)

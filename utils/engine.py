@@ -16,6 +16,7 @@ What it guarantees:
 from __future__ import annotations
 
 import errno
+import json
 import fcntl
 import logging
 import math
@@ -320,6 +321,44 @@ class Trainer:
             means[k] = (t[0] / t[1].clamp_min(1)).item()
         return means
 
+    def dry_run(self, loader: DataLoader, loss_fn: Callable, extra: Optional[dict] = None) -> dict:
+        """``--dry_run``: one forward of ``loader``'s first batch in eval mode (no dropout), under
+        no_grad, with ``ctx["dry_run"] = True`` (a task's loss then uses its config values as they
+        are, e.g. ``alpha`` without its ramp); no backward, no optimiser step, no checkpoint. Writes
+        ``output_dir/dry_run.json`` (rank 0): every loss term as a float, their sum, the batch size
+        and the number of parameters; ``extra`` joins it. Returns that record."""
+        self.model.eval()
+        t0 = time.perf_counter()
+        try:
+            batch = next(iter(loader))
+        except StopIteration:
+            raise ValueError("--dry_run: the training data gives no batch (fewer pairs than one batch "
+                             "with drop_last?)") from None
+        batch = {k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        ctx = {"epoch": 0, "batch_index": 0, "batches_per_epoch": len(loader), "generator": self.generator,
+               "dry_run": True}
+        with torch.no_grad(), autocast(self.info.device, self.precision):
+            losses = loss_fn(self.model, batch, ctx)
+        terms = {k: float(v.detach().float()) for k, v in losses.items()}
+        first = next((v for v in batch.values() if torch.is_tensor(v)), None)
+        record = {"losses": terms, "total": sum(terms.values()),
+                  "batch_size": int(first.shape[0]) if first is not None else 0,
+                  "world_size": self.info.world_size, "precision": self.precision,
+                  "parameters": sum(p.numel() for p in self.raw_model.parameters()),
+                  "trainable_parameters": sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad),
+                  "seconds": round(time.perf_counter() - t0, 3), **(extra or {})}
+        record.update(terms)  # each term also at the top level: dry_run.json["loss_ita"]
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if self.info.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "dry_run.json").write_text(json.dumps(record, indent=1) + "\n")
+            logger.info("dry run: %s -> %s", " ".join(f"{k}={v:.6g}" for k, v in terms.items()),
+                        self.output_dir / "dry_run.json")
+        if bad:
+            raise NonFiniteLossError(f"--dry_run: non-finite loss term(s) {', '.join(bad)} on the first batch "
+                                     f"(see {self.output_dir / 'dry_run.json'})")
+        return record
+
     def end_epoch(self, record: dict, metric: Optional[float] = None) -> bool:
         """Decide whether ``metric`` is a new best (the one place this is decided), log the
         epoch's record and advance the state. Returns the decision."""
@@ -548,8 +587,16 @@ def start_run(cfg, doc, args, *, trains: bool) -> tuple:
     return info, output_dir
 
 
+def add_dry_run_arg(parser) -> None:
+    """``--dry_run``, which every training entry script takes (``Trainer.dry_run``)."""
+    parser.add_argument("--dry_run", action="store_true",
+                        help="check the config: pre-flight, build, load, one eval-mode forward of the first "
+                             "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
+
+
 def add_train_eval_args(parser) -> None:
     """The flags every fine-tuning entry script with an evaluation mode takes (BLIP's CLI)."""
+    add_dry_run_arg(parser)
     parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
     parser.add_argument("--eval_splits", default=None,
                         help="comma-separated splits to evaluate with --evaluate (default: val,test "
