@@ -325,8 +325,9 @@ class Trainer:
         """``--dry_run``: one forward of ``loader``'s first batch in eval mode (no dropout), under
         no_grad, with ``ctx["dry_run"] = True`` (a task's loss then uses its config values as they
         are, e.g. ``alpha`` without its ramp); no backward, no optimiser step, no checkpoint. Writes
-        ``output_dir/dry_run.json`` (rank 0): every loss term as a float, their sum, the batch size
-        and the number of parameters; ``extra`` joins it. Returns that record."""
+        ``output_dir/dry_run.json`` (rank 0): every loss term as a float (under torchrun, the mean
+        over ranks), their sum, the per-rank batch size and the number of parameters; ``extra``
+        joins it. Returns that record."""
         self.model.eval()
         t0 = time.perf_counter()
         try:
@@ -339,7 +340,13 @@ class Trainer:
                "dry_run": True}
         with torch.no_grad(), autocast(self.info.device, self.precision):
             losses = loss_fn(self.model, batch, ctx)
-        terms = {k: float(v.detach().float()) for k, v in losses.items()}
+        # Every rank's terms are averaged (equal batches per rank: the global batch's mean).
+        names = list(losses)
+        stacked = torch.stack([losses[k].detach().float().reshape(()) for k in names]) if names else None
+        if stacked is not None and self.info.distributed:
+            du.all_reduce_sum(stacked)
+            stacked = stacked / self.info.world_size
+        terms = {k: float(v) for k, v in zip(names, stacked.tolist())} if names else {}
         first = next((v for v in batch.values() if torch.is_tensor(v)), None)
         record = {"losses": terms, "total": sum(terms.values()),
                   "batch_size": int(first.shape[0]) if first is not None else 0,
@@ -594,6 +601,18 @@ def add_dry_run_arg(parser) -> None:
                              "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
 
 
+def refuse_dry_run_with(args, *flags: str) -> None:
+    """``--dry_run`` checks a training run: together with a flag that makes the run something else
+    (``--evaluate``, ``--visualize``, ``--export``) it is refused in one line, before ``output_dir``
+    is touched."""
+    if not getattr(args, "dry_run", False):
+        return
+    for flag in flags:
+        if getattr(args, flag.lstrip("-")):
+            raise UserError(f"--dry_run checks a training run (one forward of its first batch); it cannot be "
+                            f"combined with {flag}: drop one of the two")
+
+
 def add_train_eval_args(parser) -> None:
     """The flags every fine-tuning entry script with an evaluation mode takes (BLIP's CLI)."""
     add_dry_run_arg(parser)
@@ -611,8 +630,11 @@ def unused_when_evaluating(args) -> tuple:
 
 
 def run_splits(args, configured: tuple) -> tuple:
-    """The splits a run reads: ``train`` + the ``configured`` eval splits, or with ``--evaluate``
-    those of ``--eval_splits`` (val/test) or else the configured ones (at least one)."""
+    """The splits a run reads: ``train`` + the ``configured`` eval splits, with ``--dry_run`` only
+    ``train``, or with ``--evaluate`` those of ``--eval_splits`` (val/test) or else the configured
+    ones (at least one)."""
+    if getattr(args, "dry_run", False):
+        return ("train",)
     if not args.evaluate:
         return ("train",) + tuple(configured)
     if args.eval_splits:
