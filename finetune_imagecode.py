@@ -5,6 +5,7 @@ the task's code is ``tasks/imagecode.py``.
     python finetune_imagecode.py --config configs/imagecode_stage2.yaml --opts pretrained=STAGE1_CKPT
     torchrun --nproc_per_node 4 finetune_imagecode.py --config configs/imagecode_stage1.yaml --resume auto
     python finetune_imagecode.py --config configs/imagecode_stage2.yaml --evaluate --opts split=test
+    python finetune_imagecode.py --config configs/imagecode_stage1.yaml --dry_run   # check a config: dry_run.json
 
 Stage 1 (``stage: 1``) starts from a ContextBLIP pretraining checkpoint, a merged export or a plain
 BLIP checkpoint (``pretrained``) and trains adapter-BLIP + the prediction layer; stage 2 starts from
@@ -25,7 +26,7 @@ from models.factory import create_model, load_weights
 from tasks.imagecode import ImageCodeConfig, build_datasets, evaluate_model, format_accuracy, train, write_outputs
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import run_entry, start_run
+from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("finetune_imagecode")
@@ -37,6 +38,7 @@ def _extra_args(parser) -> None:
                         help="with --evaluate: the fine-tuned checkpoint (default output_dir/checkpoint_best.pth)")
     parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
     parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
+    add_dry_run_arg(parser)
 
 
 def _unused(args) -> tuple:
@@ -59,15 +61,18 @@ def evaluate_only(args, cfg, model, tokenizer, info, dataset, output_dir: Path) 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, unused_keys=_unused)
-    info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
+    refuse_dry_run_with(args, "--evaluate")
+    info, output_dir = start_run(cfg, doc, args, trains=not (args.evaluate or args.dry_run))
     try:
-        datasets = build_datasets(cfg, (cfg.split,) if args.evaluate else ("train", "valid"))
+        splits = (cfg.split,) if args.evaluate else ("train",) if args.dry_run else ("train", "valid")
+        datasets = build_datasets(cfg, splits, dry_run=args.dry_run)
         # Stage 1 starts from `pretrained` (ContextBLIP/BLIP weights), stage 2 from a stage-1
         # checkpoint; --evaluate loads the fine-tuned checkpoint itself.
         model, tokenizer = create_model(cfg, "imagecode", info.device, load=not args.evaluate)
         if args.evaluate:
             return evaluate_only(args, cfg, model, tokenizer, info, datasets[cfg.split], output_dir)
-        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
+                     dry_run=args.dry_run)
     finally:
         du.cleanup()
 

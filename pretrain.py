@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 4 pretrain.py --config configs/pretrain.yaml     # the released setup
     bash run.sh pretrain configs/pretrain.yaml --opts mask_rate=0.5           # NPROC processes
     python pretrain.py --config configs/pretrain.yaml --resume auto           # continue exactly
+    python pretrain.py --config configs/pretrain.yaml --dry_run               # check a config: dry_run.json
 
 Base weights come from ``pretrained`` (BLIP's ``model_base.pth`` layout: its ``text_decoder.*``,
 momentum encoders and queues are reported as expected extras and ignored). Pairs are docs/FORMATS.md 2
@@ -36,7 +37,7 @@ from tasks.contextblip_pretrain import PretrainConfig, build_dataset, collator, 
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
 from utils.config import config_to_dict, load_config, parse_config
-from utils.engine import run_entry, start_run
+from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
 from utils.logging import setup_logging
 
 logger = logging.getLogger("pretrain")
@@ -51,6 +52,7 @@ def _extra_args(parser) -> None:
                         help="write a full merged checkpoint from pretraining checkpoint CKPT and exit")
     parser.add_argument("--export_to", metavar="PATH", default=None,
                         help="where --export writes (default: contextblip_merged.pth next to CKPT)")
+    add_dry_run_arg(parser)
 
 
 def export_merged(source: str, target: str | None = None) -> Path:
@@ -82,16 +84,18 @@ def visualize(args, cfg, model, tokenizer, dataset, output_dir: Path) -> Path:
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(PretrainConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, default_config="configs/pretrain.yaml")
+    refuse_dry_run_with(args, "--visualize", "--export")
     if args.export:
         setup_logging()
         return {"export": str(export_merged(args.export, args.export_to))}
-    info, output_dir = start_run(cfg, doc, args, trains=not args.visualize)
+    info, output_dir = start_run(cfg, doc, args, trains=not (args.visualize or args.dry_run))
     try:
-        dataset = build_dataset(cfg)  # parsed and checked before the model is built
+        dataset = build_dataset(cfg, dry_run=args.dry_run)  # parsed and checked before the model is built
         model, tokenizer = create_model(cfg, "contextblip_pretrain", info.device)
         if args.visualize:
             return {"picture": str(visualize(args, cfg, model, tokenizer, dataset, output_dir))} if info.is_main else {}
-        return train(cfg, model, tokenizer, info, dataset, resume=args.resume, progress=not args.no_progress)
+        return train(cfg, model, tokenizer, info, dataset, resume=args.resume, progress=not args.no_progress,
+                     dry_run=args.dry_run)
     finally:
         du.cleanup()
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Launchers. Usage:
 #   bash run.sh demo                          the whole demo on the embedded synthetic benchmark
+#   bash run.sh demo-dlip                     only its DLIP part (teacher, distilled and scratch students)
 #   bash run.sh retrieval CONFIG [args...]    train_retrieval.py under torchrun (NPROC processes)
 #   bash run.sh eval CONFIG [args...]         evaluation only (--evaluate)
 #   bash run.sh caption CONFIG [args...]      train_caption.py under torchrun (NPROC processes)
@@ -31,23 +32,51 @@ launch() {  # launch SCRIPT ARGS...: plain python for 1 process, torchrun otherw
   fi
 }
 
+DEMO=${DEMO_DIR:-outputs/demo}
+D="$DEMO/data"
+# DEMO_SEED=N: every training stage with seed N (the data stay the same): the spread over seeds
+# is the run-to-run noise of each demo figure (README, Reproducibility).
+SEED=(); [ -n "${DEMO_SEED:-}" ] && SEED=("seed=$DEMO_SEED")
+stage() {  # stage NAME COMMAND...: run it, append its wall time to $DEMO/stage_seconds.tsv
+  local name=$1; shift; local t0=$SECONDS
+  echo "=== demo stage: $name"
+  "$@"
+  printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$DEMO/stage_seconds.tsv"
+}
+
+dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage from the demo)
+  # DLIP: a tiny BLIP pretrained with pretrain_blip.py is the teacher; a smaller student is distilled
+  # from it, and the same student pretrained for the same steps without it is the control. All
+  # three are fine-tuned the same way (retrieval, captioning); summary.json compares them.
+  DL="$DEMO/dlip"; rm -rf "$DL"
+  DATA=("train_file=[$D/retrieval/annotation/synthetic_train.json]" "image_root=$D/retrieval/images" "tokenizer=$D/tokenizer")
+  STUDENT=("vit={width: 32, depth: 2, heads: 2, patch_size: 16}" "med_config=configs/demo/med_config_student.json")
+  TEACHER=("vit={width: 64, depth: 2, heads: 4, patch_size: 16}" "med_config=configs/demo/med_config_tiny.json")
+  stage "8 DLIP teacher pretraining" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_teacher.yaml \
+    --output_dir "$DL/teacher/pretrain" --no_progress --opts "${DATA[@]}" ${SEED[@]+"${SEED[@]}"}
+  stage "8 DLIP student, distilled" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_student.yaml \
+    --output_dir "$DL/student_distilled/pretrain" --no_progress --opts "${DATA[@]}" \
+    "teacher=$DL/teacher/pretrain/checkpoint_last.pth" ${SEED[@]+"${SEED[@]}"}
+  stage "8 DLIP student, scratch" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_student.yaml \
+    --output_dir "$DL/student_scratch/pretrain" --no_progress --opts "${DATA[@]}" ${SEED[@]+"${SEED[@]}"}
+  FT=("image_root=$D/retrieval/images" "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer")
+  for model in teacher student_distilled student_scratch; do
+    if [ "$model" = teacher ]; then ARCH=("${TEACHER[@]}"); else ARCH=("${STUDENT[@]}"); fi
+    stage "8 DLIP fine-tuning: $model" bash -c '"$0" train_retrieval.py --config configs/demo/dlip_retrieval.yaml \
+        --output_dir "$1/retrieval" --no_progress --opts "${@:2}" && "$0" train_caption.py \
+        --config configs/demo/dlip_caption.yaml --output_dir "$1/caption" --no_progress --opts "${@:2}"' \
+      "$PYTHON" "$DL/$model" "${FT[@]}" "${ARCH[@]}" "pretrained=$DL/$model/pretrain/checkpoint_last.pth" \
+      ${SEED[@]+"${SEED[@]}"}
+  done
+  stage "DLIP summary" "$PYTHON" -m analysis.dlip_summary "$DL"
+}
+
 cmd=${1:-help}; shift || true
 case "$cmd" in
   demo)
     # The whole pipeline on the embedded synthetic benchmark; each stage is also runnable alone
     # (the commands below, or `make demo` again: data generation is skipped when up to date).
-    DEMO=${DEMO_DIR:-outputs/demo}
     mkdir -p "$DEMO"; : > "$DEMO/stage_seconds.tsv"
-    stage() {  # stage NAME COMMAND...: run it, append its wall time to stage_seconds.tsv
-      local name=$1; shift; local t0=$SECONDS
-      echo "=== demo stage: $name"
-      "$@"
-      printf '%s\t%s\n' "$name" $((SECONDS - t0)) >> "$DEMO/stage_seconds.tsv"
-    }
-    D="$DEMO/data"
-    # DEMO_SEED=N: every training stage with seed N (the data stay the same): the spread over seeds
-    # is the run-to-run noise of each demo figure (README, Reproducibility).
-    SEED=(); [ -n "${DEMO_SEED:-}" ] && SEED=("seed=$DEMO_SEED")
     stage "data generation" "$PYTHON" -m data.synthetic --out "$D" --seed 0
     # --overwrite: a second `make demo` trains afresh instead of refusing the previous run's directory.
     stage "1 retrieval fine-tuning" "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml \
@@ -87,9 +116,14 @@ case "$cmd" in
       "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
     stage "caption report" "$PYTHON" -m analysis.caption_report "$DEMO/caption" --image_root "$D/retrieval/images" \
       --train_file "$D/retrieval/annotation/synthetic_train.json" --test_file "$D/retrieval/annotation/synthetic_test.json"
+    dlip_demo
     "$PYTHON" -m analysis.demo_report "$DEMO"
     echo "Report: $DEMO/REPORT.md"
     ;;
+  demo-dlip)
+    # The demo's DLIP part alone (after a `make demo` has generated the data).
+    mkdir -p "$DEMO"; dlip_demo; "$PYTHON" -m analysis.demo_report "$DEMO" >/dev/null
+    echo "Summary: $DEMO/dlip/summary.md" ;;
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
   caption) cfg=$1; shift; launch train_caption.py --config "$cfg" "$@" ;;
@@ -102,5 +136,5 @@ case "$cmd" in
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
     "$PYTHON" -m tasks.sweep_mask --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
-  *) sed -n '2,11p' "$0"; exit 1 ;;
+  *) sed -n '2,12p' "$0"; exit 1 ;;
 esac

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 train_caption.py --config configs/caption_coco.yaml
     python train_caption.py --config configs/caption_coco.yaml --evaluate
     python train_caption.py --config configs/caption_coco.yaml --resume auto
+    python train_caption.py --config configs/caption_coco.yaml --dry_run      # check a config: dry_run.json
 
 Each evaluated split writes ``captions_<split>.json`` (COCO results format) and its COCO caption
 metrics (pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when available; Java required);
@@ -21,7 +22,8 @@ from models.factory import create_model
 from tasks.caption import CaptionConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import add_train_eval_args, run_entry, run_splits, start_run, unused_when_evaluating
+from utils.engine import (add_train_eval_args, refuse_dry_run_with, run_entry, run_splits, start_run,
+                          unused_when_evaluating)
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_caption")
@@ -34,9 +36,10 @@ def _extra_args(parser) -> None:
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(CaptionConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, unused_keys=unused_when_evaluating)
-    info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
+    refuse_dry_run_with(args, "--evaluate")
+    info, output_dir = start_run(cfg, doc, args, trains=not (args.evaluate or args.dry_run))
     try:
-        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)))
+        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
         model, tokenizer = create_model(cfg, "caption", info.device)
         if args.evaluate:
             record = {}
@@ -46,7 +49,8 @@ def main(argv=None) -> dict:
             if du.is_main_process() and record:  # eval_metrics: false -> captions files only
                 append_json_line(output_dir / "evaluate.txt", record)
             return record
-        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
+                     dry_run=args.dry_run)
     finally:
         du.cleanup()
 

@@ -3,6 +3,7 @@
     python train_retrieval.py --config configs/retrieval_coco.yaml --output_dir outputs/coco
     torchrun --nproc_per_node 8 train_retrieval.py --config configs/retrieval_coco.yaml
     python train_retrieval.py --config configs/retrieval_coco.yaml --evaluate --save_scores
+    python train_retrieval.py --config configs/retrieval_coco.yaml --dry_run    # check a config: dry_run.json
 
 Evaluation follows BLIP's protocol exactly (ITC top-k, ITM rerank, recall@K); see
 ``tasks/retrieval_eval.py`` for how it is computed fast; the training wiring is ``tasks/retrieval.py``.
@@ -22,7 +23,8 @@ from models.factory import create_model
 from tasks.retrieval import RetrievalConfig, build_datasets, eval_splits, run_evaluation, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import add_train_eval_args, run_entry, run_splits, start_run, unused_when_evaluating
+from utils.engine import (add_train_eval_args, refuse_dry_run_with, run_entry, run_splits, start_run,
+                          unused_when_evaluating)
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
@@ -52,14 +54,16 @@ def evaluate_only(args, cfg, model, tokenizer, datasets, output_dir: Path) -> di
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(RetrievalConfig, argv, description=__doc__.splitlines()[0],
                                   extra_args=_extra_args, unused_keys=unused_when_evaluating)
-    info, output_dir = start_run(cfg, doc, args, trains=not args.evaluate)
+    refuse_dry_run_with(args, "--evaluate")
+    info, output_dir = start_run(cfg, doc, args, trains=not (args.evaluate or args.dry_run))
     try:
-        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)))
+        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
         # Evaluation needs no momentum encoders or queues: half the memory.
         model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device)
         if args.evaluate:
             return evaluate_only(args, cfg, model, tokenizer, datasets, output_dir)
-        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress)
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
+                     dry_run=args.dry_run)
     finally:
         du.cleanup()
 

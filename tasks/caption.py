@@ -72,10 +72,12 @@ def eval_splits(cfg: CaptionConfig) -> tuple:
     return (('val',) if cfg.has_val else ()) + (('test',) if cfg.has_test else ())
 
 
-def build_datasets(cfg: CaptionConfig, splits: Sequence[str]) -> Dict[str, Dataset]:
-    """The datasets of ``splits`` (train: the train transform), parsed and with every image checked
-    before any model is built (``data/preflight.py``). A collective under torchrun."""
-    datasets = build_retrieval_datasets(cfg, splits=splits, train_transform=train_transform(cfg, cfg.image_size),
+def build_datasets(cfg: CaptionConfig, splits: Sequence[str], dry_run: bool = False) -> Dict[str, Dataset]:
+    """The datasets of ``splits`` (train: the train transform; ``dry_run``: the test transform),
+    parsed and with every image checked before any model is built (``data/preflight.py``). A
+    collective under torchrun."""
+    datasets = build_retrieval_datasets(cfg, splits=splits,
+                                        train_transform=train_transform(cfg, cfg.image_size, dry_run),
                                         test_transform=build_test_transform(cfg.image_size))
     check_splits(datasets, cfg.skip_bad_images)
     if 'train' in datasets and not cfg.eval_metrics and cfg.has_val:
@@ -168,16 +170,20 @@ def evaluate_split(model, dataset, cfg: CaptionConfig, split: str, output_dir: P
 
 
 def train(cfg: CaptionConfig, model, tokenizer, info: du.DistInfo, datasets: Dict[str, Dataset],
-          resume: Optional[str] = None, progress: bool = True) -> dict:
+          resume: Optional[str] = None, progress: bool = True, dry_run: bool = False) -> dict:
     """Fine-tune on ``datasets['train']``; val each ``eval_every`` epochs (best = val CIDEr), test on
-    a new best (or after the last epoch when there is no val split)."""
+    a new best (or after the last epoch when there is no val split). ``dry_run``: one eval-mode
+    forward of the first batch (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
     output_dir = Path(cfg.output_dir)
     log_unk_rate(tokenizer, datasets['train'].captions, 'the train captions')
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)
     loader = trainer.loader(datasets['train'], cfg.batch_size_train,
-                            CaptionCollator(tokenizer, cfg.prompt, cfg.max_tokens), num_workers=cfg.num_workers)
+                            CaptionCollator(tokenizer, cfg.prompt, cfg.max_tokens), num_workers=cfg.num_workers,
+                            shuffle=not dry_run)
+    if dry_run:
+        return trainer.dry_run(loader, caption_loss, extra={'prompt': cfg.prompt})
     logger.info('training: %d captions of %d images, %d batches per epoch per rank', len(datasets['train']),
                 datasets['train'].num_images, len(loader))
 

@@ -113,23 +113,32 @@ def draw_masks(model, tokenizer, batch: dict, path: Path, title: str, precision:
     return save_mask_grid(path, batch["pixel_values"], m.mask, model.vit.arch.patch_size, captions, guides, title)
 
 
-def build_dataset(cfg: PretrainConfig) -> PretrainDataset:
-    """The pairs of ``train_file`` (train transform), parsed and with their images checked
-    (``skip_bad_images`` drops bad pairs up front): call before building a model. A collective."""
-    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size))
+def build_dataset(cfg: PretrainConfig, dry_run: bool = False) -> PretrainDataset:
+    """The pairs of ``train_file`` (train transform; ``dry_run``: the test transform), parsed and
+    with their images checked (``skip_bad_images`` drops bad pairs up front): call before building
+    a model. A collective."""
+    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size, dry_run))
     check_splits({"train": dataset}, cfg.skip_bad_images)
     return dataset
 
 
 def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, dataset: PretrainDataset,
-          resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Pretrain on ``dataset`` (from ``build_dataset``)."""
+          resume: Optional[str] = None, progress: bool = True, dry_run: bool = False) -> dict:
+    """Pretrain on ``dataset`` (from ``build_dataset``). ``dry_run``: one eval-mode forward of the
+    first batch (file order), ``dry_run.json``, no step, no mask picture (``Trainer.dry_run``). The
+    loss has no ramp; its guide tokens, mask noise and hard negatives are drawn from the trainer's
+    generator (seeded by ``seed``), so a dry run repeats exactly."""
     log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)
     collate = collator(cfg, tokenizer)
-    loader = trainer.loader(dataset, cfg.batch_size_train, collate, num_workers=cfg.num_workers)
+    loader = trainer.loader(dataset, cfg.batch_size_train, collate, num_workers=cfg.num_workers,
+                            shuffle=not dry_run)
+    if dry_run:
+        return trainer.dry_run(loader, pretrain_loss,
+                               extra={"mask_strategy": cfg.mask_strategy, "mask_rate": cfg.mask_rate,
+                                      "itm_weight": cfg.itm_weight, "tmim_weight": cfg.tmim_weight})
     logger.info("pretraining on %d pairs of %d images, %d batches per epoch per rank; trainable parameters: %d",
                 len(dataset), dataset.num_images, len(loader),
                 sum(p.numel() for p in model.parameters() if p.requires_grad))

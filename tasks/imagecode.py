@@ -256,11 +256,12 @@ def _stage1_features(model, dataset, tokenizer, cfg, device, progress):
                          cfg.batch_size_test, device, cfg.num_workers, cfg.precision, progress)
 
 
-def build_datasets(cfg: ImageCodeConfig, splits: Sequence[str]) -> Dict[str, ImageCodeDataset]:
+def build_datasets(cfg: ImageCodeConfig, splits: Sequence[str], dry_run: bool = False) -> Dict[str, ImageCodeDataset]:
     """The datasets of ``splits`` ('train': the training transform, unless stage 2 caches its
-    features; others: the test transform), parsed and with every candidate image checked: call
-    before building a model. A collective under torchrun."""
-    augment = not (cfg.stage == 2 and cfg.cache_features)  # cached features are computed once, unaugmented
+    features or ``dry_run``; others: the test transform), parsed and with every candidate image
+    checked: call before building a model. A collective under torchrun."""
+    # Cached features are computed once, unaugmented; a dry run sees its batch as evaluation would.
+    augment = not (cfg.stage == 2 and cfg.cache_features) and not dry_run
 
     def transform(split: str):
         if split == "train" and augment:
@@ -274,15 +275,25 @@ def build_datasets(cfg: ImageCodeConfig, splits: Sequence[str]) -> Dict[str, Ima
 
 
 def train(cfg: ImageCodeConfig, model, tokenizer, info: du.DistInfo, datasets: Dict[str, ImageCodeDataset],
-          resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ("train", "valid"))``)."""
+          resume: Optional[str] = None, progress: bool = True, dry_run: bool = False) -> dict:
+    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ("train", "valid"))``). ``dry_run``:
+    one eval-mode forward of the first batch (file order), ``dry_run.json``, no step
+    (``Trainer.dry_run``; only ``datasets["train"]`` is needed). A stage-2 dry run with
+    ``cache_features`` computes its batch's stage-1 features from the images rather than caching
+    the whole train split: the loss training computes from the cache (up to float rounding), since
+    stage 1 is frozen and in eval mode either way."""
     cache = cfg.stage == 2 and cfg.cache_features
-    train_ds, valid_ds = datasets["train"], datasets["valid"]
+    train_ds = datasets["train"]
     log_unk_rate(tokenizer, train_ds.text, "the train descriptions")
     video_of = torch.tensor([it.video for it in train_ds.items])
     optimizer = build_optimizer(param_groups(model, cfg), cfg)
     trainer = Trainer(model, optimizer, WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate), info, cfg,
                       progress=progress)
+    if dry_run:
+        loader = trainer.loader(train_ds, cfg.batch_size_train, ImageSetCollator(tokenizer, cfg.max_tokens),
+                                num_workers=cfg.num_workers, shuffle=False)
+        return trainer.dry_run(loader, imagecode_loss(video_of), extra={"stage": cfg.stage})
+    valid_ds = datasets["valid"]
     valid_feats = None
     if cache:
         train_feats = _stage1_features(model, train_ds, tokenizer, cfg, info.device, progress)

@@ -54,9 +54,10 @@ class RetrievalConfig(BlipArch, ITCSettings, TextSettings, WeightsSettings, Retr
     rerank_batch_size: PosInt = 128             # (query, candidate) pairs per ITM forward
 
 
-def train_transform(cfg: AugmentSettings, image_size: int):
-    """The train transform of the ``train_*`` augmentation keys (shared by every training stage)."""
-    if cfg.train_resize_only:
+def train_transform(cfg: AugmentSettings, image_size: int, dry_run: bool = False):
+    """The train transform of the ``train_*`` augmentation keys (shared by every training stage);
+    ``dry_run``: the test transform (``--dry_run`` sees its first batch as evaluation would)."""
+    if cfg.train_resize_only or dry_run:
         return build_test_transform(image_size)
     return build_train_transform(image_size, scale=(cfg.train_crop_min_scale, 1.0), hflip=cfg.train_hflip,
                                  randaug=cfg.train_randaug)
@@ -66,21 +67,24 @@ def eval_splits(cfg: RetrievalConfig) -> Tuple[str, ...]:
     return (('val',) if cfg.has_val else ()) + (('test',) if cfg.has_test else ())
 
 
-def build_datasets(cfg: RetrievalConfig, splits: Sequence[str]) -> Dict[str, Dataset]:
-    """The datasets of ``splits`` (train: the train transform), parsed and with every image checked
-    (``data/preflight.py``; ``skip_bad_images`` drops bad entries up front): call before building a
-    model, so bad input stops the run before its first step. A collective under torchrun."""
-    datasets = build_retrieval_datasets(cfg, splits=splits, train_transform=train_transform(cfg, cfg.image_size),
+def build_datasets(cfg: RetrievalConfig, splits: Sequence[str], dry_run: bool = False) -> Dict[str, Dataset]:
+    """The datasets of ``splits`` (train: the train transform; ``dry_run``: the test transform),
+    parsed and with every image checked (``data/preflight.py``; ``skip_bad_images`` drops bad
+    entries up front): call before building a model, so bad input stops the run before its first
+    step. A collective under torchrun."""
+    datasets = build_retrieval_datasets(cfg, splits=splits,
+                                        train_transform=train_transform(cfg, cfg.image_size, dry_run),
                                         test_transform=build_test_transform(cfg.image_size))
     check_splits(datasets, cfg.skip_bad_images)
     return datasets
 
 
 def retrieval_loss(cfg: RetrievalConfig):
-    """The per-batch loss: ITC + ITM, with alpha ramped linearly over the first epoch (BLIP)."""
+    """The per-batch loss: ITC + ITM, with alpha ramped linearly over the first epoch (BLIP); in a
+    dry run ``alpha`` is the config's (no ramp)."""
     def loss_fn(model, batch, ctx):
         alpha = cfg.alpha
-        if ctx['epoch'] == 0:
+        if ctx['epoch'] == 0 and not ctx.get('dry_run'):
             alpha *= min(1.0, ctx['batch_index'] / ctx['batches_per_epoch'])
         return model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], batch['idx'],
                      alpha=alpha, generator=ctx['generator'])
@@ -94,8 +98,10 @@ def run_evaluation(model, dataset, tokenizer, cfg: RetrievalConfig, progress: bo
 
 
 def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, datasets: Dict[str, Dataset],
-          resume: Optional[str] = None, progress: bool = True) -> dict:
-    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ('train',) + eval_splits(cfg))``)."""
+          resume: Optional[str] = None, progress: bool = True, dry_run: bool = False) -> dict:
+    """Fine-tune on ``datasets`` (from ``build_datasets(cfg, ('train',) + eval_splits(cfg))``).
+    ``dry_run``: one eval-mode forward of the first batch (file order), ``dry_run.json``, no step
+    (``Trainer.dry_run``; only ``datasets['train']`` is needed)."""
     # Fail at start-up, not after an hour: the queue takes whole global batches.
     model.check_queue(cfg.batch_size_train * info.world_size)
     log_unk_rate(tokenizer, datasets['train'].captions, 'the train captions')
@@ -107,7 +113,9 @@ def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, datasets: D
     dynamic = not (cfg.negative_all_rank and info.distributed)
     loader = trainer.loader(datasets['train'], cfg.batch_size_train,
                             RetrievalCollator(tokenizer, cfg.max_tokens, dynamic_padding=dynamic),
-                            num_workers=cfg.num_workers)
+                            num_workers=cfg.num_workers, shuffle=not dry_run)
+    if dry_run:
+        return trainer.dry_run(loader, retrieval_loss(cfg), extra={'alpha': cfg.alpha})
     logger.info('training: %d captions of %d images, %d batches per epoch per rank', len(datasets['train']),
                 datasets['train'].num_images, len(loader))
 

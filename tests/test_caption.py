@@ -1,6 +1,6 @@
 """BLIP captioning: the official captioner fixture reproduced (loss, logits, beam and greedy captions
 token for token, through train_caption.py as a user runs it), metrics equal to pycocoevalcap by
-hand, checkpoint layouts, 2-rank evaluation, exact resume after SIGKILL."""
+hand, checkpoint layouts, 2-rank evaluation, exact resume after SIGKILL, --dry_run."""
 from __future__ import annotations
 
 import json
@@ -318,6 +318,48 @@ def test_caption_training_evaluates_val_picks_best_by_cider_and_tests_it(tmp_pat
                 "val_file=null", "eval_metrics=false")
     # The best epoch's test captions (the last written) again, from the saved checkpoint.
     assert (ev / "captions_test.json").read_bytes() == (out / "captions_test.json").read_bytes()
+
+
+def test_dry_run_is_the_lm_loss_of_one_eval_forward_of_the_first_batch(tmp_path, run_script, captioner):
+    """``--dry_run`` on the captioner fixture (its 16 captions as the train split, RandAugment on):
+    ``dry_run.json`` holds the LM loss under the task's name (``loss``, logged as BLIP's
+    ``train_loss``), equal to an eval-mode forward of the first 4 pairs in file order with the test
+    transform computed here, and the same again in-process; no checkpoint or log.txt is written
+    and ``--evaluate`` with it is refused."""
+    import train_caption
+    from data.collate import CaptionCollator
+    from data.retrieval import build_retrieval_datasets
+    from data.transforms import build_test_transform
+    from models.tokenizer import build_tokenizer
+    from tasks.caption import CaptionConfig
+    from utils.config import load_config
+    from utils.errors import UserError
+
+    config = REPO / "configs" / "caption_coco.yaml"
+    opts = _fixture_opts(train_file="test.json", batch_size=4, train_randaug="true")
+    first_dir, again_dir = tmp_path / "dry", tmp_path / "again"
+    run_script("train_caption.py", ["--config", config, "--output_dir", first_dir, "--no_progress", "--dry_run",
+                                    "--opts", *opts])
+    first = json.loads((first_dir / "dry_run.json").read_text())
+    assert set(first["losses"]) == {"loss"} and first["batch_size"] == 4
+    assert torch.isfinite(torch.tensor(first["loss"])) and first["loss"] == first["losses"]["loss"] > 0
+    record = train_caption.main(["--config", str(config), "--output_dir", str(again_dir), "--no_progress",
+                                 "--dry_run", "--opts", *opts])
+    assert record["losses"] == first["losses"]
+    for out in (first_dir, again_dir):
+        assert not list(out.glob("checkpoint_*")) and not (out / "log.txt").exists()
+
+    cfg, _ = load_config(config, CaptionConfig, opts)
+    train = build_retrieval_datasets(cfg, splits=("train",), train_transform=build_test_transform(64))["train"]
+    batch = CaptionCollator(build_tokenizer(str(FIX / "tokenizer")), cfg.prompt, cfg.max_tokens)(
+        [train[i] for i in range(4)])
+    with torch.no_grad():
+        direct = captioner(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])["loss_lm"]
+    assert direct.item() == pytest.approx(first["loss"], rel=1e-6)
+
+    with pytest.raises(UserError, match="--dry_run .* cannot be combined with --evaluate"):
+        train_caption.main(["--config", str(config), "--output_dir", str(tmp_path / "x"), "--dry_run", "--evaluate",
+                            "--opts", *opts])
 
 
 def test_bad_caption_annotation_stops_before_the_model_naming_entry_and_field(tmp_path, run_script):

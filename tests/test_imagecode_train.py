@@ -1,6 +1,6 @@
 """ImageCoDe models and entry points: zero_shot.py (plain BLIP and ContextBLIP checkpoints, three
 scores, test submission), finetune_imagecode.py stage 1 / stage 2 (exact resume, evaluation,
-torchrun on CPU equal to one process), and the stage-2 model reused on 2-candidate sets."""
+torchrun on CPU equal to one process), the stage-2 model reused on 2-candidate sets, and --dry_run."""
 from __future__ import annotations
 
 import json
@@ -181,6 +181,43 @@ def test_finetune_stage1_resume_stage2_evaluate_and_reuse(ic, tmp_path):
     enc = tokenizer(["a red circle"], return_tensors="pt")
     scores = score_candidates(model, torch.randn(2, 3, 32, 32), enc["input_ids"], enc["attention_mask"])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_dry_run_writes_the_loss_of_the_first_batch_deterministically_and_no_checkpoint(ic, tmp_path, run_script):
+    """``--dry_run`` of stage 1 (as a user runs it, with augmentation on, then again in-process
+    without): the same finite cross-entropy ``loss`` both times (eval mode, test transform, file
+    order), no checkpoint, log.txt or predictions. Stage 2 with ``cache_features`` gives the loss
+    of the same batch without caching (stage 1 is frozen and in eval mode either way).
+    ``--evaluate`` with it is refused."""
+    import finetune_imagecode
+    from models.factory import create_model
+    from tasks.imagecode import ImageCodeConfig
+    from utils.config import config_to_dict, load_config
+    from utils.errors import UserError
+
+    first_dir, again_dir = tmp_path / "dry", tmp_path / "again"
+    run_script("finetune_imagecode.py", ["--config", ic["cfg"], "--output_dir", first_dir, "--no_progress", "--dry_run",
+                                         "--opts", f"pretrained={ic['blip']}", "train_resize_only=false",
+                                         "train_randaug=true", "train_hflip=true"])
+    first = json.loads((first_dir / "dry_run.json").read_text())
+    assert set(first["losses"]) == {"loss"} and first["batch_size"] == 4 and first["stage"] == 1
+    assert torch.isfinite(torch.tensor(first["loss"])) and first["loss"] == first["losses"]["loss"] > 0
+    assert _finetune(ic, again_dir, "--dry_run")["losses"] == first["losses"]
+    for out in (first_dir, again_dir):
+        assert not list(out.glob("checkpoint_*")) and not list(out.glob("*.txt")) and not list(out.glob("pred*"))
+
+    cfg, _ = load_config(ic["cfg"], ImageCodeConfig)
+    torch.manual_seed(1)
+    stage1, _ = create_model(cfg, "imagecode", load=False)
+    torch.save({"model": stage1.state_dict(), "format": stage1.checkpoint_format, "config": config_to_dict(cfg)},
+               tmp_path / "stage1.pth")
+    stage2 = [_finetune(ic, tmp_path / f"stage2_{cache}", "--dry_run",
+                        opts=["stage=2", f"pretrained={tmp_path / 'stage1.pth'}", f"cache_features={cache}"])
+              for cache in ("true", "false")]
+    assert stage2[0]["stage"] == 2 and stage2[0]["losses"] == stage2[1]["losses"]
+    assert torch.isfinite(torch.tensor(stage2[0]["loss"]))
+    with pytest.raises(UserError, match="--dry_run .* cannot be combined with --evaluate"):
+        _finetune(ic, tmp_path / "x", "--dry_run", "--evaluate")
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """pretrain.py through its entry points, as a user runs it: training with the mask pictures, exact
-resume, the merged export, pictures on demand, torchrun, and `run.sh sweep-mask`."""
+resume, the merged export, pictures on demand, torchrun, `run.sh sweep-mask` and --dry_run."""
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,33 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path, run_scri
 
     pretrain_cli(cfg, straight, "--visualize")
     assert (straight / "masks" / "ondemand.png").read_bytes().startswith(PNG)
+
+
+def test_dry_run_writes_itm_and_tmim_of_the_first_batch_deterministically_and_no_checkpoint(setup, tmp_path,
+                                                                                           run_script):
+    """``--dry_run`` (as a user runs it, then again in-process): ``dry_run.json`` holds the finite
+    weighted ``loss_itm`` and ``loss_tmim`` of the first batch, the same both times (eval mode,
+    file order; the guide tokens, mask noise and negatives from the seeded generator), although
+    only the first run had augmentation on (a dry run uses the test transform); no checkpoint,
+    log.txt or mask picture; ``--visualize`` / ``--export`` with it are refused."""
+    import pretrain
+    from utils.errors import UserError
+
+    _, cfg = setup
+    opts = ["--opts", "train_resize_only=false", "train_randaug=true", "train_hflip=true"]
+    first_dir, again_dir = tmp_path / "dry", tmp_path / "again"
+    run_script("pretrain.py", ["--config", cfg, "--output_dir", first_dir, "--no_progress", "--dry_run", *opts])
+    first = json.loads((first_dir / "dry_run.json").read_text())
+    assert set(first["losses"]) == {"loss_itm", "loss_tmim"} and first["batch_size"] == 32
+    assert all(math.isfinite(v) and v > 0 and first[k] == v for k, v in first["losses"].items())
+    assert first["mask_rate"] == 0.25 and first["trainable_parameters"] < first["parameters"]
+    record = pretrain.main(["--config", str(cfg), "--output_dir", str(again_dir), "--no_progress", "--dry_run"])
+    assert record["losses"] == first["losses"]
+    for out in (first_dir, again_dir):
+        assert not list(out.glob("checkpoint_*")) and not (out / "log.txt").exists() and not (out / "masks").exists()
+    for flag in (["--visualize"], ["--export", str(tmp_path / "none.pth")]):
+        with pytest.raises(UserError, match=f"--dry_run .* cannot be combined with {flag[0]}"):
+            pretrain.main(["--config", str(cfg), "--output_dir", str(tmp_path / "x"), "--dry_run", *flag])
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """Retrieval fine-tuning through the entry point: learning, exact resume, kill-and-resume,
-distributed equivalence, non-finite loss handling."""
+distributed equivalence, non-finite loss handling, --dry_run."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -160,3 +161,60 @@ def test_training_from_scratch_learns_far_above_chance(tmp_path, run_script):
     assert last["test_img_r1"] >= 10.0 and last["test_txt_r1"] >= 10.0, last
     first = json.loads((out / "log.txt").read_text().splitlines()[0])
     assert last["train_loss_ita"] < first["train_loss_ita"] - 1.0
+
+
+def test_dry_run_is_one_eval_forward_of_the_first_batch_and_writes_no_checkpoint(tmp_path, fixture_config,
+                                                                                  fixture_model, run_script):
+    """``--dry_run`` on the official-layout fixture (its 12 captions as the train split): the loss
+    terms of ``dry_run.json`` are those of one eval-mode forward of the first 8 pairs in file order
+    (test transform, ``alpha`` unramped) computed here directly; a second dry run (in-process, the
+    first ran as a user runs it) gives the same numbers; a previous run's checkpoint in
+    ``output_dir`` is neither refused nor touched, and none is written."""
+    import train_retrieval
+    from data.collate import RetrievalCollator
+    from data.retrieval import build_retrieval_datasets
+    from data.transforms import build_test_transform
+    from tasks.retrieval import RetrievalConfig
+    from utils.config import load_config
+    from utils.engine import _mix
+
+    path = fixture_config(tmp_path, train_file="test.json", batch_size_train=8, train_hflip="true",
+                          train_randaug="true")
+    out = tmp_path / "dry"
+    out.mkdir()
+    (out / "checkpoint_last.pth").write_bytes(b"a previous run")
+    run_script("train_retrieval.py", ["--config", path, "--output_dir", out, "--no_progress", "--dry_run"])
+    first = json.loads((out / "dry_run.json").read_text())
+    assert (out / "checkpoint_last.pth").read_bytes() == b"a previous run"
+    assert sorted(p.name for p in out.glob("checkpoint_*")) == ["checkpoint_last.pth"]
+    assert set(first["losses"]) == {"loss_ita", "loss_itm"} and first["batch_size"] == 8
+    assert all(math.isfinite(v) and first[k] == v for k, v in first["losses"].items())
+    assert first["total"] == pytest.approx(sum(first["losses"].values()))
+
+    again = tmp_path / "again"
+    record = train_retrieval.main(["--config", str(path), "--output_dir", str(again), "--no_progress", "--dry_run"])
+    assert record["losses"] == first["losses"] and not list(again.glob("checkpoint_*"))
+
+    cfg, _ = load_config(path, RetrievalConfig)
+    model, tokenizer, _ = fixture_model()
+    train = build_retrieval_datasets(cfg, splits=("train",), train_transform=build_test_transform(64))["train"]
+    batch = RetrievalCollator(tokenizer, cfg.max_tokens)([train[i] for i in range(8)])
+    generator = torch.Generator().manual_seed(_mix(cfg.seed, 0, 7))  # the Trainer's (rank 0)
+    with torch.no_grad():
+        direct = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["idx"],
+                       alpha=cfg.alpha, generator=generator)
+    assert {k: v.item() for k, v in direct.items()} == pytest.approx(first["losses"], rel=1e-6, abs=1e-7)
+
+
+def test_dry_run_with_evaluate_is_refused_in_one_line(tmp_path, fixture_config, capsys):
+    import train_retrieval
+    from utils.engine import run_entry
+
+    out = tmp_path / "out"
+    argv = ["--config", str(fixture_config(tmp_path)), "--output_dir", str(out), "--dry_run", "--evaluate"]
+    with pytest.raises(SystemExit) as exit_:
+        run_entry(lambda: train_retrieval.main(argv))
+    assert exit_.value.code == 1 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --dry_run checks a training run (one forward of its first batch); it cannot be combined with "
+        "--evaluate: drop one of the two"]
