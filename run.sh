@@ -48,7 +48,10 @@ dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage fro
   # DLIP: a tiny BLIP pretrained with pretrain_blip.py is the teacher; a smaller student is distilled
   # from it, and the same student pretrained for the same steps without it is the control. All
   # three are fine-tuned the same way (retrieval, captioning); summary.json compares them.
-  DL="$DEMO/dlip"; rm -rf "$DL"
+  # Pretraining on the 6,000 train pairs; fine-tuning on the first 2,000 (the demo's 15-minute budget).
+  DL="$DEMO/dlip"; rm -rf "$DL"; mkdir -p "$DL"
+  "$PYTHON" -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))[:2000], open(sys.argv[2], "w"))' \
+    "$D/retrieval/annotation/synthetic_train.json" "$DL/train_pairs.json"
   DATA=("train_file=[$D/retrieval/annotation/synthetic_train.json]" "image_root=$D/retrieval/images" "tokenizer=$D/tokenizer")
   STUDENT=("vit={width: 32, depth: 2, heads: 2, patch_size: 16}" "med_config=configs/demo/med_config_student.json")
   TEACHER=("vit={width: 64, depth: 2, heads: 4, patch_size: 16}" "med_config=configs/demo/med_config_tiny.json")
@@ -59,7 +62,8 @@ dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage fro
     "teacher=$DL/teacher/pretrain/checkpoint_last.pth" ${SEED[@]+"${SEED[@]}"}
   stage "8 DLIP student, scratch" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_student.yaml \
     --output_dir "$DL/student_scratch/pretrain" --no_progress --opts "${DATA[@]}" ${SEED[@]+"${SEED[@]}"}
-  FT=("image_root=$D/retrieval/images" "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer")
+  FT=("image_root=$D/retrieval/images" "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer"
+      "train_file=$(realpath "$DL/train_pairs.json")")
   for model in teacher student_distilled student_scratch; do
     if [ "$model" = teacher ]; then ARCH=("${TEACHER[@]}"); else ARCH=("${STUDENT[@]}"); fi
     stage "8 DLIP fine-tuning: $model" bash -c '"$0" train_retrieval.py --config configs/demo/dlip_retrieval.yaml \

@@ -28,8 +28,8 @@ def _link(demo: Path, path: Path, label: str) -> str:
     return f"[{label}]({os.path.relpath(path, demo)})" if path.exists() else ""
 
 
-def _fmt(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _imagecode_rows(demo: Path) -> Dict[str, Dict[str, float]]:
@@ -121,6 +121,21 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
     else:
         rows.append(("7 captioning", "not run", "-", ""))
 
+    dlip_file = demo / "dlip" / "summary.json"
+    if dlip_file.is_file():
+        dl = json.loads(dlip_file.read_text())
+        for name, label in (("teacher", "8 DLIP teacher (pretrain_blip.py)"),
+                            ("student_distilled", "8 DLIP student, distilled"),
+                            ("student_scratch", "8 DLIP student, scratch (control)")):
+            e = dl.get(name, {})
+            mean = (e["test_txt_r1"] + e["test_img_r1"]) / 2 if "test_txt_r1" in e else None
+            rows.append((label, "mean test R@1 / test CIDEr / params (M) / eval images/s",
+                         f"{_fmt(mean)} / {_fmt(e.get('test_CIDEr'), 3)} / {_fmt(e.get('params', 0) / 1e6, 3)} / "
+                         f"{_fmt(e.get('eval_images_per_s'))}",
+                         _link(demo, demo / "dlip" / "summary.json", "summary") if name == "teacher" else ""))
+    else:
+        rows.append(("8 DLIP", "not run", "-", ""))
+
     lines += ["| stage | metric | value | files |", "|---|---|---|---|"]
     lines += [f"| {s} | {m} | {v} | {f} |" for s, m, v, f in rows]
     if seconds:
@@ -130,7 +145,9 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
     if (demo / "caption" / "caption_sheet.png").is_file():
         lines += ["", "## Captions (synthetic test split: ours, then the references)", "",
                   "![captions](caption/caption_sheet.png)"]
-    for title, path in (("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
+    for title, path in (("DLIP: teacher, distilled student, scratch student (same fine-tuning)",
+                         demo / "dlip" / "summary.md"),
+                        ("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
                         ("MMVP-VLM per pattern", demo / "mmvp" / "mmvp_results.md")):
         if path.is_file():
             body = path.read_text().strip().splitlines()

@@ -89,6 +89,7 @@ def summarise(dlip: Path) -> Dict[str, dict]:
             if log:
                 entry["pretrain_last_epoch"] = {k: v for k, v in log[-1].items() if k.startswith("train_loss")}
         best = root / "retrieval" / "checkpoint_best.pth"
+        best = best if best.is_file() else root / "retrieval" / "checkpoint_last.pth"
         if best.is_file():
             rate = eval_images_per_s(best)
             if rate is not None:
