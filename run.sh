@@ -45,9 +45,10 @@ stage() {  # stage NAME COMMAND...: run it, append its wall time to $DEMO/stage_
 }
 
 dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage from the demo)
-  # DLIP: a tiny BLIP pretrained with pretrain_blip.py is the teacher; a smaller student is distilled
-  # from it, and the same student pretrained for the same steps without it is the control. All
-  # three are fine-tuned the same way (retrieval, captioning); summary.json compares them.
+  # DLIP: stage 1's BLIP pretrained further with pretrain_blip.py (which adds the decoder) is the
+  # teacher; a smaller student is distilled from it, and the same student pretrained for the same
+  # steps without it is the control. All three are fine-tuned the same way (retrieval, captioning);
+  # summary.json compares them.
   # Pretraining on the 6,000 train pairs; fine-tuning on the first 2,000 (the demo's 15-minute budget).
   DL="$DEMO/dlip"; rm -rf "$DL"; mkdir -p "$DL"
   "$PYTHON" -c 'import json, sys; json.dump(json.load(open(sys.argv[1]))[:2000], open(sys.argv[2], "w"))' \
@@ -56,7 +57,8 @@ dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage fro
   STUDENT=("vit={width: 32, depth: 2, heads: 2, patch_size: 16}" "med_config=configs/demo/med_config_student.json")
   TEACHER=("vit={width: 64, depth: 2, heads: 4, patch_size: 16}" "med_config=configs/demo/med_config_tiny.json")
   stage "8 DLIP teacher pretraining" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_teacher.yaml \
-    --output_dir "$DL/teacher/pretrain" --no_progress --opts "${DATA[@]}" ${SEED[@]+"${SEED[@]}"}
+    --output_dir "$DL/teacher/pretrain" --no_progress --opts "${DATA[@]}" \
+    "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
   stage "8 DLIP student, distilled" "$PYTHON" pretrain_blip.py --config configs/demo/dlip_student.yaml \
     --output_dir "$DL/student_distilled/pretrain" --no_progress --opts "${DATA[@]}" \
     "teacher=$DL/teacher/pretrain/checkpoint_last.pth" ${SEED[@]+"${SEED[@]}"}

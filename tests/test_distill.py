@@ -224,3 +224,31 @@ def test_two_ranks_equal_one_process_for_the_itc_terms(tmp_path, run_script, run
     # (loss_lm is a mean over each rank's kept tokens, whose counts differ: not compared.)
     for name in ("loss_ita", "loss_ita_dist", "loss_img_dist", "loss_text_dist", "loss_kl", "loss_Sattn"):
         assert b[name] == pytest.approx(a[name], abs=1e-5), name
+
+
+@pytest.mark.slow
+def test_distillation_trains_logs_every_term_and_saves_the_student_only(tmp_path, run_script):
+    """Two epochs of distillation on the fixture's 8 pairs: log.txt has each term, weights apply,
+    the checkpoint is the student alone (it loads back strictly), and the teacher file is unchanged."""
+    out = tmp_path / "run"
+    teacher_before = torch.load(DLIP / "teacher.pth", weights_only=True)["model"]
+    run_script("pretrain_blip.py", ["--config", REPO / "configs" / "dlip_pretrain.yaml", "--output_dir", out,
+                                    "--no_progress", "--opts", *_fixture_opts(), "max_epoch=2", "warmup_steps=1",
+                                    "init_lr=1e-3", "weight_kl=2.0", "log_every=1"])
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(records) == 2
+    assert {f"train_{t}" for t in ("loss_ita", "loss_itm", "loss_lm") + D.TERMS} <= set(records[0])
+    ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["format"] == "blip" and not any(k.startswith("teacher") for k in ckpt["model"])
+    assert ckpt["model"]["visual_encoder.pos_embed"].shape[-1] == 64   # the student's width
+    assert ckpt["config"]["weight_kl"] == 2.0
+    teacher_after = torch.load(DLIP / "teacher.pth", weights_only=True)["model"]
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+
+    from models.factory import create_model
+    from tasks.blip_pretrain import BlipPretrainConfig
+    from utils.config import load_config
+    cfg = load_config(REPO / "configs" / "dlip_pretrain.yaml", BlipPretrainConfig,
+                      _fixture_opts(output_dir=tmp_path / "x", pretrained=out / "checkpoint_last.pth",
+                                    strict_load="true"))[0]
+    create_model(cfg, "blip_pretrain")   # strict: every key of the student, nothing missing
