@@ -230,3 +230,27 @@ def test_caption_pretraining_and_dlip_configs_are_their_recipes():
     small = MedConfig.from_json(CONFIGS / 'med_config_small.json')
     assert (small.hidden_size, small.num_hidden_layers, small.num_attention_heads, small.intermediate_size,
             small.vocab_size, small.encoder_width) == (384, 6, 12, 3072, 30524, 384)
+    dlip, _ = load_config(CONFIGS / 'dlip_pretrain.yaml', BlipPretrainConfig)
+    assert dlip.vit == 'small' and dlip.med_config.endswith('med_config_small.json') and dlip.teacher
+    assert (dlip.teacher_vit, dlip.teacher_med_config) == ('base', 'configs/med_config.json')
+    assert (dlip.batch_size_train, dlip.init_lr, dlip.warmup_lr, dlip.warmup_steps, dlip.weight_decay) == (72, 5e-4, 1e-6, 3000, 0.02)
+    assert (dlip.max_epoch, dlip.lr_decay_rate, dlip.min_lr, dlip.image_size, dlip.max_tokens, dlip.alpha) == (20, 0.9, 1e-6, 224, 30, 0.4)
+    assert dlip.queue_size % (4 * 72) == 0 and dlip.distill_itc_targets == 'release'
+    assert set(dlip.distill_weights().values()) == {1.0} and len(dlip.distill_weights()) == 9
+
+
+DEMO_SCHEMAS = {'retrieval': 'RetrievalConfig', 'fixture_eval': 'RetrievalConfig', 'dlip_retrieval': 'RetrievalConfig',
+                'caption': 'CaptionConfig', 'dlip_caption': 'CaptionConfig', 'dlip_teacher': 'BlipPretrainConfig',
+                'dlip_student': 'BlipPretrainConfig'}
+
+
+@pytest.mark.parametrize('name', sorted(DEMO_SCHEMAS))
+def test_demo_configs_load(name):
+    """The demo's retrieval, captioning and DLIP configs load against their schemas (run.sh passes paths)."""
+    from tasks.blip_pretrain import BlipPretrainConfig
+    from tasks.caption import CaptionConfig
+    schema = {'RetrievalConfig': RetrievalConfig, 'CaptionConfig': CaptionConfig,
+              'BlipPretrainConfig': BlipPretrainConfig}[DEMO_SCHEMAS[name]]
+    cfg, _ = load_config(CONFIGS / 'demo' / f'{name}.yaml', schema)
+    if name == 'dlip_student':
+        assert cfg.vit_arch.width < 64 and not cfg.teacher and cfg.teacher_vit.width == 64
