@@ -252,3 +252,41 @@ def test_distillation_trains_logs_every_term_and_saves_the_student_only(tmp_path
                       _fixture_opts(output_dir=tmp_path / "x", pretrained=out / "checkpoint_last.pth",
                                     strict_load="true"))[0]
     create_model(cfg, "blip_pretrain")   # strict: every key of the student, nothing missing
+
+
+def test_distillation_losses_release_and_teacher_itc_variants():
+    """``distillation_losses`` wires each term to the right views: release ITC targets use the
+    student's temperature and [teacher batch ; student queue] keys; the ``teacher`` variant uses the
+    teacher's temperature and the teacher's batch only. Heads differ here (2 vs 4): averaged maps."""
+    from types import SimpleNamespace
+    g = torch.Generator().manual_seed(5)
+    n = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    B, E, T, N, V = 3, 8, 5, 7, 11
+
+    def views(heads, width):
+        return D.Views(n(torch.randn(B, E, generator=g)), n(torch.randn(B, E, generator=g)),
+                       torch.randn(B, width, generator=g),
+                       (torch.randn(B, heads, T, T, generator=g).softmax(-1),
+                        torch.randn(B, heads, T, N, generator=g).softmax(-1)),
+                       torch.randn(B, width, generator=g), torch.randn(B, T, V, generator=g),
+                       torch.randn(B, heads, T, T, generator=g).softmax(-1))
+
+    s, t = views(2, 6), views(4, 10)
+    student = SimpleNamespace(temp=torch.tensor(0.07), text_proj=torch.nn.Linear(6, E), itc_all_rank_keys=False)
+    teacher = SimpleNamespace(temp=torch.tensor(0.05), text_proj=torch.nn.Linear(10, E))
+    qi, qt = n(torch.randn(4, E, generator=g)), n(torch.randn(4, E, generator=g))
+    release = D.distillation_losses(student, teacher, s, t, qi, qt, 0.4, D.DistillSettings())
+    assert set(release) == set(D.TERMS)
+    want = D.soft_itc_distill(s.image_feat, s.text_feat, torch.cat([t.image_feat, qi]), torch.cat([t.text_feat, qt]),
+                              t.image_feat, t.text_feat, torch.tensor(0.07), 0.4)
+    assert release["loss_ita_dist"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert release["loss_vl_dist"].item() == pytest.approx(
+        D.cosine_distill(student.text_proj(s.vl_state), teacher.text_proj(t.vl_state)).item(), rel=1e-6)
+    assert release["loss_Xattn"].item() == pytest.approx(
+        D.row_kl(s.mm_attentions[1].mean(1), t.mm_attentions[1].mean(1), 0.05).item(), rel=1e-6)
+    clean = D.distillation_losses(student, teacher, s, t, qi, qt, 0.4,
+                                  D.DistillSettings(distill_itc_targets="teacher"))
+    want = D.soft_itc_distill(s.image_feat, s.text_feat, t.image_feat, t.text_feat, t.image_feat, t.text_feat,
+                              torch.tensor(0.07), 0.4, temp_t=torch.tensor(0.05))
+    assert clean["loss_ita_dist"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert clean["loss_ita_dist"].item() != pytest.approx(release["loss_ita_dist"].item(), rel=1e-3)
