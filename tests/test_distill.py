@@ -290,3 +290,17 @@ def test_distillation_losses_release_and_teacher_itc_variants():
                               torch.tensor(0.07), 0.4, temp_t=torch.tensor(0.05))
     assert clean["loss_ita_dist"].item() == pytest.approx(want.item(), rel=1e-6)
     assert clean["loss_ita_dist"].item() != pytest.approx(release["loss_ita_dist"].item(), rel=1e-3)
+
+
+@pytest.mark.dist
+def test_distillation_trains_under_torchrun(tmp_path, run_torchrun):
+    """2 ranks x 4 pairs: DDP carries the student, the teacher rides along as a forward argument."""
+    out = tmp_path / "ddp"
+    opts = [o for o in _fixture_opts() if not o.startswith("batch_size_train=")]
+    run_torchrun("pretrain_blip.py", ["--config", REPO / "configs" / "dlip_pretrain.yaml", "--output_dir", out,
+                                      "--no_progress", "--opts", *opts, "batch_size_train=4", "max_epoch=1",
+                                      "warmup_steps=1"])
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert all(math.isfinite(record[f"train_{t}"]) for t in D.TERMS)
+    ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["step"] == 1 and not any(k.startswith("teacher") for k in ckpt["model"])
