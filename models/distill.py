@@ -51,8 +51,9 @@ from typing import Dict, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from pydantic import field_validator
 
-from models.vit import ViTArch
+from models.vit import VIT_PRESETS, ViTArch
 from utils import dist as du
 from utils.config import Config, NonNegFloat, PosFloat
 
@@ -83,6 +84,14 @@ class DistillSettings(Config):
     weight_Sattn: NonNegFloat = 1.0
     weight_Xattn: NonNegFloat = 1.0
     weight_DXattn: NonNegFloat = 1.0
+
+    @field_validator("teacher_vit")
+    @classmethod
+    def _known_teacher_preset(cls, vit):
+        if isinstance(vit, str) and vit not in VIT_PRESETS:
+            raise ValueError(f"must be one of {sorted(VIT_PRESETS)} or a mapping "
+                             f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
+        return vit
 
     def distill_weights(self) -> Dict[str, float]:
         return {t: float(getattr(self, weight_key(t))) for t in TERMS}

@@ -304,3 +304,10 @@ def test_distillation_trains_under_torchrun(tmp_path, run_torchrun):
     assert all(math.isfinite(record[f"train_{t}"]) for t in D.TERMS)
     ckpt = torch.load(out / "checkpoint_last.pth", weights_only=True)
     assert ckpt["step"] == 1 and not any(k.startswith("teacher") for k in ckpt["model"])
+
+
+def test_unknown_teacher_vit_is_a_config_error():
+    from tasks.blip_pretrain import BlipPretrainConfig
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="teacher_vit.*got 'huge'"):
+        load_config(REPO / "configs" / "dlip_pretrain.yaml", BlipPretrainConfig, ["teacher_vit=huge"])
