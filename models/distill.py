@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import field_validator
 
-from models.vit import VIT_PRESETS, ViTArch
+from models.vit import ViTArch, known_vit_preset
 from utils import dist as du
 from utils.config import Config, NonNegFloat, PosFloat
 
@@ -85,13 +85,7 @@ class DistillSettings(Config):
     weight_Xattn: NonNegFloat = 1.0
     weight_DXattn: NonNegFloat = 1.0
 
-    @field_validator("teacher_vit")
-    @classmethod
-    def _known_teacher_preset(cls, vit):
-        if isinstance(vit, str) and vit not in VIT_PRESETS:
-            raise ValueError(f"must be one of {sorted(VIT_PRESETS)} or a mapping "
-                             f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
-        return vit
+    _known_teacher_preset = field_validator("teacher_vit")(classmethod(lambda cls, vit: known_vit_preset(vit)))
 
     def distill_weights(self) -> Dict[str, float]:
         return {t: float(getattr(self, weight_key(t))) for t in TERMS}

@@ -49,6 +49,14 @@ VIT_PRESETS = {
 DEFAULT_DROP_PATH = {"large": 0.1}
 
 
+def known_vit_preset(vit):
+    """A ``vit`` config value checked: a preset name of VIT_PRESETS, or a mapping (validated as ViTArch)."""
+    if isinstance(vit, str) and vit not in VIT_PRESETS:
+        raise ValueError(f"must be one of {sorted(VIT_PRESETS)} or a mapping "
+                         f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
+    return vit
+
+
 class ViTSettings(Config):
     """The config keys that build BLIP's ViT (flat, as in BLIP's YAML files)."""
 
@@ -63,10 +71,7 @@ class ViTSettings(Config):
     @field_validator("vit")
     @classmethod
     def _known_preset(cls, vit):
-        if isinstance(vit, str) and vit not in VIT_PRESETS:
-            raise ValueError(f"must be one of {sorted(VIT_PRESETS)} or a mapping "
-                             f"{{width, depth, heads, patch_size, mlp_ratio}}, got {vit!r}")
-        return vit
+        return known_vit_preset(vit)
 
     @model_validator(mode="after")
     def _resolve_and_check(self, info: ValidationInfo):
