@@ -8,6 +8,11 @@ to ``image_root`` (or, with no root, to the working directory). Several files ar
 ``PretrainDataset[i]`` -> ``(image [3, H, W], caption, idx)`` with ``idx`` a contiguous id per
 distinct image file, so two captions of one picture are never drawn as each other's ITM negative.
 Loading, error messages and ``skip_bad_images`` are those of the retrieval training set.
+
+Two corpora are also read as they are downloaded (``data/corpora.py``, docs/FORMATS.md 2b): DLIP's
+``all.json`` (entries with ``image_root``, the image's full path, and no ``image``) and the Kaggle
+Flickr30k ``results.csv`` (header ``image_name| comment_number| comment``; images relative to
+``image_root``; its malformed rows are skipped with a warning naming them).
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from .retrieval import PathLike, RetrievalTrainDataset, Transform, _captions, _join, _require_dict, _require_image
+from .corpora import is_kaggle_csv, pretrain_entries
+from .retrieval import (PathLike, RetrievalTrainDataset, Transform, Where, _captions, _join, _read_entries,
+                        _require_dict, _require_image)
 from .utils import BadImageError, load_image, pre_caption
 
 
@@ -31,6 +38,15 @@ class PretrainDataset(RetrievalTrainDataset):
                  transform: Transform | None, max_words: int = 30, skip_bad_images: bool = False) -> None:
         super().__init__(files, image_root or None, transform, max_words=max_words,
                          skip_bad_images=skip_bad_images)
+
+    def _entries(self, ann_file: str) -> tuple[list, Where]:
+        # DLIP's all.json and the Kaggle Flickr30k results.csv, read by data/corpora.py into pairs.
+        if is_kaggle_csv(ann_file):
+            entries, names = pretrain_entries(ann_file)
+            return entries, names.__getitem__
+        entries, where = _read_entries(ann_file)
+        converted = pretrain_entries(ann_file, entries)
+        return (converted[0], converted[1].__getitem__) if converted else (entries, where)
 
     def _add(self, entry: Any, ann_file: str, where: str) -> None:
         _require_dict(entry, where)

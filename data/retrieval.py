@@ -249,7 +249,7 @@ class RetrievalTrainDataset(Dataset):
         self._images_of_id: dict[str | int, dict[str, int]] = {}
         for ann_file in self.ann_files:
             self._file_starts.append(len(self.annotation))
-            entries, where = _read_entries(ann_file)
+            entries, where = self._entries(ann_file)
             self._where_in_file.append(where)
             for index, entry in enumerate(entries):
                 before = len(self.annotation)
@@ -259,6 +259,11 @@ class RetrievalTrainDataset(Dataset):
 
         self.num_skipped = 0
         self._bad_images: set[str] = set()
+
+    def _entries(self, ann_file: str) -> tuple[list, Where]:
+        """The entries of one annotation file and how to name entry k (a subclass may read more
+        formats: ``data/pretrain.py``)."""
+        return _read_entries(ann_file)
 
     def _add(self, entry: Any, ann_file: str, where: str) -> None:
         _require_dict(entry, where)

@@ -10,6 +10,7 @@ COMMANDS = {
     "embed": ("tools.embed", "write image and text embeddings of a dataset to shards"),
     "search": ("tools.search", "top-k search of queries against an embedded gallery"),
     "ensemble": ("tools.ensemble", "score and feature fusion of several checkpoints, evaluated"),
+    "pairs": ("tools.pairs", "build one pretraining pair list from img2dataset, VG, COCO, DLIP, Kaggle Flickr30k"),
     "caption": ("tools.caption", "caption images (beam or nucleus sampling); --filter: keep ITM matches (CapFilt)"),
 }
 
