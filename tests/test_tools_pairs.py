@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data.pretrain import PretrainDataset
-from tools.__main__ import main as tools_main
+from tools.pairs import main as pairs_main
 from utils.errors import DataError
 
 
@@ -93,10 +93,10 @@ def corpora(tmp_path):
 
 
 def _run(s, out, *extra):
-    args = ["pairs", "--out", str(out), str(s["i2d"]), f"vg:{s['vg']}", str(s["coco"]), str(s["dlip"]),
+    args = ["--out", str(out), str(s["i2d"]), f"vg:{s['vg']}", str(s["coco"]), str(s["dlip"]),
             str(s["kaggle"]), str(s["mine"]), "--vg_image_root", str(s["vg_root"]),
             "--coco_image_root", str(s["coco_root"]), "--flickr_image_root", str(s["flickr_root"]), *extra]
-    return tools_main(args)
+    return pairs_main(args)
 
 
 def test_every_source_counted_filtered_and_deduplicated(corpora, tmp_path, capsys):
@@ -152,16 +152,16 @@ def test_without_check_images_and_relative_to_image_root(corpora, tmp_path):
 
 def test_source_errors_name_the_file_entry_and_option(corpora, tmp_path):
     with pytest.raises(DataError, match="give its image folder with --vg_image_root"):
-        tools_main(["pairs", "--out", str(tmp_path / "o"), str(corpora["vg"])])
+        pairs_main(["--out", str(tmp_path / "o"), str(corpora["vg"])])
     bad = _json(tmp_path / "all.json", [{"caption": "a dog", "image_root": "/x.jpg"}, {"caption": "a dog", "image": 3}])
     with pytest.raises(DataError, match=r"entry 1 of .*all.json: missing field 'image_root'"):
-        tools_main(["pairs", "--out", str(tmp_path / "o"), str(bad)])
+        pairs_main(["--out", str(tmp_path / "o"), str(bad)])
     tars = tmp_path / "wds"
     tars.mkdir()
     with tarfile.open(tars / "00000.tar", "w"):
         pass
     with pytest.raises(DataError, match="webdataset .tar shards .* not supported by `tools pairs` yet"):
-        tools_main(["pairs", "--out", str(tmp_path / "o"), str(tars)])
+        pairs_main(["--out", str(tmp_path / "o"), str(tars)])
     assert not (tmp_path / "o").exists()
 
 
@@ -193,3 +193,9 @@ def test_pretraining_reads_dlip_all_json_and_kaggle_csv_directly(corpora, tmp_pa
         PretrainDataset(blank, corpora["flickr_root"], None)
     with pytest.raises(DataError, match=r"row 4 \(line 7\) of .*results\.csv: invalid field 'comment'"):
         PretrainDataset(corpora["kaggle"], corpora["flickr_root"], None)
+
+
+def test_pairs_is_a_tools_command():
+    # Imported here, not at collection: runpy warns when `python -m tools` finds tools.__main__ loaded.
+    from tools.__main__ import COMMANDS
+    assert COMMANDS["pairs"][0] == "tools.pairs"
