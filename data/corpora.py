@@ -47,6 +47,8 @@ EXAMPLES = 5  # skipped records named per reason
 EMPTY_CAPTION = "empty caption"
 MISSING_IMAGE = "missing image file"
 FAILED_DOWNLOAD = "failed download (status)"
+FAILED_RESIZE = "failed resize (status)"
+STATS_REASONS = {"failed_to_download": FAILED_DOWNLOAD, "failed_to_resize": FAILED_RESIZE}  # img2dataset _stats.json
 SHORT_PHRASE = "too-short VG phrase"
 SMALL_REGION = "too-small VG region"
 MALFORMED_ROW = "malformed row"
@@ -181,8 +183,10 @@ def read_img2dataset(folder: PathLike) -> Corpus:
 
     A sample whose ``.json`` has a ``status`` other than ``"success"`` is skipped (failed
     download), so is one without image file; the caption is the ``.txt`` (stripped), else the
-    ``.json``'s ``caption``. The ``.parquet`` and ``_stats.json`` files are not read. webdataset
-    ``.tar`` shards are not supported yet (an error when the folder has nothing else).
+    ``.json``'s ``caption``. img2dataset writes no files for a failed download: those are counted
+    from the shard's ``NNNNN_stats.json`` (``failed_to_download``, ``failed_to_resize``) where it
+    exists. webdataset ``.tar`` shards are streamed by training (``data/stream.py``), not listed
+    here (an error when the folder has nothing else).
     """
     folder = str(folder)
     corpus = Corpus("img2dataset", folder)
@@ -190,6 +194,22 @@ def read_img2dataset(folder: PathLike) -> Corpus:
         raise DataError(f"{folder}: not a folder; {_TAR_HINT}" if folder.lower().endswith(".tar")
                         else f"{folder}: not a folder (an img2dataset source is its output folder)")
     tars = []
+    with_stats = set()  # shard folders whose failures come from NNNNN_stats.json
+    for name in sorted(os.listdir(folder)):
+        m = re.fullmatch(r"(\d+)_stats\.json", name)
+        if not m:
+            continue
+        stats = read_json(os.path.join(folder, name))
+        if not isinstance(stats, dict):
+            continue
+        with_stats.add(m.group(1))
+        failed = {reason: int(stats.get(key) or 0) for key, reason in STATS_REASONS.items()}
+        if not any(k in stats for k in STATS_REASONS) and isinstance(stats.get("count"), int) \
+                and isinstance(stats.get("successes"), int):
+            failed = {FAILED_DOWNLOAD: stats["count"] - stats["successes"]}  # no breakdown: count - successes
+        for reason, n in failed.items():
+            for _ in range(n):
+                corpus.skip(reason, f"shard {m.group(1)} ({name})")
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         samples: dict[str, dict[str, str]] = {}
@@ -214,7 +234,8 @@ def read_img2dataset(folder: PathLike) -> Corpus:
                                 f"got {type(meta).__name__}")
             status = meta.get("status")
             if status is not None and status != "success":
-                corpus.skip(FAILED_DOWNLOAD, f"{where} (status {status!r})")
+                if os.path.basename(dirpath) not in with_stats:  # else counted from its stats
+                    corpus.skip(FAILED_DOWNLOAD, f"{where} (status {status!r})")
                 continue
             if "image" not in files:
                 corpus.skip(MISSING_IMAGE, where)
@@ -233,8 +254,8 @@ def read_img2dataset(folder: PathLike) -> Corpus:
     return corpus
 
 
-_TAR_HINT = ("extract them (`tar -xf`) into shard folders, or download with img2dataset "
-             "--output_format files")
+_TAR_HINT = ("a pair list cannot point into a tar; name the shards in train_file instead (they are streamed: "
+             "docs/FORMATS.md 2c), or extract them (`tar -xf`) into shard folders")
 
 
 def read_vg_regions(path: PathLike, image_root: Optional[PathLike], min_words: int = 5,

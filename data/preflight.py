@@ -183,6 +183,12 @@ def check_splits(datasets: Mapping[str, Any], skip: bool, hint: str = SKIP_HINT)
     return {split: len(c.bad) for split, c in checked.items()}
 
 
+def caption_texts(dataset: Any) -> list[str]:
+    """Every caption of a train dataset (``captions``: a str or a tuple of str per item; a streamed
+    dataset gives a sample), flat, for :func:`log_unk_rate`."""
+    return [c for x in dataset.captions for c in ((x,) if isinstance(x, str) else x)]
+
+
 def unk_rate(tokenizer, texts: Sequence[str]) -> tuple[float, int, list[str]]:
     """(share of the words of ``texts`` that contain an ``[UNK]`` piece, words counted, the unknown
     words, most frequent first). Words are whitespace-separated; each distinct word is tokenized

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .corpora import is_kaggle_csv, pretrain_entries
+from .stream import build_stream, split_train_files
 from .retrieval import (PathLike, RetrievalTrainDataset, Transform, Where, _captions, _join, _read_entries,
                         _require_dict, _require_image)
 from .utils import BadImageError, load_image, pre_caption
@@ -41,6 +42,8 @@ class PretrainDataset(RetrievalTrainDataset):
 
     def _entries(self, ann_file: str) -> tuple[list, Where]:
         # DLIP's all.json and the Kaggle Flickr30k results.csv, read by data/corpora.py into pairs.
+        if os.path.isdir(ann_file):
+            return super()._entries(ann_file)
         if is_kaggle_csv(ann_file):
             entries, names = pretrain_entries(ann_file)
             return entries, names.__getitem__
@@ -73,10 +76,20 @@ class PretrainDataset(RetrievalTrainDataset):
         return image, caption, self._idx[index]
 
 
-def build_pretrain_dataset(cfg_like: Any, transform: Transform | None) -> PretrainDataset:
+def build_pretrain_dataset(cfg_like: Any, transform: Transform | None, shuffle: bool = True):
     """From a config with ``train_file`` (str or list), ``image_root``, ``max_words``,
-    ``skip_bad_images``."""
+    ``skip_bad_images``: a :class:`PretrainDataset`, or, when ``train_file`` names tar or parquet
+    shards, a streamed ``data.stream.PairStream`` (with the ``StreamSettings`` keys and ``seed``;
+    ``shuffle`` False: shards and records in order, for ``--dry_run``)."""
     files = cfg_like.train_file
     files = [files] if isinstance(files, str) else list(files)
-    return PretrainDataset(files, cfg_like.image_root or None, transform, max_words=cfg_like.max_words,
-                           skip_bad_images=cfg_like.skip_bad_images)
+
+    def lists(names):
+        return PretrainDataset(names, cfg_like.image_root or None, transform, max_words=cfg_like.max_words,
+                               skip_bad_images=cfg_like.skip_bad_images)
+
+    if not split_train_files(files)[1]:
+        return lists(files)
+    return build_stream(files, transform, cfg_like.max_words, list_builder=lists, seed=cfg_like.seed,
+                        shuffle=shuffle, shuffle_buffer=cfg_like.shuffle_buffer,
+                        num_samples=cfg_like.train_num_samples, max_bad_fraction=cfg_like.max_bad_fraction)

@@ -129,6 +129,20 @@ def _csv_entries(ann_file: PathLike, one_per_image: bool) -> tuple[list, Where]:
     return entries, lambda k: f"row {named_row[k]} (line {named_line[k]}) of {ann_file}"
 
 
+def img2dataset_entries(folder: PathLike) -> tuple[list, Where, dict]:
+    """``(entries, where, skipped by reason)`` of an img2dataset ``files`` folder: entries
+    ``{"image": absolute path, "caption"}``."""
+    from .corpora import read_img2dataset
+    corpus = read_img2dataset(folder)
+    if corpus.skipped:
+        logger.warning("%s: skipped %s (img2dataset samples: %d usable)", folder,
+                       ", ".join(f"{n} {reason}" for reason, n in corpus.skipped.items()), len(corpus))
+    if not corpus.image:
+        raise DataError(f"{folder}: no usable img2dataset sample (skipped: {dict(corpus.skipped)})")
+    entries = [{"image": os.path.abspath(i), "caption": c} for i, c in zip(corpus.image, corpus.caption)]
+    return entries, corpus.where.__getitem__, dict(corpus.skipped)
+
+
 def _require_dict(entry: Any, where: str) -> None:
     if not isinstance(entry, dict):
         raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
@@ -232,6 +246,9 @@ class RetrievalTrainDataset(Dataset):
         self.transform = transform
         self.max_words = max_words
         self.skip_bad_images = skip_bad_images
+        # Records a source itself marks as failed (img2dataset folders), skipped while reading:
+        # {file: {reason: count}}, reported in log.txt as data_skipped_up_front.
+        self.skipped_up_front: dict[str, dict[str, int]] = {}
 
         self.annotation: list[dict] = []
         self.captions: list[str] = []
@@ -262,7 +279,14 @@ class RetrievalTrainDataset(Dataset):
 
     def _entries(self, ann_file: str) -> tuple[list, Where]:
         """The entries of one annotation file and how to name entry k (a subclass may read more
-        formats: ``data/pretrain.py``)."""
+        formats: ``data/pretrain.py``). A folder is an img2dataset ``files`` download
+        (``data/corpora.py``): its failed downloads and caption-less samples are skipped, with a
+        warning that counts them."""
+        if os.path.isdir(ann_file):
+            entries, where, skipped = img2dataset_entries(ann_file)
+            if skipped:
+                self.skipped_up_front[ann_file] = skipped
+            return entries, where
         return _read_entries(ann_file)
 
     def _add(self, entry: Any, ann_file: str, where: str) -> None:
@@ -271,7 +295,7 @@ class RetrievalTrainDataset(Dataset):
         captions = _captions(entry, where)
         # A single-caption json entry needs its image_id (BLIP's layout); a caption list or a CSV row
         # may leave it out.
-        required = isinstance(entry["caption"], str) and not _is_csv(ann_file)
+        required = isinstance(entry["caption"], str) and not _is_csv(ann_file) and not os.path.isdir(ann_file)
         image_id = _train_image_id(entry, where, required)
         item = len(self.annotation)
         if image_id is not None:
@@ -481,14 +505,16 @@ def _resolve(ann_root: PathLike | None, name: PathLike) -> Path:
 
 def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
                              train_transform: Transform | None = None,
-                             test_transform: Transform | None = None) -> dict[str, Dataset]:
+                             test_transform: Transform | None = None, shuffle: bool = True) -> dict[str, Dataset]:
     """Build ``{split: dataset}`` from a retrieval config (``tasks.retrieval.RetrievalConfig``).
 
     Reads ``dataset`` ('coco' | 'flickr' | 'custom'), ``ann_root``, ``image_root``, ``train_file``
     (str or list of str), ``val_file``, ``test_file``, ``max_words``, ``skip_bad_images`` and
     ``image_size`` (only when a transform is not given). An explicit ``*_file``
     overrides the coco/flickr default; 'custom' requires one for each requested split. Relative
-    file names are under ``ann_root``.
+    file names are under ``ann_root``. A ``train_file`` list that names tar or parquet shards gives a
+    streamed train split (``data.stream.PairStream``, with the ``StreamSettings`` keys; ``shuffle``
+    False: in order, for ``--dry_run``); a ``pipe:`` command or URL is used as written.
     """
     name = cfg_like.dataset
     if name not in DEFAULT_FILES:
@@ -509,7 +535,8 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
         names = list(given) if isinstance(given, (list, tuple)) else [given]
         if split != "train" and len(names) != 1:
             raise DataError(f"'{split}_file' must be a single file, got {names}")
-        return [_resolve(ann_root, n) for n in names]
+        from .stream import is_remote
+        return [n if is_remote(str(n)) else _resolve(ann_root, n) for n in names]
 
     def transform_for(given: Transform | None, builder: Callable[[int], Transform]) -> Transform:
         if given is not None:
@@ -520,9 +547,20 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
     for split in splits:
         files = files_for(split)
         if split == "train":
-            datasets[split] = RetrievalTrainDataset(
-                files, image_root, transform_for(train_transform, build_train_transform),
-                max_words=max_words, skip_bad_images=skip)
+            from .stream import build_stream, split_train_files
+            transform = transform_for(train_transform, build_train_transform)
+
+            def lists(names, transform=transform):
+                return RetrievalTrainDataset(names, image_root, transform, max_words=max_words, skip_bad_images=skip)
+
+            names = [str(f) for f in files]
+            if split_train_files(names)[1]:
+                datasets[split] = build_stream(
+                    names, transform, max_words, list_builder=lists, seed=cfg_like.seed, shuffle=shuffle,
+                    shuffle_buffer=cfg_like.shuffle_buffer, num_samples=cfg_like.train_num_samples,
+                    max_bad_fraction=cfg_like.max_bad_fraction)
+            else:
+                datasets[split] = lists(files)
         else:
             datasets[split] = RetrievalEvalDataset(
                 files[0], image_root, transform_for(test_transform, build_test_transform),

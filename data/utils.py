@@ -153,6 +153,18 @@ def load_image(path: PathLike, *, context: str = "") -> Image.Image:
         raise BadImageError(f"unreadable image: {_describe(path, context)}: {exc}") from exc
 
 
+def decode_image(data: bytes, *, context: str) -> Image.Image:
+    """``load_image`` for image bytes held in memory (a tar member, a parquet cell): the same
+    conversions; ``BadImageError`` naming ``context`` when they do not decode."""
+    import io
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImageError(f"unreadable image: {context}: {exc}") from exc
+
+
 def check_image(path: PathLike, *, context: str = "") -> None:
     """Cheap validity check: the file exists and PIL recognises its header (no pixel decode).
 

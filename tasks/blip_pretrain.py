@@ -17,7 +17,7 @@ import torch
 from pydantic import model_validator
 
 from data.collate import RetrievalCollator
-from data.preflight import check_splits, log_unk_rate
+from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.pretrain import PretrainDataset, build_pretrain_dataset
 from data.transforms import build_test_transform
 from models.blip import BlipArch, ITCSettings
@@ -28,16 +28,16 @@ from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer
 from utils.schedule import WarmupStepSchedule, build_adamw
 from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
-                            TextSettings, WarmupSettings, WeightsSettings)
+                            StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
 
 
 class BlipPretrainConfig(BlipArch, ITCSettings, DistillSettings, TextSettings, WeightsSettings, AugmentSettings,
-                         OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+                         StreamSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
     """BLIP pretraining (pretrain_blip.py), and DLIP distillation when ``teacher`` is set. Defaults
     are BLIP's released recipe (docs/BLIP.md); configs/dlip_pretrain.yaml is DLIP's."""
-    train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
+    train_file: Union[str, List[str]] = ''      # json/CSV lists, img2dataset folders, tar/parquet shards (FORMATS.md 2-2c)
     image_root: str = ''                        # prefix for relative image paths ('' = as written)
     skip_bad_images: bool = False               # drop pairs of missing/unreadable images (logged, counted)
     image_size: PosInt = 224
@@ -62,7 +62,7 @@ def build_dataset(cfg: BlipPretrainConfig, dry_run: bool = False) -> PretrainDat
     """The pairs of ``train_file`` (train transform; ``dry_run``: the test transform), parsed and
     with their images checked before any model is built. A collective under torchrun."""
     transform = build_test_transform(cfg.image_size) if dry_run else train_transform(cfg, cfg.image_size)
-    dataset = build_pretrain_dataset(cfg, transform)
+    dataset = build_pretrain_dataset(cfg, transform, shuffle=not dry_run)
     check_splits({"train": dataset}, cfg.skip_bad_images)
     return dataset
 
@@ -93,7 +93,7 @@ def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset:
     (``models.factory.create_teacher``). ``dry_run``: one eval-mode forward of the first batch
     (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
     model.check_queue(cfg.batch_size_train * info.world_size)
-    log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
+    log_unk_rate(tokenizer, caption_texts(dataset), "the train captions")
     if teacher is not None:
         check_teacher(model, teacher, cfg)
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)

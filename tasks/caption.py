@@ -24,7 +24,7 @@ from pydantic import model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from data.collate import CaptionCollator
-from data.preflight import check_splits, log_unk_rate
+from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
 from models.caption import CaptionArch, GenerationConfig
@@ -78,7 +78,7 @@ def build_datasets(cfg: CaptionConfig, splits: Sequence[str], dry_run: bool = Fa
     collective under torchrun."""
     datasets = build_retrieval_datasets(cfg, splits=splits,
                                         train_transform=train_transform(cfg, cfg.image_size, dry_run),
-                                        test_transform=build_test_transform(cfg.image_size))
+                                        test_transform=build_test_transform(cfg.image_size), shuffle=not dry_run)
     check_splits(datasets, cfg.skip_bad_images)
     if 'train' in datasets and not cfg.eval_metrics and cfg.has_val:
         raise ValueError("eval_metrics: false leaves nothing to choose the best epoch by; it is for --evaluate")
@@ -175,7 +175,7 @@ def train(cfg: CaptionConfig, model, tokenizer, info: du.DistInfo, datasets: Dic
     a new best (or after the last epoch when there is no val split). ``dry_run``: one eval-mode
     forward of the first batch (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
     output_dir = Path(cfg.output_dir)
-    log_unk_rate(tokenizer, datasets['train'].captions, 'the train captions')
+    log_unk_rate(tokenizer, caption_texts(datasets['train']), 'the train captions')
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)

@@ -19,7 +19,7 @@ import torch
 from pydantic import model_validator
 
 from data.collate import RetrievalCollator
-from data.preflight import check_splits, log_unk_rate
+from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.pretrain import PretrainDataset, build_pretrain_dataset
 from data.transforms import IMAGE_MEAN, IMAGE_STD, build_test_transform
 from data.utils import load_image
@@ -30,7 +30,7 @@ from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer, autocast
 from utils.schedule import WarmupStepSchedule, build_adamw
 from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
-                            TextSettings, WarmupSettings, WeightsSettings)
+                            StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +40,12 @@ VIS_SEED = 1234
 
 
 class PretrainConfig(ContextBLIPArch, TMIMArch, PretrainSettings, TextSettings, WeightsSettings, AugmentSettings,
-                     OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+                     StreamSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
     """ContextBLIP adapter pretraining (pretrain.py). Defaults are the released recipe
     (configs/pretrain.yaml, docs/CONTEXTBLIP.md); BLIP stays frozen."""
     image_size: PosInt = 224
     max_tokens: PosInt = 30                     # released: padded/truncated to 30 tokens
-    train_file: Union[str, List[str]] = ''      # json list(s) of {"image", "caption": str | [str]} (docs/FORMATS.md 2)
+    train_file: Union[str, List[str]] = ''      # json/CSV lists, img2dataset folders, tar/parquet shards (FORMATS.md 2-2c)
     image_root: str = ''                        # prefix for relative image paths ('' = as written)
     skip_bad_images: bool = False               # drop pairs of missing/unreadable images (logged, counted)
     batch_size_train: PosInt = 256              # per GPU (released: 4 GPUs x 256)
@@ -80,6 +80,9 @@ def collator(cfg: PretrainConfig, tokenizer) -> RetrievalCollator:
 def visual_batch(dataset, n: int, image_size: int, collate) -> Optional[dict]:
     """The first ``n`` distinct images of ``dataset`` (test transform, first caption) as a batch."""
     transform, seen, items = build_test_transform(image_size), set(), []
+    if hasattr(dataset, "peek"):  # streamed: the first n usable records of the first shards
+        items = [(transform(image), caption, idx) for image, caption, idx in dataset.peek(n)]
+        return collate(items) if items else None
     for i in range(len(dataset)):
         if len(items) == n:
             break
@@ -117,7 +120,7 @@ def build_dataset(cfg: PretrainConfig, dry_run: bool = False) -> PretrainDataset
     """The pairs of ``train_file`` (train transform; ``dry_run``: the test transform), parsed and
     with their images checked (``skip_bad_images`` drops bad pairs up front): call before building
     a model. A collective."""
-    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size, dry_run))
+    dataset = build_pretrain_dataset(cfg, train_transform(cfg, cfg.image_size, dry_run), shuffle=not dry_run)
     check_splits({"train": dataset}, cfg.skip_bad_images)
     return dataset
 
@@ -128,7 +131,7 @@ def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, dataset: Pre
     first batch (file order), ``dry_run.json``, no step, no mask picture (``Trainer.dry_run``). The
     loss has no ramp; its guide tokens, mask noise and hard negatives are drawn from the trainer's
     generator (seeded by ``seed``), so a dry run repeats exactly."""
-    log_unk_rate(tokenizer, [c for captions in dataset.captions for c in captions], "the train captions")
+    log_unk_rate(tokenizer, caption_texts(dataset), "the train captions")
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     schedule = WarmupStepSchedule(cfg.init_lr, cfg.min_lr, cfg.lr_decay_rate, cfg.warmup_steps, cfg.warmup_lr)
     trainer = Trainer(model, optimizer, schedule, info, cfg, progress=progress)

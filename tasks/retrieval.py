@@ -14,7 +14,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 from torch.utils.data import Dataset
 
 from data.collate import RetrievalCollator
-from data.preflight import check_splits, log_unk_rate
+from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform, build_train_transform
 from models.blip import BlipArch, ITCSettings
@@ -24,12 +24,12 @@ from utils.config import PosInt
 from utils.engine import Trainer
 from utils.schedule import CosineSchedule, build_adamw
 from utils.settings import (AugmentSettings, EvalSettings, LoopSettings, OptimSettings, RunSettings,
-                            TextSettings, WarmupSettings, WeightsSettings)
+                            StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
 
 
-class RetrievalData(AugmentSettings):
+class RetrievalData(AugmentSettings, StreamSettings):
     image_root: str = ''                        # prefix joined to the annotations' image paths
     ann_root: str = ''                          # folder with the train/val/test files
     dataset: Literal['coco', 'flickr', 'custom'] = 'coco'
@@ -74,7 +74,7 @@ def build_datasets(cfg: RetrievalConfig, splits: Sequence[str], dry_run: bool = 
     step. A collective under torchrun."""
     datasets = build_retrieval_datasets(cfg, splits=splits,
                                         train_transform=train_transform(cfg, cfg.image_size, dry_run),
-                                        test_transform=build_test_transform(cfg.image_size))
+                                        test_transform=build_test_transform(cfg.image_size), shuffle=not dry_run)
     check_splits(datasets, cfg.skip_bad_images)
     return datasets
 
@@ -104,7 +104,7 @@ def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, datasets: D
     (``Trainer.dry_run``; only ``datasets['train']`` is needed)."""
     # Fail at start-up, not after an hour: the queue takes whole global batches.
     model.check_queue(cfg.batch_size_train * info.world_size)
-    log_unk_rate(tokenizer, datasets['train'].captions, 'the train captions')
+    log_unk_rate(tokenizer, caption_texts(datasets['train']), 'the train captions')
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     trainer = Trainer(model, optimizer, CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps,
                                                        cfg.warmup_lr),

@@ -130,7 +130,7 @@ def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> Non
     import time
     import torch
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)})
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.is_file():
@@ -141,14 +141,84 @@ def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> Non
                 pass
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    # torchrun starts each rank in a session of its own: kill the whole tree, as a crash would.
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+
+
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (from /proc), children first."""
+    children: dict = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 @pytest.fixture(scope="session")
 def kill_at_step():
     """``kill_at_step(cmd, checkpoint, step)``: run ``cmd``, SIGKILL it once ``checkpoint`` is at ``step``."""
     return _kill_at_step
+
+
+def _write_shards(folder: Path, n_shards: int, per_shard: int, bad: dict | None = None, stats: bool = True,
+                  size: int = 16) -> list[str]:
+    """webdataset tar shards ``folder/00000.tar ...`` of ``per_shard`` samples (``KEY.jpg`` + ``KEY.txt``
+    + ``KEY.json``), with img2dataset's ``NNNNN_stats.json`` when ``stats``. ``bad``: {(shard, i):
+    "corrupt" | "empty_caption" | "no_image"}. Returns the keys of the good samples as the stream
+    names them (``<tar path>/<key>``)."""
+    import io
+    import json
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+    bad = bad or {}
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(n_shards * 1000 + per_shard)
+    good = []
+    for s in range(n_shards):
+        tar = folder / f"{s:05d}.tar"
+        with wds.TarWriter(str(tar)) as writer:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG")
+                kind = bad.get((s, i))
+                sample = {"__key__": key, "jpg": buf.getvalue(), "txt": f"a photo of thing {s} {i}",
+                          "json": json.dumps({"key": key, "status": "success"}).encode()}
+                if kind == "corrupt":
+                    sample["jpg"] = b"\xff\xd8\xff\xe0 not really a jpeg"
+                elif kind == "empty_caption":
+                    sample["txt"] = "  "
+                elif kind == "no_image":
+                    del sample["jpg"]
+                writer.write(sample)
+                if kind is None:
+                    good.append(f"{tar}/{key}")
+        if stats:
+            (folder / f"{s:05d}_stats.json").write_text(json.dumps({"count": per_shard, "successes": per_shard,
+                                                                      "failed_to_download": 0, "failed_to_resize": 0}))
+    return good
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """``write_shards(folder, n_shards, per_shard, bad=None, stats=True) -> good keys``: tar shards."""
+    return _write_shards
 
 
 @pytest.fixture(scope="session")

@@ -155,6 +155,9 @@ class LoopState:
     history: list = field(default_factory=list)
     epoch_sums: dict = field(default_factory=dict)  # running loss sums of the current epoch
     epoch_count: int = 0
+    # Streamed data (data/stream.py): {"slots": N, "states": {slot: state}, "counts": {...}} of the
+    # current epoch, every rank's slots (gathered at each save).
+    stream: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -195,7 +198,11 @@ class Trainer:
         self.progress = progress and info.is_main
         self.generator = torch.Generator(device=info.device).manual_seed(_mix(cfg.seed, info.rank, 7))
         self.seed = cfg.seed
+        self.log_sample_keys = bool(getattr(cfg, "log_sample_keys", False))
         self.state = LoopState()
+        self.data_counts = _DataCounts()
+        self.last_data_record: dict = {}
+        self.my_slots = range(0)  # this rank's data slots (streamed data)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
@@ -209,8 +216,24 @@ class Trainer:
     def save(self, name: str) -> Optional[Path]:
         """Write ``output_dir/name`` atomically from rank 0 (a collective: all ranks must call)."""
         path = None
+        # Every rank's random streams (rank 0's are also the checkpoint's "rng" / "generator").
+        rngs = du.all_gather_object({"rng": _rng_state(), "generator": self.generator.get_state()}) \
+            if self.info.distributed else None
+        if self.state.stream:
+            # Every rank's slot states and data counts go into rank 0's checkpoint.
+            mine = {"states": {s: v for s, v in self.state.stream.get("states", {}).items() if s in self.my_slots},
+                    "counts": self.data_counts.as_dict()}
+            parts = du.all_gather_object(mine) if self.info.distributed else [mine]
+            states: dict = {}
+            for part in parts:
+                states.update(part["states"])
+            self.state.stream = {**self.state.stream, "states": states,
+                                 "counts": _DataCounts.merged([p["counts"] for p in parts]).as_dict()}
         if self.info.is_main:
-            path = save_checkpoint_atomic(self.checkpoint_state(), self.output_dir / name)
+            state = self.checkpoint_state()
+            if rngs is not None:
+                state["rank_rng"] = rngs
+            path = save_checkpoint_atomic(state, self.output_dir / name)
             logger.info("saved %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         du.barrier()
         return path
@@ -226,8 +249,16 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState(**ckpt["loop"])
-        _set_rng_state(ckpt["rng"])
-        self.generator.set_state(ckpt["generator"])
+        # Rank 0 carries the counts so far of a streamed epoch (the others start from zero: summed
+        # at the epoch's end).
+        counts = self.state.stream.get("counts") if self.state.stream else None
+        self.data_counts = _DataCounts.from_dict(counts) if counts and self.info.is_main else _DataCounts()
+        # Each rank continues its own random streams (dropout, negatives) where a multi-rank run
+        # saved them; a checkpoint of another world size (or an older one) gives rank 0's to all.
+        ranks = ckpt.get("rank_rng")
+        mine = ranks[self.info.rank] if isinstance(ranks, list) and len(ranks) == self.info.world_size else ckpt
+        _set_rng_state(mine["rng"])
+        self.generator.set_state(mine["generator"])
         logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                     self.state.batch_in_epoch, self.state.step)
         return True
@@ -235,7 +266,11 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def loader(self, dataset: Dataset, batch_size: int, collate_fn, num_workers: int = 0, shuffle: bool = True,
                drop_last: bool = True) -> DataLoader:
-        """A training loader whose order and augmentation are functions of (seed, epoch, index)."""
+        """A training loader whose order and augmentation are functions of (seed, epoch, index); a
+        streamed dataset (``data/stream.py``) makes its own, positioned per slot."""
+        if hasattr(dataset, "make_loader"):
+            return dataset.make_loader(batch_size, collate_fn, num_workers, self.info.rank, self.info.world_size,
+                                       pin_memory=self.info.device.type == "cuda")
         wrapped = SeededItems(dataset, self.seed)
         sampler = ResumableSampler(len(dataset), shuffle, self.seed, self.info.rank, self.info.world_size)
         return DataLoader(wrapped, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -249,14 +284,31 @@ class Trainer:
         without a progress bar, also whenever ``utils.logging.HEARTBEAT_S`` seconds have passed
         since the last one: an epoch shorter than ``log_every`` steps is never silent."""
         epoch = self.state.epoch
-        loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
-        loader.dataset.epoch = epoch
+        streamed = hasattr(loader, "set_epoch")
+        if streamed:
+            slots = loader.dataset.slots
+            if self.state.stream.get("states") and self.state.stream.get("slots") != slots:
+                raise UserError(f"this run was checkpointed mid-epoch with {self.state.stream.get('slots')} data slots "
+                                f"(ranks x dataloader workers) and resumes with {slots}: resume a streamed run with "
+                                "the same number of processes and num_workers")
+            self.state.stream = {"slots": slots, "states": dict(self.state.stream.get("states", {}))}
+            per_rank = slots // self.info.world_size
+            self.my_slots = range(self.info.rank * per_rank, (self.info.rank + 1) * per_rank)
+            loader.set_epoch(epoch, self.state.stream["states"], self.state.batch_in_epoch)
+        else:
+            loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
+            loader.dataset.epoch = epoch
+            # log_sample_keys: the items of this rank's batches, in order (drop_last batches).
+            order = list(loader.sampler) if self.log_sample_keys else []
+            name = getattr(loader.dataset, "image_path", str)
         n_batches = self.state.batch_in_epoch + len(loader)
         self.model.train()
-        # Running sums survive a mid-epoch checkpoint so the epoch means are those of a straight run.
-        sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.info.device)
+        # Running sums survive a mid-epoch checkpoint so the epoch means are those of a straight run:
+        # the checkpoint holds the sums over every rank, which rank 0 carries on (summed at the end).
+        carried = self.info.is_main
+        sums: Dict[str, torch.Tensor] = {k: torch.tensor(v if carried else 0.0, device=self.info.device)
                                          for k, v in self.state.epoch_sums.items()}
-        count = self.state.epoch_count
+        count = self.state.epoch_count if carried else 0
         it = loader
         if self.progress:
             from tqdm import tqdm
@@ -271,6 +323,11 @@ class Trainer:
         bad = _NonFinite(self.info.device)
         for batch in it:
             i = self.state.batch_in_epoch
+            if streamed:
+                batch = self._stream_batch(batch, epoch)
+            elif self.log_sample_keys:
+                k = i - (n_batches - len(loader))
+                self._log_keys(epoch, [name(j) for j in order[k * loader.batch_size:(k + 1) * loader.batch_size]])
             batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             ctx = {"epoch": epoch, "batch_index": i, "batches_per_epoch": n_batches, "generator": self.generator}
             boundary = (i + 1) % self.accum == 0 or i + 1 == n_batches
@@ -311,9 +368,19 @@ class Trainer:
                     it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
                                     "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
             if save_now:
-                self.state.epoch_sums = {k: float(v) for k, v in sums.items()}
+                names = sorted(sums)
+                total = torch.stack([sums[k].reshape(()) for k in names]
+                                    + [torch.tensor(float(count), device=self.info.device)])
+                du.all_reduce_sum(total)
+                self.state.epoch_sums = {k: float(v) for k, v in zip(names, total[:-1].tolist())}
+                self.state.epoch_count = int(total[-1].item())
                 self.save("checkpoint_last.pth")
+                self.state.epoch_count = count
         bad.check(epoch, self.output_dir)
+        self.last_data_record = self._data_record(epoch) if streamed else {}
+        up_front = getattr(loader.dataset, "skipped_up_front", None)
+        if up_front:
+            self.last_data_record["data_skipped_up_front"] = up_front
         means = {}
         for k, v in sums.items():
             t = torch.stack([v, torch.tensor(float(count), device=v.device)])
@@ -335,6 +402,8 @@ class Trainer:
         except StopIteration:
             raise ValueError("--dry_run: the training data gives no batch (fewer pairs than one batch "
                              "with drop_last?)") from None
+        if hasattr(loader, "set_epoch"):
+            batch = self._stream_batch(batch, 0, record=False)
         batch = {k: v.to(self.info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         ctx = {"epoch": 0, "batch_index": 0, "batches_per_epoch": len(loader), "generator": self.generator,
                "dry_run": True}
@@ -366,6 +435,45 @@ class Trainer:
                                      f"(see {self.output_dir / 'dry_run.json'})")
         return record
 
+    # ------------------------------------------------------------------ streamed data
+    def _stream_batch(self, batch: dict, epoch: int, record: bool = True) -> dict:
+        """Take a streamed batch's bookkeeping (``data/stream.py``: ``_failure``, ``_state``,
+        ``_skipped``, ``_keys`` ...) out of it: the slot's state for the next checkpoint, the skip
+        counts for log.txt, and (``log_sample_keys``) the keys for ``samples_rank<R>.txt``."""
+        meta = {k: batch.pop(k) for k in [k for k in batch if k.startswith("_")]}
+        if "_failure" in meta:
+            from utils.errors import DataError
+            raise DataError(meta["_failure"])
+        if not record:
+            return batch
+        self.state.stream["states"][meta["_slot"]] = meta["_state"]
+        self.data_counts.add(meta)
+        if self.log_sample_keys:
+            self._log_keys(epoch, meta["_keys"])
+        return batch
+
+    def _log_keys(self, epoch: int, keys) -> None:
+        """``log_sample_keys``: one line per sample, ``epoch step key``, with the step this batch is
+        trained in (a resumed run redoes the steps after its checkpoint: keep the lines of the
+        steps the checkpoint holds)."""
+        with open(self.output_dir / f"samples_rank{self.info.rank}.txt", "a") as f:
+            f.writelines(f"{epoch} {self.state.step} {key}\n" for key in keys)
+
+    def _data_record(self, epoch: int) -> dict:
+        """The epoch's data counts summed over ranks, for log.txt (and one log line naming the
+        skipped records)."""
+        parts = du.all_gather_object(self.data_counts.as_dict()) if self.info.distributed else [
+            self.data_counts.as_dict()]
+        total = _DataCounts.merged(parts)
+        skipped = {shard: dict(reasons) for shard, reasons in total.skipped.items()}
+        n_skipped = sum(sum(r.values()) for r in skipped.values())
+        if n_skipped and self.info.is_main:
+            logger.warning("epoch %d: skipped %d bad record(s): %s", epoch, n_skipped, "; ".join(
+                f"{shard}: " + ", ".join(f"{n} {reason} (e.g. {', '.join(total.examples.get(shard, {}).get(reason, []))})"
+                                         for reason, n in reasons.items()) for shard, reasons in skipped.items()))
+        return {"data_samples": total.samples, "data_skipped": n_skipped, "data_repeats": total.repeats,
+                "data_skipped_by_shard": skipped}
+
     def end_epoch(self, record: dict, metric: Optional[float] = None) -> bool:
         """Decide whether ``metric`` is a new best (the one place this is decided), log the
         epoch's record and advance the state. Returns the decision."""
@@ -379,6 +487,8 @@ class Trainer:
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
         self.state.epoch_sums, self.state.epoch_count = {}, 0
+        self.state.stream = {}
+        self.data_counts = _DataCounts()
         return is_best
 
     def is_new_best(self, metric: Optional[float]) -> bool:
@@ -405,7 +515,8 @@ class Trainer:
             epoch = self.state.epoch
             is_last = epoch + 1 == max_epoch
             losses = self.train_epoch(loader, loss_fn)
-            record = {"train_lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in losses.items()}}
+            record = {"train_lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in losses.items()},
+                      **self.last_data_record}
             metric = None
             if evaluate is not None and ((epoch + 1) % eval_every == 0 or is_last):
                 extra, metric = evaluate(epoch)
@@ -420,6 +531,51 @@ class Trainer:
                 self.save("checkpoint_best.pth")
             self.save("checkpoint_last.pth")
         return self.state.history[-1] if self.state.history else {}
+
+
+class _DataCounts:
+    """A streamed epoch's data bookkeeping on one rank: samples trained, repeats, and skipped
+    records by shard and reason (with a few example keys)."""
+
+    def __init__(self, samples: int = 0, repeats: int = 0, skipped: Optional[dict] = None,
+                 examples: Optional[dict] = None):
+        self.samples, self.repeats = samples, repeats
+        self.skipped: Dict[str, Dict[str, int]] = skipped or {}
+        self.examples: Dict[str, Dict[str, list]] = examples or {}
+
+    def add(self, meta: dict) -> None:
+        self.samples += len(meta["_keys"])
+        self.repeats += meta["_repeats"]
+        for (shard, reason), n in meta["_skipped"].items():
+            by = self.skipped.setdefault(shard, {})
+            by[reason] = by.get(reason, 0) + n
+        for (shard, reason), keys in meta["_examples"].items():
+            named = self.examples.setdefault(shard, {}).setdefault(reason, [])
+            named.extend(keys[: max(0, 3 - len(named))])
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "repeats": self.repeats, "skipped": self.skipped, "examples": self.examples}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "_DataCounts":
+        return cls(d["samples"], d["repeats"], {k: dict(v) for k, v in d["skipped"].items()},
+                   {k: {r: list(x) for r, x in v.items()} for k, v in d["examples"].items()})
+
+    @classmethod
+    def merged(cls, parts: list) -> "_DataCounts":
+        out = cls()
+        for p in parts:
+            out.samples += p["samples"]
+            out.repeats += p["repeats"]
+            for shard, reasons in p["skipped"].items():
+                by = out.skipped.setdefault(shard, {})
+                for reason, n in reasons.items():
+                    by[reason] = by.get(reason, 0) + n
+            for shard, reasons in p["examples"].items():
+                for reason, keys in reasons.items():
+                    named = out.examples.setdefault(shard, {}).setdefault(reason, [])
+                    named.extend(keys[: max(0, 3 - len(named))])
+        return out
 
 
 class _NonFinite:

@@ -51,6 +51,14 @@ class LoopSettings(Config):
     ckpt_every_steps: NonNegInt = 0             # also save checkpoint_last.pth every N steps (0: per epoch)
 
 
+class StreamSettings(Config):
+    """Streamed training data (tar / parquet shards in ``train_file``; data/stream.py, docs/FORMATS.md 2c)."""
+    train_num_samples: Optional[PosInt] = None  # samples per epoch over all ranks (None: every record once)
+    shuffle_buffer: PosInt = 1000               # records shuffled together per worker (a block)
+    max_bad_fraction: Fraction = 0.01           # bad records tolerated per source (checked after 1000 read)
+    log_sample_keys: bool = False               # write output_dir/samples_rank<R>.txt: "epoch step key" per sample
+
+
 class EvalSettings(Config):
     batch_size_test: PosInt = 64                # per process
     eval_every: PosInt = 1                      # epochs between validation runs
