@@ -168,3 +168,19 @@ def test_sweep_mask_runs_each_rate_reports_a_failed_run_and_writes_the_table(set
     assert "mask_strategy: random" in (sweep / "random" / "config.yaml").read_text()
     md = (sweep / "summary.md").read_text()
     assert md.count("\n| ") == 5 and "failed" in md and "FAILED: text_0.01" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pretrain_streams_tar_shards_mixed_with_a_json_list(setup, pretrain_cli, tmp_path, write_shards, synthetic_small):
+    """ContextBLIP pretraining on webdataset shards plus a json list (one train_file), the mask
+    picture drawn from the stream's first records."""
+    _, cfg = setup
+    write_shards(tmp_path / "s", 2, 12)
+    train = synthetic_small / "retrieval" / "annotation" / "synthetic_train.json"
+    out = tmp_path / "out"
+    pretrain_cli(cfg, out, "--opts", f"train_file=['{tmp_path / 's'}', '{train}']", "max_epoch=1",
+                 "batch_size_train=8")
+    record = json.loads((out / "log.txt").read_text())
+    n_list = len(json.loads(train.read_text()))
+    assert record["data_samples"] == (24 + n_list) // 8 * 8 and record["data_skipped"] == 0
+    assert (out / "masks" / "epoch_00.png").is_file()
