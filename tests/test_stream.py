@@ -246,3 +246,40 @@ def test_retrieval_and_caption_train_splits_stream_from_shards(tmp_path, write_s
                                     "vit={width: 32, depth: 1, heads: 2, patch_size: 16}", "image_size=32",
                                     "pretrained=''", "num_workers=0", "device=cpu", "batch_size_train=4"])
     assert json.loads((tmp_path / "cap" / "dry_run.json").read_text())["losses"]["loss"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_nodes_with_node_local_output_dirs_write_on_node0_only_and_resume(tmp_path, write_shards,
+                                                                              synthetic_small, tiny_train_config):
+    """Two torchrun "nodes" (1 process each, one rendezvous) on shards, each with its own output_dir
+    as on node-local disks: node 1 writes nothing; --resume auto continues from node 0's checkpoint
+    (rank 0 sends it to rank 1)."""
+    import subprocess
+    write_shards(tmp_path / "s", 4, 8)
+    cfg = _pretrain_config(tiny_train_config, tmp_path, synthetic_small, f"['{tmp_path / 's'}']")
+    port = _port()
+
+    def launch(*extra):
+        procs = []
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                   str(REPO / "pretrain_blip.py"), "--config", str(cfg), "--output_dir", str(tmp_path / f"node{node}"),
+                   "--no_progress", *extra]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "",
+                                               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+        return outs
+
+    launch("--opts", "log_sample_keys=false")
+    assert not (tmp_path / "node1").exists()  # rank 0 writes; rank 1 on "node 1" writes nothing
+    assert {p.name for p in (tmp_path / "node0").iterdir()} >= {"checkpoint_last.pth", "log.txt", "run.log",
+                                                                 "config.yaml"}
+    outs = launch("--resume", "auto", "--opts", "log_sample_keys=false", "max_epoch=2")
+    assert "rank 0 sends its checkpoint" in outs[0]
+    records = [json.loads(line) for line in (tmp_path / "node0" / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and records[1]["data_samples"] == 32
+    assert not (tmp_path / "node1").exists()

@@ -239,12 +239,25 @@ class Trainer:
         return path
 
     def resume(self, source: str) -> bool:
-        """``'auto'`` resumes from ``checkpoint_last.pth`` if present; a path must exist."""
+        """``'auto'`` resumes from ``checkpoint_last.pth`` if present; a path must exist.
+
+        Under torchrun rank 0 decides: its file is the run's checkpoint. Ranks that do not see that
+        file (another node with a node-local ``output_dir``, where only rank 0 writes) get rank 0's
+        checkpoint over the process group."""
         path = self.output_dir / "checkpoint_last.pth" if source == "auto" else Path(source)
-        if source == "auto" and not path.is_file():
+        have = du.all_gather_object(path.is_file()) if self.info.distributed else [path.is_file()]
+        if source == "auto" and not have[0]:
             logger.info("resume=auto: no %s, starting fresh", path)
             return False
-        ckpt = load_checkpoint(path)
+        if not have[0]:
+            raise FileNotFoundError(f"--resume {source}: no checkpoint file {path}")
+        if all(have):
+            ckpt = load_checkpoint(path)
+        else:
+            lacking = [r for r, h in enumerate(have) if not h]
+            logger.info("resume: rank(s) %s do not see %s (a node-local output_dir): rank 0 sends its checkpoint",
+                        lacking, path)
+            ckpt = du.broadcast_object(load_checkpoint(path) if self.info.is_main else None)
         getattr(self.raw_model, "load_checkpoint_state_dict", self.raw_model.load_state_dict)(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -456,6 +469,7 @@ class Trainer:
         """``log_sample_keys``: one line per sample, ``epoch step key``, with the step this batch is
         trained in (a resumed run redoes the steps after its checkpoint: keep the lines of the
         steps the checkpoint holds)."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)  # another node's output_dir may not exist
         with open(self.output_dir / f"samples_rank{self.info.rank}.txt", "a") as f:
             f.writelines(f"{epoch} {self.state.step} {key}\n" for key in keys)
 
