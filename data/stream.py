@@ -623,7 +623,7 @@ class PairStream(IterableDataset):
                     py_state = random.getstate()
                     with torch.random.fork_rng(devices=[]):
                         random.seed(sample_seed)
-                        torch.manual_seed(sample_seed)
+                        torch.default_generator.manual_seed(sample_seed)  # CPU only (see SeededItems)
                         try:
                             image, caption, reason = self._decode(rec)
                             if reason is None and self.transform is not None:
