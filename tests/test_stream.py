@@ -283,3 +283,13 @@ def test_two_nodes_with_node_local_output_dirs_write_on_node0_only_and_resume(tm
     records = [json.loads(line) for line in (tmp_path / "node0" / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1] and records[1]["data_samples"] == 32
     assert not (tmp_path / "node1").exists()
+
+
+def test_train_num_samples_sets_the_epoch_and_a_longer_epoch_goes_round_the_range(tmp_path, write_shards):
+    good = write_shards(tmp_path / "s", 2, 6)
+    short, _, _, extra = _epoch([tmp_path / "s"], 0, 1, 2, batch=2, num_samples=8)
+    assert len(short) == 4 and sum(e["_repeats"] for e in extra) == 0  # 8 of the 12 records
+    long, _, _, extra = _epoch([tmp_path / "s"], 0, 1, 2, batch=2, num_samples=20)
+    flat = [k for b in long for k in b]
+    # 2 slots of 6 records; 5 batches of 2 each: every record once, then 4 more from the range's start.
+    assert len(flat) == 20 and set(flat) == set(good) and sum(e["_repeats"] for e in extra) == 8
