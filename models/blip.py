@@ -38,6 +38,8 @@ class ITCSettings(Config):
     alpha: UnitFloat = 0.4                      # weight of momentum-distillation soft targets
     negative_all_rank: bool = False             # mine ITM hard negatives across all ranks
     itc_all_rank_keys: bool = True              # ITC keys include every rank's batch (false: BLIP's local-only)
+    accum_freq: PosInt = 1                      # feature-cached accumulation: k micro-batches = one batch of
+                                                # k x batch_size_train (models/accum.py; 1: off)
 
 
 class BLIPRetrieval(nn.Module):

@@ -92,6 +92,9 @@ def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset:
     """Pretrain on ``dataset`` (from ``build_dataset``), distilling ``teacher`` if given
     (``models.factory.create_teacher``). ``dry_run``: one eval-mode forward of the first batch
     (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
+    if cfg.accum_freq > 1:
+        raise ValueError("accum_freq > 1 (feature-cached accumulation) is implemented for retrieval fine-tuning "
+                         "(train_retrieval.py) only so far; for BLIP pretraining and distillation use grad_accum_steps")
     model.check_queue(cfg.batch_size_train * info.world_size)
     log_unk_rate(tokenizer, caption_texts(dataset), "the train captions")
     if teacher is not None:

@@ -17,6 +17,7 @@ from data.collate import RetrievalCollator
 from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform, build_train_transform
+from models.accum import feature_cached_step
 from models.blip import BlipArch, ITCSettings
 from tasks.retrieval_eval import evaluate_retrieval
 from utils import dist as du
@@ -82,12 +83,21 @@ def build_datasets(cfg: RetrievalConfig, splits: Sequence[str], dry_run: bool = 
 def retrieval_loss(cfg: RetrievalConfig):
     """The per-batch loss: ITC + ITM, with alpha ramped linearly over the first epoch (BLIP); in a
     dry run ``alpha`` is the config's (no ramp)."""
-    def loss_fn(model, batch, ctx):
+    def alpha_of(ctx):
         alpha = cfg.alpha
         if ctx['epoch'] == 0 and not ctx.get('dry_run'):
             alpha *= min(1.0, ctx['batch_index'] / ctx['batches_per_epoch'])
+        return alpha
+
+    def loss_fn(model, batch, ctx):
         return model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], batch['idx'],
-                     alpha=alpha, generator=ctx['generator'])
+                     alpha=alpha_of(ctx), generator=ctx['generator'])
+
+    def accumulated(model, micro, ctx, backward):
+        # accum_freq: the micro-batches as one virtual batch (models/accum.py).
+        return feature_cached_step(model, micro, alpha_of(ctx), ctx['generator'], backward)
+
+    loss_fn.accumulated = accumulated
     return loss_fn
 
 
@@ -103,7 +113,7 @@ def train(cfg: RetrievalConfig, model, tokenizer, info: du.DistInfo, datasets: D
     ``dry_run``: one eval-mode forward of the first batch (file order), ``dry_run.json``, no step
     (``Trainer.dry_run``; only ``datasets['train']`` is needed)."""
     # Fail at start-up, not after an hour: the queue takes whole global batches.
-    model.check_queue(cfg.batch_size_train * info.world_size)
+    model.check_queue(cfg.batch_size_train * info.world_size * cfg.accum_freq)
     log_unk_rate(tokenizer, caption_texts(datasets['train']), 'the train captions')
     optimizer = build_adamw(model.parameters(), cfg.init_lr, cfg.weight_decay)
     trainer = Trainer(model, optimizer, CosineSchedule(cfg.init_lr, cfg.min_lr, cfg.max_epoch, cfg.warmup_steps,

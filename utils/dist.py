@@ -156,3 +156,32 @@ def shard_range(n: int) -> range:
     world, rank = get_world_size(), get_rank()
     step = -(-n // world)
     return range(min(n, rank * step), min(n, (rank + 1) * step))
+
+
+@torch.no_grad()
+def all_reduce_gradients(params, bucket_bytes: int = 25 << 20) -> None:
+    """Average the gradients of ``params`` over the ranks (what DDP does, for a model trained
+    without its wrapper), in flat buckets of about ``bucket_bytes``; a parameter without a gradient
+    on this rank contributes zeros."""
+    world = get_world_size()
+    if world == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for p in params + [None]:
+        if p is not None:
+            bucket.append(p)
+            size += p.grad.numel() * p.grad.element_size()
+        if bucket and (p is None or size >= bucket_bytes):
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            all_reduce_sum(flat)
+            flat /= world
+            offset = 0
+            for q in bucket:
+                n = q.grad.numel()
+                q.grad.copy_(flat[offset:offset + n].view_as(q.grad))
+                offset += n
+            bucket, size = [], 0

@@ -180,7 +180,19 @@ class Trainer:
         """``cfg``: the run config (``RunSettings`` + ``LoopSettings`` fields), stored in checkpoints."""
         self.raw_model = model
         self.model = model
-        if info.distributed:
+        # Feature-cached accumulation (models/accum.py): the task's loss runs k micro-batches as one
+        # virtual batch; the model is then not wrapped in DDP (several backward passes per step):
+        # rank 0's weights are broadcast here and gradients averaged once per virtual batch.
+        self.accum_freq = int(getattr(cfg, "accum_freq", 1) or 1)
+        if self.accum_freq > 1 and cfg.grad_accum_steps > 1:
+            raise ValueError("accum_freq (feature-cached accumulation) and grad_accum_steps (naive accumulation) "
+                             "cannot be combined: set one of them to 1")
+        if info.distributed and self.accum_freq > 1:
+            import torch.distributed as dist
+            with torch.no_grad():
+                for t in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(t.data, 0)
+        elif info.distributed:
             ddp_kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
             # Buffers (queues) are kept identical by the models' own all-gathers; no broadcast needed.
             self.model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **ddp_kwargs)
@@ -336,6 +348,7 @@ class Trainer:
         # No host-device sync per step: non-finiteness is recorded on the device (the first bad
         # batch, its step and losses) and checked at log steps, before any save and at the end.
         bad = _NonFinite(self.info.device)
+        pending: list = []  # accum_freq: the micro-batches of the current virtual batch
         for batch in it:
             i = self.state.batch_in_epoch
             if streamed:
@@ -345,14 +358,30 @@ class Trainer:
                 self._log_keys(epoch, [name(j) for j in order[k * loader.batch_size:(k + 1) * loader.batch_size]])
             batch = {k: v.to(self.info.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             ctx = {"epoch": epoch, "batch_index": i, "batches_per_epoch": n_batches, "generator": self.generator}
-            boundary = (i + 1) % self.accum == 0 or i + 1 == n_batches
-            sync = nullcontext() if boundary or not self.info.distributed else self.model.no_sync()
-            with sync:
+            if self.accum_freq > 1:
+                pending.append(batch)
+                if len(pending) < self.accum_freq and i + 1 < n_batches:
+                    self.state.batch_in_epoch = i + 1
+                    continue
+                boundary = True
+                # The virtual batch's position is its first micro-batch's (the alpha ramp's).
+                ctx["batch_index"] = i + 1 - len(pending)
                 with autocast(self.info.device, self.precision):
-                    losses = loss_fn(self.model, batch, ctx)
+                    losses = self._accumulated(loss_fn, pending, ctx)
                 total = sum(losses.values())
                 bad.record(total, losses, i, self.state.step)
-                self.scaler.scale(total / self.accum).backward()
+                n_in_step = sum(_batch_size(b) for b in pending)
+                pending = []
+            else:
+                boundary = (i + 1) % self.accum == 0 or i + 1 == n_batches
+                sync = nullcontext() if boundary or not self.info.distributed else self.model.no_sync()
+                with sync:
+                    with autocast(self.info.device, self.precision):
+                        losses = loss_fn(self.model, batch, ctx)
+                    total = sum(losses.values())
+                    bad.record(total, losses, i, self.state.step)
+                    self.scaler.scale(total / self.accum).backward()
+                n_in_step = _batch_size(batch)
             if boundary:
                 for g in self.optimizer.param_groups:
                     g["lr"] = self.schedule(epoch, self.state.step) * g.get("lr_scale", 1.0)
@@ -367,7 +396,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += 1
             self.state.epoch_count = count
-            seen += batch[next(iter(batch))].shape[0] if batch else 0
+            seen += n_in_step
             self.state.batch_in_epoch = i + 1
             save_now = (self.ckpt_every_steps and boundary and self.state.step % self.ckpt_every_steps == 0
                         and i + 1 < n_batches)
@@ -449,6 +478,20 @@ class Trainer:
             raise NonFiniteLossError(f"--dry_run: non-finite loss term(s) {', '.join(bad)} on the first batch "
                                      f"(see {self.output_dir / 'dry_run.json'})")
         return record
+
+    def _accumulated(self, loss_fn: Callable, micro: list, ctx: dict) -> Dict[str, torch.Tensor]:
+        """One virtual batch of ``accum_freq`` micro-batches through the task's
+        ``loss_fn.accumulated(model, micro, ctx, backward)`` (feature-cached accumulation: it runs
+        its own backward passes), then the gradients averaged over the ranks."""
+        run = getattr(loss_fn, "accumulated", None)
+        if run is None:
+            from utils.errors import UserError as _UserError
+            raise _UserError("accum_freq > 1 (feature-cached accumulation) is not available for this task's loss; "
+                             "use grad_accum_steps")
+        losses = run(self.raw_model, micro, ctx, lambda loss: self.scaler.scale(loss).backward())
+        if self.info.distributed:
+            du.all_reduce_gradients(self.raw_model.parameters())
+        return losses
 
     # ------------------------------------------------------------------ streamed data
     def _stream_batch(self, batch: dict, epoch: int, record: bool = True) -> dict:
@@ -547,6 +590,11 @@ class Trainer:
                 self.save("checkpoint_best.pth")
             self.save("checkpoint_last.pth")
         return self.state.history[-1] if self.state.history else {}
+
+
+def _batch_size(batch: dict) -> int:
+    first = next((v for v in batch.values() if torch.is_tensor(v) and v.dim()), None)
+    return int(first.shape[0]) if first is not None else 0
 
 
 class _DataCounts:
