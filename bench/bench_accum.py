@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import torch
 
 def run_variant(args) -> dict:
     from bench.bench_eval import build, captions
+    from bench.bench_train import timed_steps
     from models.accum import feature_cached_step
     from models.blip import ITCSettings
     from utils.engine import autocast
@@ -45,11 +44,8 @@ def run_variant(args) -> dict:
               "attention_mask": data[2][m * args.micro:(m + 1) * args.micro],
               "idx": data[3][m * args.micro:(m + 1) * args.micro]} for m in range(args.k)]
     gen = torch.Generator(device=device).manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+
+    def step():
         with autocast(device, args.precision):
             if args.variant == "batch":
                 losses = model(*data[:3], data[3], alpha=0.4, generator=gen)
@@ -63,13 +59,8 @@ def run_variant(args) -> dict:
                 feature_cached_step(model, micro, 0.4, gen, lambda loss: loss.backward())
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    step_s, peak = timed_steps(step, args.warmup, args.steps, device)
     return {"variant": args.variant, "step_s": round(step_s, 3), "samples_per_s": round(n / step_s, 2),
             "peak_memory_gib": round(peak / 2**30, 2)}
 

@@ -20,6 +20,24 @@ from models.blip import ITCSettings
 from utils.engine import autocast
 
 
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple:
+    """(mean seconds of ``step()`` after ``warmup`` calls, peak memory in bytes:
+    ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set size on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return sum(times) / len(times), peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=16)
@@ -45,24 +63,16 @@ def main() -> None:
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g)
     batch = [t.to(device) for t in (pixels, ids, mask, torch.arange(args.batch))]
     gen = torch.Generator(device=device).manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+
+    def step():
         with autocast(device, args.precision):
             losses = model(*batch[:3], batch[3], alpha=0.4, generator=gen)
         scaler.scale(losses["loss_ita"] + losses["loss_itm"]).backward()
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = sum(times) / len(times)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    step_s, peak = timed_steps(step, args.warmup, args.steps, device)
     print(json.dumps({"device": str(device), "threads": torch.get_num_threads(), "precision": args.precision,
                       "batch": args.batch, "width": args.width, "depth": args.depth, "image_size": args.image_size,
                       "grad_ckpt_blocks": args.grad_ckpt, "step_s": round(step_s, 3),

@@ -46,10 +46,8 @@ noise.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
-import math
 import os
 import random
 import re

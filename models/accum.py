@@ -91,14 +91,8 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
     # 2. ITC of the virtual batch on the cached features (as leaves).
     feats_i = torch.cat(image_feat).detach().requires_grad_(True)
     feats_t = torch.cat(text_feat).detach().requires_grad_(True)
-    if model.itc_all_rank_keys:
-        image_keys, text_keys, idx_keys = image_m_all, text_m_all, idx_all
-    else:
-        image_keys, text_keys, idx_keys = image_feat_m, text_feat_m, idx
-    if use_queue:
-        image_keys = torch.cat([image_keys, model.image_queue.t().clone()])
-        text_keys = torch.cat([text_keys, model.text_queue.t().clone()])
-        idx_keys = torch.cat([idx_keys, model.queue_ids().clone()])
+    image_keys, text_keys, idx_keys = model.itc_keys(image_m_all, text_m_all, idx_all, image_feat_m, text_feat_m, idx,
+                                                     use_queue)
     loss_ita = itc_momentum_loss(feats_i, feats_t, image_keys, text_keys, image_feat_m, text_feat_m, idx, idx_keys,
                                  model.temp, alpha)
     backward(loss_ita)

@@ -196,16 +196,8 @@ class BLIPRetrieval(nn.Module):
             image_feat_m, text_feat_m = self.momentum_features(pixel_values, input_ids, attention_mask)
             idx_all = du.concat_all_gather(idx)
             image_m_all, text_m_all = du.concat_all_gather(image_feat_m), du.concat_all_gather(text_feat_m)
-        # Keys: every rank's momentum features of this step (so N ranks x B equals one process on
-        # N*B), or, as BLIP released it, only the local batch's; then the queue.
-        if self.itc_all_rank_keys:
-            image_keys, text_keys, idx_keys = image_m_all, text_m_all, idx_all
-        else:
-            image_keys, text_keys, idx_keys = image_feat_m, text_feat_m, idx
-        if use_queue:
-            image_keys = torch.cat([image_keys, self.image_queue.t().clone()])
-            text_keys = torch.cat([text_keys, self.text_queue.t().clone()])
-            idx_keys = torch.cat([idx_keys, self.queue_ids().clone()])
+        image_keys, text_keys, idx_keys = self.itc_keys(image_m_all, text_m_all, idx_all, image_feat_m, text_feat_m,
+                                                        idx, use_queue)
         loss_ita = itc_momentum_loss(image_feat, text_feat, image_keys, text_keys, image_feat_m,
                                      text_feat_m, idx, idx_keys, self.temp, alpha)
         if use_queue:
@@ -220,6 +212,20 @@ class BLIPRetrieval(nn.Module):
         parts = {"image_tokens": image_tokens, "image_feat": image_feat, "text_feat": text_feat,
                  "positive": positive}
         return {"loss_ita": loss_ita, "loss_itm": loss_itm}, parts
+
+    def itc_keys(self, image_m_all, text_m_all, idx_all, image_feat_m, text_feat_m, idx, use_queue: bool):
+        """The ITC keys (image, text, ids): every rank's momentum features of this step (so N ranks
+        x B equals one process on N*B), or, as BLIP released it (``itc_all_rank_keys: false``), only
+        the local batch's; then the queue."""
+        if self.itc_all_rank_keys:
+            image_keys, text_keys, idx_keys = image_m_all, text_m_all, idx_all
+        else:
+            image_keys, text_keys, idx_keys = image_feat_m, text_feat_m, idx
+        if use_queue:
+            image_keys = torch.cat([image_keys, self.image_queue.t().clone()])
+            text_keys = torch.cat([text_keys, self.text_queue.t().clone()])
+            idx_keys = torch.cat([idx_keys, self.queue_ids().clone()])
+        return image_keys, text_keys, idx_keys
 
     def _itm_loss(self, image_tokens, image_feat, text_feat, input_ids, attention_mask, idx, idx_all,
                   generator, positive=None) -> torch.Tensor:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import functools
 import http.server
-import io
 import json
 import shutil
 import subprocess
