@@ -53,12 +53,14 @@ def _pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: float,
                         generator: Optional[torch.Generator], backward: Callable[[torch.Tensor], None],
-                        use_queue: bool = True, pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
+                        use_queue: bool = True, pad_token_id: int = 0,
+                        extra: Optional["MicroTerm"] = None) -> Dict[str, torch.Tensor]:
     """ITC + ITM of the virtual batch made of ``micro`` (dicts with ``pixel_values``,
     ``input_ids``, ``attention_mask``, ``idx``) for a :class:`~models.blip.BLIPRetrieval`;
     accumulates the virtual batch's gradients into the parameters. ``backward(loss)`` back-propagates
-    a loss term (the trainer's gradient scaler applies there). Returns the virtual batch's
-    ``loss_ita`` and ``loss_itm`` (detached)."""
+    a loss term (the trainer's gradient scaler applies there). ``extra``: a further loss that is a
+    mean over the virtual batch's items (BLIP pretraining's LM), run with each micro-batch's ITM.
+    Returns the virtual batch's ``loss_ita``, ``loss_itm`` (and ``extra``'s) (detached)."""
     if model.negative_all_rank:
         raise ValueError("accum_freq > 1 with negative_all_rank is not supported: the hard negatives are drawn "
                          "from the virtual batch of each rank")
@@ -106,8 +108,10 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         generator)
     weight_total = (len(idx) + valid_img.sum() + valid_txt.sum()).float()
     loss_itm = torch.zeros((), device=device)
+    extra_total = sum(extra.count(b) for b in micro) if extra is not None else None
+    loss_extra = torch.zeros((), device=device)
     start = 0
-    for n in sizes:
+    for b, n in zip(micro, sizes):
         rows = slice(start, start + n)
         start += n
         m_ids, m_mask = ids[rows], mask[rows]
@@ -118,8 +122,12 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(device)
         weight = torch.cat([torch.ones(n, dtype=torch.bool, device=device), valid_img[rows], valid_txt[rows]]).float()
         share = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / weight_total
-        backward(share)
         loss_itm = loss_itm + share.detach()
+        if extra is not None:
+            part = extra.total(model, b, all_tokens[rows]) / extra_total
+            loss_extra = loss_extra + part.detach()
+            share = share + part
+        backward(share)
     after = _rng_state(device)
 
     # 4. Each micro-batch's encoders again, with graph and the same dropout, fed the cached gradients.
@@ -134,4 +142,20 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
             + (g * feats_t.grad[rows].to(g.dtype)).sum()
         surrogate.backward()  # the cached gradients already carry the loss scale
     _set_rng_state(after, device)
-    return {"loss_ita": loss_ita.detach(), "loss_itm": loss_itm}
+    out = {"loss_ita": loss_ita.detach(), "loss_itm": loss_itm}
+    if extra is not None:
+        out[extra.name] = loss_extra
+    return out
+
+
+class MicroTerm:
+    """A loss that is a mean over the virtual batch's items, computed per micro-batch as a sum:
+    ``count(batch)`` items in a micro-batch, ``total(model, batch, image_tokens)`` their summed loss."""
+    name = "loss"
+
+    def count(self, batch: Dict[str, torch.Tensor]) -> int:
+        raise NotImplementedError
+
+    def total(self, model, batch: Dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+

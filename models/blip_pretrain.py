@@ -21,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
+from models.accum import MicroTerm, feature_cached_step
 from models.blip import BLIPRetrieval, BlipArch, ITCSettings
 from models.caption import TextDecoder, lm_loss
 from models.distill import DistillSettings, Views, distillation_losses, teacher_views
@@ -70,6 +71,21 @@ class BLIPPretrain(BLIPRetrieval):
     def queue_ids(self) -> torch.Tensor:
         return self._no_ids  # -1: never equal to a pair's id (>= 0), so queued keys are negatives
 
+    def lm_logits(self, input_ids, attention_mask, image_tokens, attentions: bool = False, full: bool = False):
+        """The decoder's logits and targets for the captions (``[DEC]`` first, no prompt): (logits,
+        targets) or, ``full``, (logits, targets, the decoder's output)."""
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.bos_token_id
+        targets = dec_ids.masked_fill(attention_mask == 0, IGNORE)
+        dec = self.text_decoder.bert(dec_ids, attention_mask, mode="decoder", encoder_hidden_states=image_tokens,
+                                     output_last_attentions=attentions)
+        logits = self.text_decoder.cls.predictions(dec.last_hidden_state)
+        return (logits, targets, dec) if full else (logits, targets)
+
+    def accumulated(self, micro, alpha: float, generator, backward, use_queue: bool = True):
+        """ITC + ITM + LM of ``micro`` as one virtual batch (``accum_freq``; models/accum.py)."""
+        return feature_cached_step(self, micro, alpha, generator, backward, use_queue=use_queue, extra=LMTerm())
+
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 idx: torch.Tensor, alpha: float, use_queue: bool = True,
                 generator: Optional[torch.Generator] = None, teacher: Optional["BLIPPretrain"] = None,
@@ -83,12 +99,10 @@ class BLIPPretrain(BLIPRetrieval):
         losses, parts = self.contrastive_and_matching(pixel_values, input_ids, attention_mask, idx, alpha,
                                                       use_queue, generator, full_positive=distilling)
         image_tokens = parts["image_tokens"]
+        logits, targets, dec = self.lm_logits(input_ids, attention_mask, image_tokens, attentions=distilling,
+                                               full=True)
         dec_ids = input_ids.clone()
         dec_ids[:, 0] = self.bos_token_id
-        targets = dec_ids.masked_fill(attention_mask == 0, IGNORE)
-        dec = self.text_decoder.bert(dec_ids, attention_mask, mode="decoder", encoder_hidden_states=image_tokens,
-                                     output_last_attentions=distilling)
-        logits = self.text_decoder.cls.predictions(dec.last_hidden_state)
         losses["loss_lm"] = lm_loss(logits, targets)
         if distilling:
             positive = parts["positive"]
@@ -101,6 +115,19 @@ class BLIPPretrain(BLIPRetrieval):
             losses.update(distillation_losses(self, teacher, student, tviews, keys[0], keys[1], alpha,
                                               distill or DistillSettings()))
         return losses
+
+
+class LMTerm(MicroTerm):
+    """BLIP pretraining's LM loss as a feature-cached accumulation term: a mean over the virtual
+    batch's target tokens (``lm_loss``'s mean, summed per micro-batch)."""
+    name = "loss_lm"
+
+    def count(self, batch) -> int:
+        return int((batch["attention_mask"][:, 1:] != 0).sum())
+
+    def total(self, model, batch, image_tokens) -> torch.Tensor:
+        logits, targets = model.lm_logits(batch["input_ids"], batch["attention_mask"], image_tokens)
+        return lm_loss(logits, targets, reduction="sum")
 
 
 def build_blip_pretrain(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] = None) -> BLIPPretrain:

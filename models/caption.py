@@ -117,11 +117,11 @@ class TextDecoder(nn.Module):
         return self.cls.predictions(states), out.past_key_values
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BLIP's LM loss: position ``t`` predicts token ``t + 1``; label smoothing 0.1; mean over the
-    targets that are not ``-100``."""
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """BLIP's LM loss: position ``t`` predicts token ``t + 1``; label smoothing 0.1; mean (or
+    ``reduction="sum"``) over the targets that are not ``-100``."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING)
+                           ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING, reduction=reduction)
 
 
 def prompt_ids(tokenizer, prompt: str) -> List[int]:

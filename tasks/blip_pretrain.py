@@ -73,17 +73,33 @@ def pretrain_loss(cfg: BlipPretrainConfig, teacher=None):
     config's (no ramp) and the terms are returned unweighted."""
     weights = cfg.distill_weights()
 
-    def loss_fn(model, batch, ctx):
+    def alpha_of(ctx):
         ramp = cfg.alpha_ramp_epochs * ctx['batches_per_epoch']
-        alpha = cfg.alpha * (min(1.0, (ctx['epoch'] * ctx['batches_per_epoch'] + ctx['batch_index']) / ramp)
-                             if ramp and not ctx.get('dry_run') else 1.0)
+        return cfg.alpha * (min(1.0, (ctx['epoch'] * ctx['batches_per_epoch'] + ctx['batch_index']) / ramp)
+                            if ramp and not ctx.get('dry_run') else 1.0)
+
+    def loss_fn(model, batch, ctx):
         B = batch['input_ids'].shape[0]
         ids = torch.arange(B, device=batch['input_ids'].device) + du.get_rank() * B
-        losses = model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], ids, alpha=alpha,
+        losses = model(batch['pixel_values'], batch['input_ids'], batch['attention_mask'], ids, alpha=alpha_of(ctx),
                        generator=ctx['generator'], teacher=teacher, distill=cfg)
         if ctx.get('dry_run'):
             return losses
         return {k: v * weights[k] if k in weights else v for k, v in losses.items()}
+
+    def accumulated(model, micro, ctx, backward):
+        # accum_freq: the micro-batches as one virtual batch (models/accum.py), each pair its own
+        # class over every rank's virtual batch.
+        V = sum(b['input_ids'].shape[0] for b in micro)
+        start = du.get_rank() * V
+        for b in micro:
+            n = b['input_ids'].shape[0]
+            b['idx'] = torch.arange(start, start + n, device=b['input_ids'].device)
+            start += n
+        return model.accumulated(micro, alpha_of(ctx), ctx['generator'], backward)
+
+    if teacher is None:
+        loss_fn.accumulated = accumulated
     return loss_fn
 
 
@@ -92,10 +108,10 @@ def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset:
     """Pretrain on ``dataset`` (from ``build_dataset``), distilling ``teacher`` if given
     (``models.factory.create_teacher``). ``dry_run``: one eval-mode forward of the first batch
     (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
-    if cfg.accum_freq > 1:
-        raise ValueError("accum_freq > 1 (feature-cached accumulation) is implemented for retrieval fine-tuning "
-                         "(train_retrieval.py) only so far; for BLIP pretraining and distillation use grad_accum_steps")
-    model.check_queue(cfg.batch_size_train * info.world_size)
+    if cfg.accum_freq > 1 and teacher is not None:
+        raise ValueError("accum_freq > 1 (feature-cached accumulation) is implemented for retrieval fine-tuning and "
+                         "BLIP pretraining, not yet for DLIP distillation (teacher:); use grad_accum_steps there")
+    model.check_queue(cfg.batch_size_train * info.world_size * cfg.accum_freq)
     log_unk_rate(tokenizer, caption_texts(dataset), "the train captions")
     if teacher is not None:
         check_teacher(model, teacher, cfg)

@@ -177,7 +177,8 @@ def test_accum_freq_under_torchrun(tmp_path, synthetic_small, tiny_train_config,
 
 @pytest.mark.slow
 def test_bf16_training_on_cpu(tmp_path, synthetic_small, tiny_train_config, run_script):
-    """precision: bf16 trains on CPU (autocast on CPU), plainly and with accum_freq."""
+    """precision: bf16 trains on CPU (autocast on CPU): retrieval plainly and with accum_freq, BLIP
+    pretraining with accum_freq."""
     for name, k in (("plain", 1), ("accum", 2)):
         (tmp_path / name).mkdir()
         cfg = tiny_train_config(tmp_path / name, synthetic_small, val_file=None, max_epoch=2, batch_size_train=8,
@@ -186,3 +187,41 @@ def test_bf16_training_on_cpu(tmp_path, synthetic_small, tiny_train_config, run_
         records = [json.loads(line) for line in (tmp_path / name / "out" / "log.txt").read_text().splitlines()]
         assert all(r["train_loss_ita"] == r["train_loss_ita"] for r in records)  # finite (not NaN)
         assert records[1]["train_loss_ita"] < records[0]["train_loss_ita"]  # it learns
+    # BLIP pretraining, accum_freq 2, bf16.
+    train = synthetic_small / "retrieval" / "annotation" / "synthetic_train.json"
+    cfg = tiny_train_config(tmp_path, synthetic_small, dataset=None, ann_root=None, val_file=None, test_file=None,
+                            k_test=None, batch_size_test=None, train_file=f"[{train}]", max_epoch=1,
+                            batch_size_train=8, precision="bf16", accum_freq=2)
+    run_script("pretrain_blip.py", ["--config", cfg, "--output_dir", tmp_path / "pre", "--no_progress"])
+    record = json.loads((tmp_path / "pre" / "log.txt").read_text())
+    assert {"train_loss_ita", "train_loss_itm", "train_loss_lm"} <= set(record)
+    assert all(v == v for k, v in record.items() if k.startswith("train_loss"))
+
+
+def test_blip_pretraining_itc_itm_lm_accumulate_to_the_large_batch(tmp_path):
+    """BLIP pretraining (ITC + ITM + LM with the tied decoder; each pair its own class): the LM
+    term is a mean over the virtual batch's tokens, so 4 micro-batches give the batch of 12."""
+    from models.blip_pretrain import build_blip_pretrain
+    from models.tokenizer import build_tokenizer
+    from tasks.blip_pretrain import BlipPretrainConfig
+    _model(tmp_path)  # writes med.json
+    cfg = BlipPretrainConfig(vit={"width": 32, "depth": 2, "heads": 2, "patch_size": 16}, image_size=32,
+                             med_config=str(tmp_path / "med.json"), tokenizer=str(FIXTURE / "tokenizer"),
+                             embed_dim=16, queue_size=24, train_file="x.json")
+    torch.manual_seed(0)
+    a = build_blip_pretrain(cfg, build_tokenizer(cfg.tokenizer), itc=cfg).train()
+    b = copy.deepcopy(a)
+    big, micro = _data()
+    big["idx"] = torch.arange(K * B)
+    for m, batch in enumerate(micro):
+        batch["idx"] = torch.arange(m * B, (m + 1) * B)
+    la = a(big["pixel_values"], big["input_ids"], big["attention_mask"], big["idx"], alpha=0.4,
+           generator=torch.Generator().manual_seed(3))
+    sum(la.values()).backward()
+    lb = b.accumulated(micro, 0.4, torch.Generator().manual_seed(3), lambda loss: loss.backward())
+    assert set(lb) == {"loss_ita", "loss_itm", "loss_lm"}
+    for k in lb:
+        assert lb[k].item() == pytest.approx(la[k].item(), abs=1e-6)
+    ga, gb = _grads(a), _grads(b)
+    assert any(n.startswith("text_decoder.") for n in ga)
+    assert _max_diff(ga, gb) <= 1e-5

@@ -360,12 +360,19 @@ class Trainer:
             ctx = {"epoch": epoch, "batch_index": i, "batches_per_epoch": n_batches, "generator": self.generator}
             if self.accum_freq > 1:
                 pending.append(batch)
-                if len(pending) < self.accum_freq and i + 1 < n_batches:
+                if len(pending) < self.accum_freq:
+                    if i + 1 == n_batches:
+                        # Fewer than accum_freq micro-batches left: dropped, as drop_last drops the
+                        # end of an epoch that does not fill a batch (the large batch's steps).
+                        logger.info("epoch %d: the last %d micro-batch(es) do not fill a virtual batch of %d: "
+                                    "dropped", epoch, len(pending), self.accum_freq)
+                        pending = []
                     self.state.batch_in_epoch = i + 1
                     continue
                 boundary = True
-                # The virtual batch's position is its first micro-batch's (the alpha ramp's).
-                ctx["batch_index"] = i + 1 - len(pending)
+                # Positions in virtual batches (the alpha ramp's): those of the kB-batch run.
+                ctx["batch_index"] = (i + 1 - len(pending)) // self.accum_freq
+                ctx["batches_per_epoch"] = n_batches // self.accum_freq
                 with autocast(self.info.device, self.precision):
                     losses = self._accumulated(loss_fn, pending, ctx)
                 total = sum(losses.values())
