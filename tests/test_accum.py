@@ -77,11 +77,12 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("use_queue", [True, False])
-def test_k_micro_batches_give_the_losses_and_gradients_of_one_large_batch(tmp_path, use_queue):
+@pytest.mark.parametrize("use_queue,grad_ckpt", [(True, False), (False, False), (True, True)])
+def test_k_micro_batches_give_the_losses_and_gradients_of_one_large_batch(tmp_path, use_queue, grad_ckpt):
     big, micro = _data()
     a = _model(tmp_path)
     b = copy.deepcopy(a)
+    b.visual_encoder.ckpt_layer = 2 if grad_ckpt else 0  # gradient checkpointing in the accumulated model
     la = _big_step(a, big, use_queue)
     lb = _cached_step(b, micro, use_queue)
     for k in ("loss_ita", "loss_itm"):
@@ -89,7 +90,8 @@ def test_k_micro_batches_give_the_losses_and_gradients_of_one_large_batch(tmp_pa
     ga, gb = _grads(a), _grads(b)
     assert len(ga) > 40 and "temp" in ga and "itm_head.weight" in ga
     diff = _max_diff(ga, gb)
-    print(f"feature-cached vs one batch of {K * B} (queue {'on' if use_queue else 'off'}): max |grad diff| {diff:.3g}")
+    print(f"feature-cached vs one batch of {K * B} (queue {'on' if use_queue else 'off'}, ViT gradient checkpointing "
+          f"{'on' if grad_ckpt else 'off'}): max |grad diff| {diff:.3g}")
     assert diff <= 1e-5
 
 
