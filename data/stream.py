@@ -78,7 +78,6 @@ NO_CAPTION = "no caption in sample"
 MISSING_FILE = "missing image file"
 UNREADABLE_SHARD = "unreadable shard"
 SHORT_SHARD = "records missing from shard"
-EXTRA_RECORDS = "records beyond the shard's count"
 
 
 def _mix(*values: int) -> int:
@@ -187,7 +186,9 @@ def _tar_count(url: str, source: str) -> tuple[int, dict]:
     # No metadata: count the samples (distinct keys) from the member headers.
     try:
         with tarfile.open(url) as tar:
-            keys = {m.name.split(".", 1)[0] for m in tar if m.isreg()}
+            # A sample's key as webdataset groups members: the path up to the first dot of the name.
+            keys = {m.group(1) for m in (re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", t.name) for t in tar if t.isreg())
+                    if m}
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"train_file entry {source!r}: shard {url} is not a readable tar file: {exc}") from None
     return len(keys), {}
@@ -358,7 +359,8 @@ def _parquet_records(path: str) -> Iterator[dict]:
 
 def _shard_records(shards: Sequence[Shard], idx: int) -> Iterator[Record]:
     """Exactly ``shards[idx].count`` records: a shard with fewer yields placeholders (counted as
-    missing), extra records are dropped (counted), so positions follow the planned counts."""
+    missing), extra records are not read (a warning says how many), so positions follow the
+    planned counts."""
     shard = shards[idx]
     n = 0
     try:
@@ -368,12 +370,16 @@ def _shard_records(shards: Sequence[Shard], idx: int) -> Iterator[Record]:
                 n += 1
             return
         it = _tar_records(shard.url) if shard.kind == "tar" else _parquet_records(shard.url)
+        extra = 0
         for sample in it:
             if n >= shard.count:
-                yield Record(idx, n, sample.get("__key__", str(n)), EXTRA_RECORDS)
+                extra += 1
                 continue
             yield Record(idx, n, sample.get("__key__", str(n)), sample)
             n += 1
+        if extra:
+            logger.warning("shard %s holds %d record(s) beyond its count of %d (from its metadata): not read",
+                           shard.name, extra, shard.count)
     except (_ShardError, OSError, tarfile.TarError, Exception) as exc:  # noqa: BLE001 - counted, reported
         logger.warning("shard %s: read error after %d record(s): %s", shard.name, n, exc)
         reason = UNREADABLE_SHARD
@@ -395,8 +401,6 @@ def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int) -> Iterato
         idx = plan.order[k]
         skip = g - plan.offsets[k]
         for rec in _shard_records(shards, idx):
-            if rec.data == EXTRA_RECORDS:
-                continue
             if rec.index < skip:
                 continue
             yield rec
