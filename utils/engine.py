@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from utils import dist as du
 from utils.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint_atomic
 from utils.config import config_to_dict
-from utils.errors import UserError
+from utils.errors import DataError, UserError
 from utils.logging import Heartbeat, append_json_line, debug_enabled, has_log_file, reset_logging
 
 logger = logging.getLogger(__name__)
@@ -492,8 +492,7 @@ class Trainer:
         its own backward passes), then the gradients averaged over the ranks."""
         run = getattr(loss_fn, "accumulated", None)
         if run is None:
-            from utils.errors import UserError as _UserError
-            raise _UserError("accum_freq > 1 (feature-cached accumulation) is not available for this task's loss; "
+            raise UserError("accum_freq > 1 (feature-cached accumulation) is not available for this task's loss; "
                              "use grad_accum_steps")
         losses = run(self.raw_model, micro, ctx, lambda loss: self.scaler.scale(loss).backward())
         if self.info.distributed:
@@ -507,7 +506,6 @@ class Trainer:
         counts for log.txt, and (``log_sample_keys``) the keys for ``samples_rank<R>.txt``."""
         meta = {k: batch.pop(k) for k in [k for k in batch if k.startswith("_")]}
         if "_failure" in meta:
-            from utils.errors import DataError
             raise DataError(meta["_failure"])
         if not record:
             return batch
