@@ -58,9 +58,10 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
     """ITC + ITM of the virtual batch made of ``micro`` (dicts with ``pixel_values``,
     ``input_ids``, ``attention_mask``, ``idx``) for a :class:`~models.blip.BLIPRetrieval`;
     accumulates the virtual batch's gradients into the parameters. ``backward(loss)`` back-propagates
-    a loss term (the trainer's gradient scaler applies there). ``extra``: a further loss that is a
-    mean over the virtual batch's items (BLIP pretraining's LM), run with each micro-batch's ITM.
-    Returns the virtual batch's ``loss_ita``, ``loss_itm`` (and ``extra``'s) (detached)."""
+    a loss term (the trainer's gradient scaler applies there). ``extra``: further terms
+    (:class:`MicroTerm`: BLIP pretraining's LM, DLIP's distillation), on the cached features after
+    the enqueue and with each micro-batch's ITM. Returns the virtual batch's ``loss_ita``,
+    ``loss_itm`` and ``extra``'s terms (detached)."""
     if model.negative_all_rank:
         raise ValueError("accum_freq > 1 with negative_all_rank is not supported: the hard negatives are drawn "
                          "from the virtual batch of each rank")
@@ -89,6 +90,8 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         text_feat_m = torch.cat([m[1] for m in moms])
         idx_all = du.concat_all_gather(idx)
         image_m_all, text_m_all = du.concat_all_gather(image_feat_m), du.concat_all_gather(text_feat_m)
+        if extra is not None:
+            extra.prepare(model, micro)
 
     # 2. ITC of the virtual batch on the cached features (as leaves).
     feats_i = torch.cat(image_feat).detach().requires_grad_(True)
@@ -97,9 +100,12 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
                                                      use_queue)
     loss_ita = itc_momentum_loss(feats_i, feats_t, image_keys, text_keys, image_feat_m, text_feat_m, idx, idx_keys,
                                  model.temp, alpha)
-    backward(loss_ita)
     if use_queue:
         model.enqueue(image_m_all, text_m_all, idx_all)
+    out = {"loss_ita": loss_ita.detach()}
+    batch_terms = extra.batch_terms(model, feats_i, feats_t, alpha, use_queue) if extra is not None else {}
+    backward(loss_ita + sum(batch_terms.values()))
+    out.update({k: v.detach() for k, v in batch_terms.items()})
 
     # 3. ITM: negatives drawn once over the virtual batch, then one forward/backward per micro-batch.
     all_tokens = torch.cat(tokens).detach().requires_grad_(True)
@@ -108,8 +114,7 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         generator)
     weight_total = (len(idx) + valid_img.sum() + valid_txt.sum()).float()
     loss_itm = torch.zeros((), device=device)
-    extra_total = sum(extra.count(b) for b in micro) if extra is not None else None
-    loss_extra = torch.zeros((), device=device)
+    micro_sums: Dict[str, torch.Tensor] = {}
     start = 0
     for b, n in zip(micro, sizes):
         rows = slice(start, start + n)
@@ -124,9 +129,9 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         share = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / weight_total
         loss_itm = loss_itm + share.detach()
         if extra is not None:
-            part = extra.total(model, b, all_tokens[rows]) / extra_total
-            loss_extra = loss_extra + part.detach()
-            share = share + part
+            for name, part in extra.micro_terms(model, b, all_tokens[rows], rows, n / len(idx)).items():
+                micro_sums[name] = micro_sums.get(name, 0.0) + part.detach()
+                share = share + part
         backward(share)
     after = _rng_state(device)
 
@@ -142,20 +147,28 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
             + (g * feats_t.grad[rows].to(g.dtype)).sum()
         surrogate.backward()  # the cached gradients already carry the loss scale
     _set_rng_state(after, device)
-    out = {"loss_ita": loss_ita.detach(), "loss_itm": loss_itm}
-    if extra is not None:
-        out[extra.name] = loss_extra
+    out["loss_itm"] = loss_itm
+    out.update(micro_sums)
     return out
 
 
 class MicroTerm:
-    """A loss that is a mean over the virtual batch's items, computed per micro-batch as a sum:
-    ``count(batch)`` items in a micro-batch, ``total(model, batch, image_tokens)`` their summed loss."""
-    name = "loss"
+    """Further loss terms of a feature-cached step (``extra``):
 
-    def count(self, batch: Dict[str, torch.Tensor]) -> int:
-        raise NotImplementedError
+    - ``prepare(model, micro)``: once, after step 1, without a graph (a teacher's forward, counts);
+    - ``batch_terms(model, image_feat, text_feat, alpha, use_queue)``: terms of the whole virtual
+      batch's cached features (leaves ``[V, E]``), after the enqueue;
+    - ``micro_terms(model, batch, image_tokens, rows, fraction)``: each micro-batch's share of terms
+      that are means over the virtual batch (``rows``: its rows in it; ``fraction``: its share of the
+      virtual batch's pairs), with a graph through ``image_tokens`` (the cached leaves).
+    Each returns ``{name: tensor}`` as it is optimised (and logged)."""
 
-    def total(self, model, batch: Dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def prepare(self, model, micro: List[Dict[str, torch.Tensor]]) -> None:
+        pass
+
+    def batch_terms(self, model, image_feat, text_feat, alpha: float, use_queue: bool) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def micro_terms(self, model, batch, image_tokens, rows: slice, fraction: float) -> Dict[str, torch.Tensor]:
+        return {}
 

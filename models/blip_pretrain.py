@@ -24,7 +24,8 @@ import torch
 from models.accum import MicroTerm, feature_cached_step
 from models.blip import BLIPRetrieval, BlipArch, ITCSettings
 from models.caption import TextDecoder, lm_loss
-from models.distill import DistillSettings, Views, distillation_losses, teacher_views
+from models.distill import (DistillSettings, Views, cosine_distill, distillation_losses, per_pair_terms,
+                            soft_itc_terms, teacher_views)
 from models.med import MedEncoder, med_config_for
 from models.vit import BlipViT, build_vit
 
@@ -74,17 +75,25 @@ class BLIPPretrain(BLIPRetrieval):
     def lm_logits(self, input_ids, attention_mask, image_tokens, attentions: bool = False, full: bool = False):
         """The decoder's logits and targets for the captions (``[DEC]`` first, no prompt): (logits,
         targets) or, ``full``, (logits, targets, the decoder's output)."""
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.bos_token_id
+        dec_ids = self.decoder_ids(input_ids)
         targets = dec_ids.masked_fill(attention_mask == 0, IGNORE)
         dec = self.text_decoder.bert(dec_ids, attention_mask, mode="decoder", encoder_hidden_states=image_tokens,
                                      output_last_attentions=attentions)
         logits = self.text_decoder.cls.predictions(dec.last_hidden_state)
         return (logits, targets, dec) if full else (logits, targets)
 
-    def accumulated(self, micro, alpha: float, generator, backward, use_queue: bool = True):
-        """ITC + ITM + LM of ``micro`` as one virtual batch (``accum_freq``; models/accum.py)."""
-        return feature_cached_step(self, micro, alpha, generator, backward, use_queue=use_queue, extra=LMTerm())
+    def decoder_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's input: the caption with ``[DEC]`` in place of ``[CLS]``."""
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.bos_token_id
+        return dec_ids
+
+    def accumulated(self, micro, alpha: float, generator, backward, use_queue: bool = True,
+                    teacher: Optional["BLIPPretrain"] = None, distill: Optional[DistillSettings] = None):
+        """ITC + ITM + LM (+ with a ``teacher`` DLIP's terms, weighted) of ``micro`` as one virtual
+        batch (``accum_freq``; models/accum.py)."""
+        extra = LMTerm() if teacher is None else DistillTerm(teacher, distill or DistillSettings())
+        return feature_cached_step(self, micro, alpha, generator, backward, use_queue=use_queue, extra=extra)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 idx: torch.Tensor, alpha: float, use_queue: bool = True,
@@ -101,8 +110,7 @@ class BLIPPretrain(BLIPRetrieval):
         image_tokens = parts["image_tokens"]
         logits, targets, dec = self.lm_logits(input_ids, attention_mask, image_tokens, attentions=distilling,
                                                full=True)
-        dec_ids = input_ids.clone()
-        dec_ids[:, 0] = self.bos_token_id
+        dec_ids = self.decoder_ids(input_ids)
         losses["loss_lm"] = lm_loss(logits, targets)
         if distilling:
             positive = parts["positive"]
@@ -118,16 +126,68 @@ class BLIPPretrain(BLIPRetrieval):
 
 
 class LMTerm(MicroTerm):
-    """BLIP pretraining's LM loss as a feature-cached accumulation term: a mean over the virtual
-    batch's target tokens (``lm_loss``'s mean, summed per micro-batch)."""
-    name = "loss_lm"
+    """BLIP pretraining's LM loss in a feature-cached step: a mean over the virtual batch's target
+    tokens (each micro-batch's summed loss over the virtual batch's token count)."""
 
-    def count(self, batch) -> int:
-        return int((batch["attention_mask"][:, 1:] != 0).sum())
+    def prepare(self, model, micro) -> None:
+        self.tokens = sum(int((b["attention_mask"][:, 1:] != 0).sum()) for b in micro)
 
-    def total(self, model, batch, image_tokens) -> torch.Tensor:
+    def micro_terms(self, model, batch, image_tokens, rows, fraction) -> Dict[str, torch.Tensor]:
         logits, targets = model.lm_logits(batch["input_ids"], batch["attention_mask"], image_tokens)
-        return lm_loss(logits, targets, reduction="sum")
+        return {"loss_lm": lm_loss(logits, targets, reduction="sum") / self.tokens}
+
+
+class DistillTerm(LMTerm):
+    """LM plus DLIP's distillation terms (weighted, as ``tasks/blip_pretrain.py`` optimises them) in a
+    feature-cached step. The feature terms and the soft ITC use the cached features of the whole
+    virtual batch (the soft ITC after the enqueue, as the release); every other term is a mean over
+    rows of a fixed count per pair (text padded to ``max_tokens``), so a micro-batch's share is its
+    mean times its fraction of the pairs."""
+
+    def __init__(self, teacher: "BLIPPretrain", settings: DistillSettings):
+        self.teacher, self.settings = teacher, settings
+        self.weights = settings.distill_weights()
+
+    @torch.no_grad()
+    def prepare(self, model, micro) -> None:
+        super().prepare(model, micro)
+        tokens, image_feat, text_feat = [], [], []
+        for b in micro:
+            t, f = self.teacher.encode_image(b["pixel_values"])
+            _, g = self.teacher.encode_text(b["input_ids"], b["attention_mask"])
+            tokens.append(t), image_feat.append(f), text_feat.append(g)
+        self.tokens_t = torch.cat(tokens)
+        self.image_feat_t, self.text_feat_t = torch.cat(image_feat), torch.cat(text_feat)
+
+    def batch_terms(self, model, image_feat, text_feat, alpha, use_queue) -> Dict[str, torch.Tensor]:
+        w, out = self.weights, {}
+        if w["loss_img_dist"]:
+            out["loss_img_dist"] = w["loss_img_dist"] * cosine_distill(image_feat, self.image_feat_t)
+        if w["loss_text_dist"]:
+            out["loss_text_dist"] = w["loss_text_dist"] * cosine_distill(text_feat, self.text_feat_t)
+        if w["loss_ita_dist"]:
+            E = model.embed_dim
+            keys = ((model.image_queue.t().clone(), model.text_queue.t().clone()) if use_queue
+                    else (image_feat.new_zeros(0, E), image_feat.new_zeros(0, E)))
+            out["loss_ita_dist"] = w["loss_ita_dist"] * soft_itc_terms(model, self.teacher, image_feat, text_feat,
+                                                                       self.image_feat_t, self.text_feat_t,
+                                                                       keys[0], keys[1], alpha, self.settings)
+        return out
+
+    def micro_terms(self, model, batch, image_tokens, rows, fraction) -> Dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits, targets, dec = model.lm_logits(ids, mask, image_tokens, attentions=True, full=True)
+        out = {"loss_lm": lm_loss(logits, targets, reduction="sum") / self.tokens}
+        positive = model.text_encoder(model.itm_input_ids(ids), mask, mode="multimodal",
+                                      encoder_hidden_states=image_tokens, output_last_attentions=True)
+        student = Views(None, None, positive.last_hidden_state[:, 0], positive.last_attentions,
+                        dec.last_hidden_state[:, 0], logits, dec.last_attentions[0])
+        with torch.no_grad():
+            teacher = teacher_views(self.teacher, None, ids, mask, model.decoder_ids(ids),
+                                    image_tokens=self.tokens_t[rows])
+        for name, value in per_pair_terms(model, self.teacher, student, teacher, self.settings).items():
+            out[name] = self.weights[name] * fraction * value
+        return out
 
 
 def build_blip_pretrain(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] = None) -> BLIPPretrain:

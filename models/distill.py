@@ -157,12 +157,17 @@ class Views:
 
 
 @torch.no_grad()
-def teacher_views(teacher, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  dec_ids: torch.Tensor) -> Views:
+def teacher_views(teacher, pixel_values: Optional[torch.Tensor], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, dec_ids: torch.Tensor,
+                  image_tokens: Optional[torch.Tensor] = None) -> Views:
     """The frozen teacher's forward of the batch (eval mode is the caller's business: the teacher is
-    built in eval mode and never switched)."""
-    image_tokens, image_feat = teacher.encode_image(pixel_values)
-    _, text_feat = teacher.encode_text(input_ids, attention_mask)
+    built in eval mode and never switched). Given its ``image_tokens`` (already computed), only the
+    multimodal and decoder passes run, and the unimodal features are left out (None)."""
+    if image_tokens is None:
+        image_tokens, image_feat = teacher.encode_image(pixel_values)
+        _, text_feat = teacher.encode_text(input_ids, attention_mask)
+    else:
+        image_feat = text_feat = None
     mm = teacher.text_encoder(teacher.itm_input_ids(input_ids), attention_mask, mode="multimodal",
                               encoder_hidden_states=image_tokens, output_last_attentions=True)
     dec = teacher.text_decoder.bert(dec_ids, attention_mask, mode="decoder", encoder_hidden_states=image_tokens,
@@ -182,25 +187,38 @@ def distillation_losses(student, teacher, s: Views, t: Views, image_keys: torch.
         out["loss_img_dist"] = cosine_distill(s.image_feat, t.image_feat)
     if weights["loss_text_dist"]:
         out["loss_text_dist"] = cosine_distill(s.text_feat, t.text_feat)
+    if weights["loss_ita_dist"]:
+        out["loss_ita_dist"] = soft_itc_terms(student, teacher, s.image_feat, s.text_feat, t.image_feat, t.text_feat,
+                                              image_keys, text_keys, alpha, settings)
+    out.update(per_pair_terms(student, teacher, s, t, settings))
+    return {k: out[k] for k in TERMS if k in out}
+
+
+def soft_itc_terms(student, teacher, image_feat, text_feat, image_feat_t, text_feat_t, image_keys, text_keys,
+                   alpha: float, settings: DistillSettings) -> torch.Tensor:
+    """``loss_ita_dist``: the student's features against the teacher's batch keys (this rank's, as
+    the release, or every rank's with ``itc_all_rank_keys``, so N ranks x B equal one process on
+    N*B) followed, for ``release`` targets, by the student's queues (``image_keys``/``text_keys``)."""
+    img_t, txt_t, offset = image_feat_t, text_feat_t, 0
+    if student.itc_all_rank_keys and du.get_world_size() > 1:
+        img_t, txt_t = du.concat_all_gather(img_t), du.concat_all_gather(txt_t)
+        offset = du.get_rank() * image_feat_t.shape[0]
+    if settings.distill_itc_targets == "release":
+        return soft_itc_distill(image_feat, text_feat, torch.cat([img_t, image_keys]), torch.cat([txt_t, text_keys]),
+                                image_feat_t, text_feat_t, student.temp, alpha, offset=offset)
+    return soft_itc_distill(image_feat, text_feat, img_t, txt_t, image_feat_t, text_feat_t, student.temp, alpha,
+                            temp_t=teacher.temp.detach(), offset=offset)
+
+
+def per_pair_terms(student, teacher, s: Views, t: Views, settings: DistillSettings) -> Dict[str, torch.Tensor]:
+    """The terms that are means over rows of a fixed count per pair (multimodal and decoder states,
+    LM logits, attention maps), of nonzero weight, unweighted."""
+    weights = settings.distill_weights()
+    out: Dict[str, torch.Tensor] = {}
     if weights["loss_vl_dist"]:
         out["loss_vl_dist"] = cosine_distill(student.text_proj(s.vl_state), teacher.text_proj(t.vl_state))
     if weights["loss_vl_dec_dist"]:
         out["loss_vl_dec_dist"] = cosine_distill(student.text_proj(s.dec_state), teacher.text_proj(t.dec_state))
-    if weights["loss_ita_dist"]:
-        # The teacher's batch keys: this rank's (the release), or every rank's with
-        # itc_all_rank_keys (so N ranks x B equal one process on N*B, as for loss_ita).
-        img_t, txt_t, offset = t.image_feat, t.text_feat, 0
-        if student.itc_all_rank_keys and du.get_world_size() > 1:
-            img_t, txt_t = du.concat_all_gather(img_t), du.concat_all_gather(txt_t)
-            offset = du.get_rank() * t.image_feat.shape[0]
-        if settings.distill_itc_targets == "release":
-            out["loss_ita_dist"] = soft_itc_distill(
-                s.image_feat, s.text_feat, torch.cat([img_t, image_keys]), torch.cat([txt_t, text_keys]),
-                t.image_feat, t.text_feat, student.temp, alpha, offset=offset)
-        else:
-            out["loss_ita_dist"] = soft_itc_distill(s.image_feat, s.text_feat, img_t, txt_t, t.image_feat,
-                                                    t.text_feat, student.temp, alpha,
-                                                    temp_t=teacher.temp.detach(), offset=offset)
     if weights["loss_kl"]:
         out["loss_kl"] = logit_kl(s.dec_logits, t.dec_logits, settings.distill_logit_temp)
     T = settings.distill_attn_temp

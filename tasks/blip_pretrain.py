@@ -96,10 +96,9 @@ def pretrain_loss(cfg: BlipPretrainConfig, teacher=None):
             n = b['input_ids'].shape[0]
             b['idx'] = torch.arange(start, start + n, device=b['input_ids'].device)
             start += n
-        return model.accumulated(micro, alpha_of(ctx), ctx['generator'], backward)
+        return model.accumulated(micro, alpha_of(ctx), ctx['generator'], backward, teacher=teacher, distill=cfg)
 
-    if teacher is None:
-        loss_fn.accumulated = accumulated
+    loss_fn.accumulated = accumulated
     return loss_fn
 
 
@@ -108,9 +107,6 @@ def train(cfg: BlipPretrainConfig, model, tokenizer, info: du.DistInfo, dataset:
     """Pretrain on ``dataset`` (from ``build_dataset``), distilling ``teacher`` if given
     (``models.factory.create_teacher``). ``dry_run``: one eval-mode forward of the first batch
     (file order), ``dry_run.json``, no step (``Trainer.dry_run``)."""
-    if cfg.accum_freq > 1 and teacher is not None:
-        raise ValueError("accum_freq > 1 (feature-cached accumulation) is implemented for retrieval fine-tuning and "
-                         "BLIP pretraining, not yet for DLIP distillation (teacher:); use grad_accum_steps there")
     model.check_queue(cfg.batch_size_train * info.world_size * cfg.accum_freq)
     log_unk_rate(tokenizer, caption_texts(dataset), "the train captions")
     if teacher is not None:

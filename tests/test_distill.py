@@ -293,12 +293,14 @@ def test_distillation_losses_release_and_teacher_itc_variants():
 
 
 @pytest.mark.dist
-def test_distillation_trains_under_torchrun(tmp_path, run_torchrun):
-    """2 ranks x 4 pairs: DDP carries the student, the teacher rides along as a forward argument."""
+@pytest.mark.parametrize("batch", ["batch_size_train=4", "batch_size_train=2 accum_freq=2"])
+def test_distillation_trains_under_torchrun(tmp_path, run_torchrun, batch):
+    """2 ranks x 4 pairs: DDP carries the student, the teacher rides along as a forward argument;
+    or 2 ranks x 2 micro-batches of 2 (feature-cached accumulation, no DDP wrapper)."""
     out = tmp_path / "ddp"
     opts = [o for o in _fixture_opts() if not o.startswith("batch_size_train=")]
     run_torchrun("pretrain_blip.py", ["--config", REPO / "configs" / "dlip_pretrain.yaml", "--output_dir", out,
-                                      "--no_progress", "--opts", *opts, "batch_size_train=4", "max_epoch=1",
+                                      "--no_progress", "--opts", *opts, *batch.split(), "max_epoch=1",
                                       "warmup_steps=1"])
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
     assert all(math.isfinite(record[f"train_{t}"]) for t in D.TERMS)
