@@ -25,6 +25,7 @@ from data.preflight import log_unk_rate
 from models.factory import create_model, load_weights
 from tasks.imagecode import ImageCodeConfig, build_datasets, evaluate_model, format_accuracy, train, write_outputs
 from utils import dist as du
+from utils.checkpoint import find_checkpoint
 from utils.config import parse_config
 from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
 from utils.logging import append_json_line
@@ -46,7 +47,7 @@ def _unused(args) -> tuple:
 
 
 def evaluate_only(args, cfg, model, tokenizer, info, dataset, output_dir: Path) -> dict:
-    source = args.checkpoint or output_dir / "checkpoint_best.pth"
+    source = args.checkpoint or find_checkpoint(output_dir, "checkpoint_best")
     load_weights(model, source, strict=True)
     log_unk_rate(tokenizer, dataset.text, f"the {cfg.split} descriptions")
     scores = evaluate_model(model, dataset, tokenizer, cfg, info.device, progress=not args.no_progress)

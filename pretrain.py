@@ -35,7 +35,7 @@ from pathlib import Path
 from models.factory import create_model, load_weights
 from tasks.contextblip_pretrain import PretrainConfig, build_dataset, collator, draw_masks, train, visual_batch
 from utils import dist as du
-from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint_atomic
 from utils.config import config_to_dict, load_config, parse_config
 from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
 from utils.logging import setup_logging
@@ -70,7 +70,7 @@ def export_merged(source: str, target: str | None = None) -> Path:
 
 
 def visualize(args, cfg, model, tokenizer, dataset, output_dir: Path) -> Path:
-    source = args.resume if args.resume not in (None, "auto") else output_dir / "checkpoint_last.pth"
+    source = args.resume if args.resume not in (None, "auto") else find_checkpoint(output_dir, "checkpoint_last")
     if Path(source).is_file():
         load_weights(model, source, base=None)  # BLIP itself came from `pretrained`
     else:

@@ -72,6 +72,7 @@ def eval_images_per_s(checkpoint: Path, repeats: int = 1) -> Optional[float]:
 
 
 def summarise(dlip: Path) -> Dict[str, dict]:
+    from utils.checkpoint import find_checkpoint
     out: Dict[str, dict] = {}
     for name in MODELS:
         root = dlip / name
@@ -82,14 +83,14 @@ def summarise(dlip: Path) -> Dict[str, dict]:
         captioned = [r for r in _records(root / "caption" / "log.txt") if "test_CIDEr" in r]
         if captioned:
             entry["test_CIDEr"] = captioned[-1]["test_CIDEr"]
-        pretrain = root / "pretrain" / "checkpoint_last.pth"
+        pretrain = find_checkpoint(root / "pretrain", "checkpoint_last")
         if pretrain.is_file():
             entry["params"] = count_params(pretrain)
             log = _records(root / "pretrain" / "log.txt")
             if log:
                 entry["pretrain_last_epoch"] = {k: v for k, v in log[-1].items() if k.startswith("train_loss")}
-        best = root / "retrieval" / "checkpoint_best.pth"
-        best = best if best.is_file() else root / "retrieval" / "checkpoint_last.pth"
+        best = find_checkpoint(root / "retrieval", "checkpoint_best")
+        best = best if best.is_file() else find_checkpoint(root / "retrieval", "checkpoint_last")
         if best.is_file():
             rate = eval_images_per_s(best, repeats=3)
             if rate is not None:

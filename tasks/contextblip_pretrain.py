@@ -29,7 +29,7 @@ from utils import dist as du
 from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer, autocast
 from utils.schedule import WarmupStepSchedule, build_adamw
-from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
+from utils.settings import (AugmentSettings, ColumnSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
                             StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ VIS_SEED = 1234
 
 
 class PretrainConfig(ContextBLIPArch, TMIMArch, PretrainSettings, TextSettings, WeightsSettings, AugmentSettings,
-                     StreamSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+                     StreamSettings, ColumnSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings,
+                     RunSettings):
     """ContextBLIP adapter pretraining (pretrain.py). Defaults are the released recipe
     (configs/pretrain.yaml, docs/CONTEXTBLIP.md); BLIP stays frozen."""
     image_size: PosInt = 224
@@ -150,8 +151,9 @@ def train(cfg: PretrainConfig, model, tokenizer, info: du.DistInfo, dataset: Pre
 
     def after_epoch(epoch: int, is_best: bool, is_last: bool) -> None:
         if vis is not None:
-            draw_masks(model, tokenizer, vis, trainer.output_dir / "masks" / f"epoch_{epoch:02d}.png",
-                       f"epoch {epoch}: {cfg.mask_strategy} mask, rate {cfg.mask_rate}", cfg.precision)
+            path = draw_masks(model, tokenizer, vis, trainer.output_dir / "masks" / f"epoch_{epoch:02d}.png",
+                              f"epoch {epoch}: {cfg.mask_strategy} mask, rate {cfg.mask_rate}", cfg.precision)
+            trainer.report_picture("masks", path, epoch)
 
     return trainer.fit(loader, pretrain_loss, cfg.max_epoch, after_epoch=after_epoch, resume=resume)
 

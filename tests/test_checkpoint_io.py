@@ -441,3 +441,66 @@ def test_a_connection_error_while_downloading_is_not_called_a_write_error(tmp_pa
         atomic_write(tmp_path / "model.pth", broken)
     assert os.listdir(tmp_path) == []
 
+
+
+def test_safetensors_checkpoint_loads_anywhere_and_keeps_its_state_apart(tmp_path, fixture_model):
+    """``save_format: safetensors``: the weights (tied ones stored twice) + a JSON metadata block,
+    the optimiser state in a weights_only torch file. ``pretrained`` reads it as a .pth; resuming
+    needs the state file, and says so when it is gone."""
+    from models.factory import create_model, load_weights
+    from tasks.retrieval import RetrievalConfig
+    from tests.conftest import FIXTURE
+    from utils.checkpoint import (link_checkpoint, load_checkpoint, remove_checkpoint, safetensors_metadata,
+                                  save_safetensors_checkpoint)
+    model, tok, _ = fixture_model()
+    state = {"model": {**model.state_dict(), "tied": model.state_dict()["temp"]}, "format": "blip",
+             "config": {"image_size": 64}, "epoch": 3, "step": 12, "optimizer": {"state": {}, "param_groups": []}}
+    path = save_safetensors_checkpoint(state, tmp_path / "run" / "checkpoint_last.safetensors")
+    meta = safetensors_metadata(path)
+    assert meta["format"] == "blip" and meta["epoch"] == 3 and meta["config"] == {"image_size": 64}
+    states = list(path.parent.glob("checkpoint_last.*.state.pth"))
+    assert [p.name for p in states] == [f"checkpoint_last.{meta['save_id']}.state.pth"]
+    assert torch.load(states[0], weights_only=True)["optimizer"] == state["optimizer"]
+    loaded = load_checkpoint(path)
+    assert "optimizer" not in loaded and loaded["epoch"] == 3
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+
+    # `pretrained:` through the factory, strictly (the extra "tied" key aside).
+    del state["model"]["tied"]
+    save_safetensors_checkpoint(state, path)
+    assert len(list(path.parent.glob("checkpoint_last.*.state.pth"))) == 1  # the older state file is gone
+    cfg = RetrievalConfig(vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16}, image_size=64,
+                          med_config=str(FIXTURE / "med_config.json"), tokenizer=str(FIXTURE / "tokenizer"),
+                          embed_dim=32, queue_size=64, pretrained=str(path), strict_load=True)
+    other, _ = create_model(cfg, "blip")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert load_weights(other, path, strict=True).format == "blip"
+
+    # An epoch copy (hard link) survives the last checkpoint's replacement; removal takes its state file.
+    copy = link_checkpoint(path, tmp_path / "run" / "checkpoint_epoch002.safetensors")
+    assert load_checkpoint(copy, with_state=True)["step"] == 12
+    save_safetensors_checkpoint({**state, "step": 13}, path)
+    assert load_checkpoint(copy, with_state=True)["step"] == 12
+    assert load_checkpoint(path, with_state=True)["step"] == 13
+    remove_checkpoint(copy)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "epoch" in p.name) == []
+    for p in (tmp_path / "run").glob("*.state.pth"):
+        p.unlink()
+    with pytest.raises(CheckpointError, match="holds weights only.*can be loaded as `pretrained` but not resumed"):
+        load_checkpoint(path, with_state=True)
+
+
+def test_overwrite_deletes_every_run_file_of_either_format(tmp_path):
+    from utils.checkpoint import save_safetensors_checkpoint
+    from utils.engine import epoch_checkpoints, run_files
+    out = tmp_path / "run"
+    for stem in ("checkpoint_last", "checkpoint_epoch010", "checkpoint_epoch002"):
+        save_safetensors_checkpoint({"model": {"w": torch.ones(2)}, "optimizer": {}}, out / f"{stem}.safetensors")
+    torch.save({"model": {}}, out / "checkpoint_best.pth")
+    (out / "tensorboard").mkdir()
+    (out / "log.txt").write_text("{}\n")
+    assert [p.name for p in epoch_checkpoints(out)] == ["checkpoint_epoch002.safetensors",
+                                                       "checkpoint_epoch010.safetensors"]
+    assert {p.name for p in run_files(out)} == {"checkpoint_last.safetensors", "checkpoint_best.pth", "log.txt",
+                                                "checkpoint_epoch002.safetensors", "checkpoint_epoch010.safetensors",
+                                                "tensorboard"}

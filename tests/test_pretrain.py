@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,6 +72,8 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path, run_scri
     from models.factory import load_weights
     from models.tokenizer import build_tokenizer
     from tasks.contextblip_pretrain import PretrainConfig
+    from tests.conftest import read_tensorboard
+    from utils.checkpoint import load_checkpoint
     from utils.config import load_config
 
     _, cfg = setup
@@ -85,12 +88,22 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path, run_scri
     assert ckpt["model"] and all(k.startswith(("adapter.", "decoder.")) for k in ckpt["model"])
     assert ckpt["config"]["pretrained"] and ckpt["epoch"] == 2
 
-    # Exact resume: one epoch, then --resume auto for the second, equals the straight run.
-    pretrain_cli(cfg, split, "--opts", "max_epoch=1")
-    pretrain_cli(cfg, split, "--resume", "auto")
+    # Exact resume: one epoch, then --resume auto for the second, equals the straight run. The split
+    # run saves safetensors (the adapter + decoder, with a state file) and reports to TensorBoard.
+    opts = ["save_format=safetensors", "report_to=tensorboard"]
+    pretrain_cli(cfg, split, "--opts", "max_epoch=1", *opts)
+    pretrain_cli(cfg, split, "--resume", "auto", "--opts", *opts)
     assert [{k: v for k, v in r.items()} for r in _log(split)] == log
-    resumed = torch.load(split / "checkpoint_last.pth", weights_only=True)["model"]
-    assert all(torch.equal(resumed[k], v) for k, v in ckpt["model"].items())
+    resumed = load_checkpoint(split / "checkpoint_last.safetensors")
+    assert resumed["format"] == "contextblip-trainable" and resumed["config"]["pretrained"] == ckpt["config"]["pretrained"]
+    assert resumed["model"].keys() == ckpt["model"].keys()
+    assert all(torch.equal(resumed["model"][k], v) for k, v in ckpt["model"].items())
+    # The mask pictures as TensorBoard images, one per epoch (the second after the resume).
+    scalars, images = read_tensorboard(split / "tensorboard")
+    steps = [s for s, _ in scalars["epoch/train_loss_tmim"]]
+    assert len(steps) == 2 and [s for s, _, _ in images["masks"]] == steps
+    png = Image.open(split / "masks" / "epoch_01.png")
+    assert images["masks"][1][1:] == png.size
 
     # The merged export holds every weight and rebuilds the same model with no base BLIP at hand.
     run_script("pretrain.py", ["--export", straight / "checkpoint_last.pth", "--export_to", tmp_path / "merged.pth"])

@@ -65,18 +65,45 @@ def _assert_same_weights(a, b):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, baseline, train_cli):
+    """The straight run writes .pth files; the split one safetensors (weights + a state file), keeps
+    an epoch copy per epoch (only the newest: keep_checkpoints 1) and reports to TensorBoard. None
+    of that changes training: the weights are bit-identical."""
+    from tests.conftest import read_tensorboard
+    from utils.checkpoint import load_checkpoint
     cfg, straight = baseline
     split = tmp_path / "split"
+    opts = ["save_format=safetensors", "save_every=1", "keep_checkpoints=1", "report_to=tensorboard", "log_every=4"]
     # Epoch 0's cosine lr does not depend on max_epoch, so a 1-epoch run is the first half.
-    train_cli(cfg, split, "--opts", "max_epoch=1")
-    train_cli(cfg, split, "--resume", "auto")
+    train_cli(cfg, split, "--opts", "max_epoch=1", *opts)
+    assert (split / "checkpoint_epoch000.safetensors").is_file()
+    train_cli(cfg, split, "--resume", "auto", "--opts", *opts)
     assert _losses(straight) == _losses(split)
     assert len(_losses(split)) == 2
-    _assert_same_weights(straight / "checkpoint_last.pth", split / "checkpoint_last.pth")
-    ckpt = torch.load(split / "checkpoint_last.pth", weights_only=True)
+    last = split / "checkpoint_last.safetensors"
+    assert not (split / "checkpoint_last.pth").exists()
+    ckpt = load_checkpoint(last, with_state=True)
+    wa = _weights(straight / "checkpoint_last.pth")
+    assert wa.keys() == ckpt["model"].keys() and all(torch.equal(wa[k], ckpt["model"][k]) for k in wa)
     assert {"model", "format", "optimizer", "scaler", "loop", "config", "rng", "generator", "epoch",
             "step"} <= set(ckpt) and ckpt["format"] == "blip"
     assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 * 3 // 16)
+    # One state file per checkpoint (older ones removed); epoch 0's copy gave way to epoch 1's.
+    names = sorted(p.name for p in split.iterdir() if "checkpoint" in p.name)
+    assert [n for n in names if n.endswith(".safetensors")] == [
+        "checkpoint_best.safetensors", "checkpoint_epoch001.safetensors", "checkpoint_last.safetensors"]
+    assert len([n for n in names if n.endswith(".state.pth")]) == 3
+    assert torch.equal(load_checkpoint(split / "checkpoint_epoch001.safetensors")["model"]["temp"], ckpt["model"]["temp"])
+    # TensorBoard: every log.txt scalar per epoch, losses / lr / samples/s per log step, one event
+    # file per attempt, read back as TensorBoard reads them.
+    scalars, _ = read_tensorboard(split / "tensorboard")
+    log = [json.loads(l) for l in (split / "log.txt").read_text().splitlines()]
+    steps = [18, 36]
+    for key in ("train_loss_ita", "train_loss_itm", "train_lr", "val_r_mean", "best_epoch"):
+        assert [s for s, _ in scalars[f"epoch/{key}"]] == steps, key
+        assert [v for _, v in scalars[f"epoch/{key}"]] == pytest.approx([r[key] for r in log], rel=1e-6), key
+    for key in ("loss_ita", "loss_itm", "lr", "samples_per_s"):
+        # (a slow machine may add heartbeat lines)
+        assert {4, 8, 12, 16, 22, 26, 30, 34} <= {s for s, _ in scalars[f"train/{key}"]}, key
 
 
 @pytest.mark.slow

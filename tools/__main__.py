@@ -12,6 +12,9 @@ COMMANDS = {
     "ensemble": ("tools.ensemble", "score and feature fusion of several checkpoints, evaluated"),
     "pairs": ("tools.pairs", "build one pretraining pair list from img2dataset, VG, COCO, DLIP, Kaggle Flickr30k"),
     "caption": ("tools.caption", "caption images (beam or nucleus sampling); --filter: keep ITM matches (CapFilt)"),
+    "captions": ("tools.captions", "caption variants: clean (BLIP's pre_caption) or template a caption column"),
+    "sweep": ("tools.sweep", "evaluate checkpoints x caption columns on one split; one table (CSV + markdown)"),
+    "convert": ("tools.convert", "convert checkpoints: official BLIP .pth <-> HuggingFace folder"),
 }
 
 

@@ -11,7 +11,9 @@ which the atomic write (temp file, fsync, rename) guarantees.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
+import json
 import http.client
 import logging
 import math
@@ -257,7 +259,7 @@ def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
 # --------------------------------------------------------------------------- reading
 
 def load_checkpoint(source: str | Path, map_location: Any = "cpu", mmap: bool = False,
-                    **resolve_kwargs: Any) -> dict:
+                    with_state: bool = False, **resolve_kwargs: Any) -> dict:
     """Resolve `source` and `torch.load` it with `weights_only=True` (never anything less safe).
 
     The file's structure is checked first, so that a file that is no checkpoint at all (text, an
@@ -265,8 +267,14 @@ def load_checkpoint(source: str | Path, map_location: Any = "cpu", mmap: bool = 
     rather than with whatever the unpickler trips over. `mmap=True` maps the tensors of a zip-format
     file instead of reading them (cheap when only the metadata is needed). `resolve_kwargs` go to
     `resolve_checkpoint` (cache_dir, timeout, progress).
+
+    A `.safetensors` checkpoint (`save_format: safetensors`) reads as the same dict: `model` (its
+    tensors) and the fields of its metadata block (`format`, `config`, `epoch`, `step`);
+    `with_state=True` adds its training state file's entries (optimiser, loop, RNG: for resuming).
     """
     path = resolve_checkpoint(source, **resolve_kwargs)
+    if is_safetensors(path):
+        return load_safetensors_checkpoint(path, map_location, with_state=with_state)
     try:
         fmt, what = _file_format(path)
     except PermissionError:
@@ -292,6 +300,180 @@ def load_checkpoint(source: str | Path, map_location: Any = "cpu", mmap: bool = 
         raise _corrupt(path, "its data.pkl is no pickle that weights-only loading can read") from None
     except EOFError as err:
         raise _corrupt(path, "the pickle ends early") from err
+
+
+# --------------------------------------------------------------------------- safetensors checkpoints
+#
+# `save_format: safetensors` writes a run's checkpoint as two files: `<stem>.safetensors` (the model's
+# tensors, and a JSON metadata block under META_KEY: format tag, config, epoch, step, save id) and
+# `<stem>.<save id>.state.pth` (optimiser, scaler, loop and RNG state: a weights_only torch file).
+# The state file is written first under a fresh name; the weights file, renamed into place after it,
+# is the commit: a kill at any moment leaves a weights file whose state file exists.
+
+SAFETENSORS_SUFFIX = ".safetensors"
+META_KEY = "blip_checkpoint"
+_META_FIELDS = ("format", "config", "epoch", "step")
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """A ``.safetensors`` file (by name; a safetensors header otherwise: 8-byte length, then JSON)."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (1 << 28)
+
+
+def state_file_of(path: Path, save_id: str) -> Path:
+    return path.with_name(f"{path.stem}.{save_id}.state.pth")
+
+
+def _tensors_for_safetensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (tied weights are stored twice, as
+    safetensors requires; loading ties them again through the model)."""
+    out: dict[str, Tensor] = {}
+    storages: set[int] = set()
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"safetensors checkpoint: state entry {key!r} is a {type(value).__name__}, "
+                                  "not a tensor")
+        t = value.detach().cpu().contiguous()
+        if t.numel():
+            if t.untyped_storage().data_ptr() in storages:
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def save_safetensors_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
+    """``obj`` (a checkpoint dict: ``model`` + training state) as ``path`` (.safetensors) and its
+    state file, atomically (see above); older state files of the same stem are removed after."""
+    from safetensors.torch import save as st_save
+
+    path = Path(path)
+    rest = {k: v for k, v in obj.items() if k != "model"}
+    meta = {k: rest.pop(k) for k in _META_FIELDS if k in rest}
+    meta["save_id"] = secrets.token_hex(6) if rest else None
+    state_path = state_file_of(path, meta["save_id"]) if rest else None
+    if state_path is not None:
+        save_checkpoint_atomic(rest, state_path)
+    tensors = _tensors_for_safetensors(obj["model"])
+    header = {META_KEY: json.dumps(meta)}
+    _atomic_write(path, lambda f: f.write(st_save(tensors, metadata=header)), "checkpoint")
+    for old in path.parent.glob(f"{glob.escape(path.stem)}.*.state.pth"):
+        if old != state_path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def safetensors_metadata(path: str | Path) -> dict:
+    """The metadata block of one of our ``.safetensors`` checkpoints (``{}`` for a plain file)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError for a damaged header
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a readable safetensors file ({err})") from None
+    if META_KEY not in raw:
+        return {}
+    try:
+        return json.loads(raw[META_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{str(path)!r}: its metadata block {META_KEY!r} is not JSON ({err})") from None
+
+
+def load_safetensors_checkpoint(path: str | Path, map_location: Any = "cpu", with_state: bool = False,
+                                weights: bool = True) -> dict:
+    """A ``.safetensors`` checkpoint as the dict ``load_checkpoint`` returns (see there); any plain
+    safetensors file of tensors reads as ``{"model": tensors}``. ``weights=False``: metadata only."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = safetensors_metadata(path)
+    out: dict = {k: meta[k] for k in _META_FIELDS if k in meta}
+    if weights:
+        device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+        try:
+            out["model"] = load_file(str(path), device=device)
+        except Exception as err:
+            raise _corrupt(path, f"safetensors: {err}") from None
+    if with_state:
+        save_id = meta.get("save_id")
+        state_path = state_file_of(path, save_id) if save_id else None
+        if state_path is None or not state_path.is_file():
+            raise CheckpointError(f"{str(path)!r} holds weights only: its training state file "
+                                  f"{state_path.name if state_path else '<stem>.<id>.state.pth'} is not next to it, "
+                                  "so it can be loaded as `pretrained` but not resumed")
+        state = load_checkpoint(state_path, map_location)
+        out.update({k: v for k, v in state.items() if k not in out})
+    return out
+
+
+def find_checkpoint(folder: str | Path, stem: str) -> Path:
+    """``folder/<stem>.pth`` or ``folder/<stem>.safetensors``, whichever exists (the newer if both:
+    a run whose ``save_format`` changed); the ``.pth`` name if neither does."""
+    folder = Path(folder)
+    found = [p for p in (folder / f"{stem}.pth", folder / f"{stem}{SAFETENSORS_SUFFIX}") if p.is_file()]
+    if not found:
+        return folder / f"{stem}.pth"
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def checkpoint_epoch(path: str | Path) -> Any:
+    """The ``epoch`` entry of a checkpoint without reading its weights (None if it has none)."""
+    path = Path(path)
+    if is_safetensors(path):
+        return safetensors_metadata(path).get("epoch")
+    return load_checkpoint(path, mmap=True).get("epoch")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files of one checkpoint: the file itself and, for a safetensors one, its state file."""
+    path = Path(path)
+    files = [path]
+    if is_safetensors(path) and path.is_file():
+        save_id = safetensors_metadata(path).get("save_id")
+        if save_id and state_file_of(path, save_id).is_file():
+            files.append(state_file_of(path, save_id))
+    return files
+
+
+def link_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Keep a copy of checkpoint ``src`` as ``dst`` (same suffix): hard links where the file system
+    has them (no second write; ``src`` being replaced later does not touch ``dst``), else copies;
+    a safetensors checkpoint's state file comes along under ``dst``'s stem."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    targets = [dst]
+    files = checkpoint_files(src)
+    if len(files) == 2:
+        save_id = safetensors_metadata(src)["save_id"]
+        targets.append(state_file_of(dst, save_id))
+    for a, b in zip(reversed(files), reversed(targets)):  # state file first, weights (the commit) last
+        tmp = b.with_name(f".{b.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.link(a, tmp)
+        except OSError:
+            shutil.copyfile(a, tmp)
+        os.replace(tmp, b)
+    return dst
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint and, for a safetensors one, every state file of its stem."""
+    path = Path(path)
+    if is_safetensors(path):
+        for state in path.parent.glob(f"{glob.escape(path.stem)}.*.state.pth"):
+            state.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def _file_format(path: Path) -> tuple[str, str]:

@@ -22,6 +22,8 @@ import logging
 import math
 import os
 import random
+import re
+import shutil
 import socket
 import sys
 import time
@@ -36,10 +38,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import dist as du
-from utils.checkpoint import load_checkpoint, remove_stale_temp_files, save_checkpoint_atomic
+from utils.checkpoint import (SAFETENSORS_SUFFIX, checkpoint_epoch, find_checkpoint, link_checkpoint, load_checkpoint,
+                              remove_checkpoint, remove_stale_temp_files, save_checkpoint_atomic,
+                              save_safetensors_checkpoint)
 from utils.config import config_to_dict
 from utils.errors import DataError, UserError
-from utils.logging import Heartbeat, append_json_line, debug_enabled, has_log_file, reset_logging
+from utils.logging import Heartbeat, TensorBoard, append_json_line, debug_enabled, has_log_file, reset_logging
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +212,13 @@ class Trainer:
         self.clip = cfg.clip_grad_norm
         self.log_every = cfg.log_every
         self.ckpt_every_steps = cfg.ckpt_every_steps
+        # Checkpoint files: `save_format` (.pth, or .safetensors + a state file), epoch copies kept
+        # every `save_every` epochs (the newest `keep_checkpoints` of them), TensorBoard events.
+        self.ext = SAFETENSORS_SUFFIX if getattr(cfg, "save_format", "torch") == "safetensors" else ".pth"
+        self.save_every = int(getattr(cfg, "save_every", 0) or 0)
+        self.keep_checkpoints = getattr(cfg, "keep_checkpoints", None)
+        self.report_to = getattr(cfg, "report_to", "none")
+        self.board = None  # utils.logging.TensorBoard on rank 0 while fit runs
         self.config = config_to_dict(cfg)
         self.progress = progress and info.is_main
         self.generator = torch.Generator(device=info.device).manual_seed(_mix(cfg.seed, info.rank, 7))
@@ -227,8 +238,9 @@ class Trainer:
                 "rng": _rng_state(), "generator": self.generator.get_state(),
                 "epoch": self.state.epoch, "step": self.state.step}
 
-    def save(self, name: str) -> Optional[Path]:
-        """Write ``output_dir/name`` atomically from rank 0 (a collective: all ranks must call)."""
+    def save(self, stem: str) -> Optional[Path]:
+        """Write ``output_dir/<stem>.pth`` (or ``.safetensors`` and its state file, ``save_format``)
+        atomically from rank 0 (a collective: all ranks must call)."""
         path = None
         # Every rank's random streams (rank 0's are also the checkpoint's "rng" / "generator").
         rngs = du.all_gather_object({"rng": _rng_state(), "generator": self.generator.get_state()}) \
@@ -247,18 +259,23 @@ class Trainer:
             state = self.checkpoint_state()
             if rngs is not None:
                 state["rank_rng"] = rngs
-            path = save_checkpoint_atomic(state, self.output_dir / name)
+            path = self.output_dir / f"{stem}{self.ext}"
+            if self.ext == SAFETENSORS_SUFFIX:
+                save_safetensors_checkpoint(state, path)
+            else:
+                save_checkpoint_atomic(state, path)
             logger.info("saved %s (epoch %d, step %d)", path, self.state.epoch, self.state.step)
         du.barrier()
         return path
 
     def resume(self, source: str) -> bool:
-        """``'auto'`` resumes from ``checkpoint_last.pth`` if present; a path must exist.
+        """``'auto'`` resumes from ``checkpoint_last.pth`` (or ``.safetensors``) if present; a path
+        must exist.
 
         Under torchrun rank 0 decides: its file is the run's checkpoint. Ranks that do not see that
         file (another node with a node-local ``output_dir``, where only rank 0 writes) get rank 0's
         checkpoint over the process group."""
-        path = self.output_dir / "checkpoint_last.pth" if source == "auto" else Path(source)
+        path = find_checkpoint(self.output_dir, "checkpoint_last") if source == "auto" else Path(source)
         have = du.all_gather_object(path.is_file()) if self.info.distributed else [path.is_file()]
         if source == "auto" and not have[0]:
             logger.info("resume=auto: no %s, starting fresh", path)
@@ -266,12 +283,12 @@ class Trainer:
         if not have[0]:
             raise FileNotFoundError(f"--resume {source}: no checkpoint file {path}")
         if all(have):
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, with_state=True)
         else:
             lacking = [r for r, h in enumerate(have) if not h]
             logger.info("resume: rank(s) %s do not see %s (a node-local output_dir): rank 0 sends its checkpoint",
                         lacking, path)
-            ckpt = du.broadcast_object(load_checkpoint(path) if self.info.is_main else None)
+            ckpt = du.broadcast_object(load_checkpoint(path, with_state=True) if self.info.is_main else None)
         getattr(self.raw_model, "load_checkpoint_state_dict", self.raw_model.load_state_dict)(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -415,6 +432,10 @@ class Trainer:
                             n_batches, self.state.step, values, self.optimizer.param_groups[0]["lr"], rate,
                             beat.eta(i + 1))
                 beat.logged()
+                if self.board is not None:
+                    self.board.scalars({**{k: v.item() for k, v in losses.items()},
+                                        "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate},
+                                       self.state.step, "train")
                 if self.progress:
                     it.set_postfix({**{k: f"{v.item():.3f}" for k, v in losses.items()},
                                     "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}", "samples/s": f"{rate:.1f}"})
@@ -425,7 +446,7 @@ class Trainer:
                 du.all_reduce_sum(total)
                 self.state.epoch_sums = {k: float(v) for k, v in zip(names, total[:-1].tolist())}
                 self.state.epoch_count = int(total[-1].item())
-                self.save("checkpoint_last.pth")
+                self.save("checkpoint_last")
                 self.state.epoch_count = count
         bad.check(epoch, self.output_dir)
         self.last_data_record = self._data_record(epoch) if streamed else {}
@@ -548,6 +569,9 @@ class Trainer:
         self.state.history.append(record)
         if self.info.is_main:
             append_json_line(self.output_dir / "log.txt", record)
+        if self.board is not None:
+            self.board.scalars(record, self.state.step, "epoch")
+            self.board.flush()
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
         self.state.epoch_sums, self.state.epoch_count = {}, 0
@@ -571,30 +595,62 @@ class Trainer:
           (test split on a new best, prediction files, pictures); its dict joins the record.
         - ``resume``: ``'auto'`` or a checkpoint path (see :meth:`resume`).
         """
+        resumed = bool(resume) and self.resume(resume)
+        if self.report_to == "tensorboard" and self.info.is_main:
+            # A resumed run drops what its previous attempt logged after the checkpoint's step.
+            self.board = TensorBoard(self.output_dir / TENSORBOARD_DIR,
+                                     purge_step=self.state.step + 1 if resumed else None)
         if resume:
-            self.resume(resume)
             if self.state.epoch >= max_epoch:
                 logger.info("nothing to train: the run in %s already finished %d epochs", self.output_dir, max_epoch)
-        while self.state.epoch < max_epoch:
-            epoch = self.state.epoch
-            is_last = epoch + 1 == max_epoch
-            losses = self.train_epoch(loader, loss_fn)
-            record = {"train_lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in losses.items()},
-                      **self.last_data_record}
-            metric = None
-            if evaluate is not None and ((epoch + 1) % eval_every == 0 or is_last):
-                extra, metric = evaluate(epoch)
-                record.update(extra)
-            is_best = self.is_new_best(metric)
-            if after_epoch is not None:
-                record.update(after_epoch(epoch, is_best=is_best, is_last=is_last) or {})
-            self.end_epoch(record, metric)
-            logger.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
-                                                for k, v in record.items()})
-            if is_best:
-                self.save("checkpoint_best.pth")
-            self.save("checkpoint_last.pth")
+        try:
+            while self.state.epoch < max_epoch:
+                epoch = self.state.epoch
+                is_last = epoch + 1 == max_epoch
+                losses = self.train_epoch(loader, loss_fn)
+                record = {"train_lr": self.optimizer.param_groups[0]["lr"], **{f"train_{k}": v for k, v in losses.items()},
+                          **self.last_data_record}
+                metric = None
+                if evaluate is not None and ((epoch + 1) % eval_every == 0 or is_last):
+                    extra, metric = evaluate(epoch)
+                    record.update(extra)
+                is_best = self.is_new_best(metric)
+                if after_epoch is not None:
+                    record.update(after_epoch(epoch, is_best=is_best, is_last=is_last) or {})
+                self.end_epoch(record, metric)
+                logger.info("epoch %d: %s", epoch, {k: round(v, 5) if isinstance(v, float) else v
+                                                    for k, v in record.items()})
+                if is_best:
+                    self.save("checkpoint_best")
+                self.save("checkpoint_last")
+                if self.save_every and (epoch + 1) % self.save_every == 0:
+                    self._keep_epoch_checkpoint(epoch)
+        finally:
+            if self.board is not None:
+                self.board.close()
+                self.board = None
         return self.state.history[-1] if self.state.history else {}
+
+    def report_picture(self, tag: str, path, epoch: int) -> None:
+        """A picture the task drew for ``epoch`` (mask overlays, contact sheets), as a TensorBoard
+        image when ``report_to: tensorboard`` (rank 0; a no-op otherwise)."""
+        if self.board is not None and Path(path).is_file():
+            self.board.picture(tag, path, self.state.step)
+
+    def _keep_epoch_checkpoint(self, epoch: int) -> None:
+        """``save_every``: ``checkpoint_epochNNN`` (``epoch`` as in log.txt) beside best/last, a hard
+        link to (else a copy of) the last checkpoint; then only the newest ``keep_checkpoints``
+        epoch checkpoints are kept."""
+        if self.info.is_main:
+            path = link_checkpoint(self.output_dir / f"checkpoint_last{self.ext}",
+                                   self.output_dir / f"checkpoint_epoch{epoch:03d}{self.ext}")
+            logger.info("kept %s", path)
+            if self.keep_checkpoints:
+                kept = epoch_checkpoints(self.output_dir)
+                for old in kept[:-self.keep_checkpoints]:
+                    remove_checkpoint(old)
+                    logger.info("keep_checkpoints %d: removed %s", self.keep_checkpoints, old.name)
+        du.barrier()
 
 
 def _batch_size(batch: dict) -> int:
@@ -681,7 +737,26 @@ class _NonFinite:
 
 # The files of a training run that a fresh start with --overwrite deletes (the engine writes them; a
 # task's other outputs are rewritten by the new run).
-RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "log.txt")
+RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_last.safetensors",
+             "checkpoint_best.safetensors", "log.txt")
+TENSORBOARD_DIR = "tensorboard"
+_EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.(pth|safetensors)")
+
+
+def epoch_checkpoints(output_dir: Path) -> list:
+    """The run's ``checkpoint_epochNNN`` files (``save_every``), oldest epoch first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_epoch*")
+             if (m := _EPOCH_CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def run_files(output_dir: Path) -> list:
+    """What ``--overwrite`` deletes: the engine's checkpoints (with safetensors state files and the
+    epoch copies), log.txt and the TensorBoard events."""
+    files = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
+    files += epoch_checkpoints(output_dir)
+    board = output_dir / TENSORBOARD_DIR
+    return files + ([board] if board.is_dir() else [])
 LOCK_NAME = ".lock"
 
 # A person can act on these from their message alone; anything else is a bug and keeps its traceback.
@@ -749,10 +824,10 @@ def _claim_output_dir(output_dir: Path, cfg, resume: Optional[str], overwrite: b
     a finished run (raises ``_Finished``). Only a run that goes on signs the lock file (pid, host,
     start time), so a refused one leaves the directory as it was."""
     fd = _lock_output_dir(output_dir)
-    last = output_dir / "checkpoint_last.pth"
+    last = find_checkpoint(output_dir, "checkpoint_last")
     if trains and last.is_file():
         if resume == "auto":
-            epoch = load_checkpoint(last, mmap=True).get("epoch")
+            epoch = checkpoint_epoch(last)
             if isinstance(epoch, int) and epoch >= cfg.max_epoch:
                 raise _Finished(f"nothing to do: the run in {output_dir} has finished ({epoch} of max_epoch "
                                 f"{cfg.max_epoch} epochs trained); to train further, raise max_epoch "
@@ -809,9 +884,12 @@ def start_run(cfg, doc, args, *, trains: bool) -> tuple:
             logger.info("removed %d stale temp file(s) of interrupted writes in %s: %s", len(stale), output_dir,
                         ", ".join(p.name for p in stale))
         if trains and args.overwrite and not resume:
-            gone = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
+            gone = run_files(output_dir)
             for path in gone:
-                path.unlink()
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    remove_checkpoint(path)
             if gone:
                 logger.info("--overwrite: deleted the previous run's %s", ", ".join(p.name for p in gone))
         save_config(doc, output_dir / "config.yaml")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+from utils.errors import UserError
 
 # The longest a running loop without a progress bar stays silent, in seconds (tests lower it).
 HEARTBEAT_S = 30.0
@@ -138,3 +141,48 @@ class Heartbeat:
     def update(self, n: int = 1) -> bool:
         """:meth:`tick` counting ``n`` more items than the last call."""
         return self.tick(self.done + n)
+
+
+# ---------------------------------------------------------------------- TensorBoard
+
+def _numeric_leaves(values: dict, prefix: str = ""):
+    """``(name, float)`` for every finite number in ``values``, nested dicts joined with ``/``."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _numeric_leaves(value, name + "/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield name, float(value)
+
+
+class TensorBoard:
+    """``report_to: tensorboard``: the run's scalars and pictures as TensorBoard events in
+    ``log_dir`` (the trainer makes one on rank 0 only). ``purge_step``: a resumed run drops the
+    events its previous attempt wrote at or after the step it resumes from."""
+
+    def __init__(self, log_dir, purge_step: Optional[int] = None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise UserError(f"report_to: tensorboard needs the tensorboard package ({err}); pip install tensorboard, "
+                            "or set report_to: none") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict, step: int, prefix: str) -> None:
+        for name, value in _numeric_leaves(values):
+            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def picture(self, tag: str, path, step: int) -> None:
+        """A PNG/JPEG we drew (mask overlays, contact sheets) as an image event."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

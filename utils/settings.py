@@ -49,6 +49,17 @@ class LoopSettings(Config):
     num_workers: NonNegInt = 4                  # dataloader workers per process
     log_every: PosInt = 50                      # steps between training log lines
     ckpt_every_steps: NonNegInt = 0             # also save checkpoint_last.pth every N steps (0: per epoch)
+    save_every: NonNegInt = 0                   # also keep checkpoint_epochNNN every N epochs (0: only best/last)
+    keep_checkpoints: Optional[PosInt] = None   # the newest N epoch checkpoints are kept (None: all); best/last always
+    save_format: Literal['torch', 'safetensors'] = 'torch'  # weights as .pth, or .safetensors + a torch state file
+    report_to: Literal['none', 'tensorboard'] = 'none'      # tensorboard: events in output_dir/tensorboard (rank 0)
+
+    @model_validator(mode='after')
+    def _retention(self):
+        if self.keep_checkpoints is not None and not self.save_every:
+            raise ValueError(f'keep_checkpoints: {self.keep_checkpoints} keeps epoch checkpoints, which only '
+                             'save_every > 0 writes; set save_every too')
+        return self
 
 
 class StreamSettings(Config):
@@ -78,3 +89,19 @@ class WarmupSettings(Config):
 
 class DecaySettings(Config):
     lr_decay_rate: Fraction = 0.9               # lr = max(min_lr, init_lr * rate ** epoch)
+
+
+class ColumnSettings(Config):
+    """CSV/TSV annotation columns (retrieval, captioning and pretraining files; docs/FORMATS.md, "CSV column
+    mapping"). json files keep BLIP's field names."""
+    image_col: str = 'image'                    # the image path column (with image_dir_col: the file name)
+    caption_col: str = 'caption'                # the caption column
+    image_dir_col: Optional[str] = None         # a folder column: image path = folder/file (file: image_col)
+    image_id_col: str = 'image_id'              # optional train column: captions with one id are positives
+
+    @model_validator(mode='after')
+    def _named_columns(self):
+        for key in ('image_col', 'caption_col', 'image_dir_col', 'image_id_col'):
+            if getattr(self, key) is not None and not getattr(self, key).strip():
+                raise ValueError(f'{key}: must name a column, got {getattr(self, key)!r}')
+        return self
