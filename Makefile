@@ -21,7 +21,7 @@ demo: setup
 	bash run.sh demo
 
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=30
 
 test-fast: setup
 	$(PYTHON) -m pytest -q -m "not slow and not dist"

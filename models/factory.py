@@ -25,6 +25,11 @@ A pretraining checkpoint (``model_base.pth``: encoder, decoder, momentum copies,
 ``visual_encoder.*`` and ``text_decoder.*``; what each leaves is reported as an expected extra.
 
 Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
+
+Wherever a checkpoint is named (``pretrained``, ``teacher``, ``load_weights(model, source)``), a
+HuggingFace BLIP folder (``config.json`` with model_type ``blip`` + ``model.safetensors`` or
+``pytorch_model.bin``) or a hub id (``Salesforce/blip-itm-base-coco``, from the local HF cache) may
+stand instead: ``models/hf.py`` converts it in memory to the official layout (``read_source``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
+from models import hf
 from models.blip import BlipArch, BLIPRetrieval, build_blip_retrieval
 from models.blip_pretrain import build_blip_pretrain
 from models.caption import BLIPCaptioner, build_captioner
@@ -109,7 +115,7 @@ def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] 
     """
     source = cfg.pretrained if pretrained is None else pretrained
     tokenizer = build_tokenizer(cfg.tokenizer)
-    ckpt = load_checkpoint(source) if load and source else None
+    ckpt = read_source(source, cfg, tokenizer) if load and source else None
     if kind == "zero_shot" and ckpt is not None and cfg.use_adapter and checkpoint_format(ckpt) == Format.BLIP:
         logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", source)
         cfg = cfg.model_copy(update={"use_adapter": False})
@@ -136,7 +142,7 @@ def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
         raise ConfigError("`teacher` is empty: name the BLIP checkpoint (with a decoder) to distil from")
     arch = BlipArch.model_validate({"vit": cfg.teacher_vit, "image_size": cfg.image_size,
                                     "med_config": cfg.teacher_med_config, "embed_dim": cfg.embed_dim})
-    ckpt = load_checkpoint(cfg.teacher)
+    ckpt = read_source(cfg.teacher, arch, tokenizer)
     state = extract_state_dict(ckpt)
     if not any(k.startswith("text_decoder.") for k in state) or not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointError(f"teacher {cfg.teacher}: a DLIP teacher needs a text encoder and a decoder "
@@ -154,7 +160,7 @@ def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
 def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> Tuple[nn.Module, Any, Dict]:
     """Rebuild a fine-tuned ImageCoDe model from its own checkpoint (it stores its config).
     Returns ``(model in eval mode, tokenizer, the stored config as a dict)``."""
-    ckpt = load_checkpoint(source)
+    ckpt = read_source(source)
     stored = ckpt.get("config") if isinstance(ckpt, Mapping) else None
     if checkpoint_format(ckpt) != Format.IMAGECODE or not isinstance(stored, Mapping):
         raise CheckpointError(f"{source} is not a finetune_imagecode.py checkpoint (format "
@@ -167,6 +173,26 @@ def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> T
 
 
 # ---------------------------------------------------------------------- loading
+
+def read_source(source, arch=None, tokenizer=None, queue_size: Optional[int] = None) -> Dict[str, Any]:
+    """A checkpoint as loaded: a file or URL (``utils.checkpoint.load_checkpoint``), or a
+    HuggingFace BLIP folder / hub id (``owner/name``, from the local HF cache) converted in memory to
+    the official layout (``models/hf.py``). With ``arch`` (a config with the ViT / med_config keys)
+    the folder's config.json dimensions are checked against it first, naming any field that differs.
+    Queues a folder lacks are made of ``queue_size`` (default: the config's, else BLIP's 57600)."""
+    if hf.is_hf_source(source):
+        expect = None
+        if arch is not None and hasattr(arch, "vit_arch") and hasattr(arch, "med_config"):
+            expect = hf.expected_dims(arch, tokenizer, getattr(arch, "embed_dim", None))
+        return hf.load_official(source, queue_size=queue_size or getattr(arch, "queue_size", None), expect=expect)
+    return load_checkpoint(source)
+
+
+def _queue_size(model: nn.Module) -> Optional[int]:
+    """The queue size of the model's BLIP (for queues an HF folder lacks); None: no queues."""
+    blip = model.blip if isinstance(model, ContextBLIP) else model
+    return blip.queue_size if isinstance(blip, BLIPRetrieval) else None
+
 
 def checkpoint_format(ckpt: Mapping) -> str:
     """The ``format`` tag of a loaded checkpoint, or the format its layout shows (official files)."""
@@ -202,7 +228,7 @@ def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[
     config's ``pretrained`` names, a path loads that one, None keeps ``model.blip`` as it is.
     """
     name = source_name or (str(source) if not isinstance(source, Mapping) else "a checkpoint")
-    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source)
+    ckpt = source if isinstance(source, Mapping) else read_source(source, queue_size=_queue_size(model))
     state = extract_state_dict(ckpt)
     fmt = checkpoint_format(ckpt)
     if isinstance(model, BLIPCaptioner):
@@ -308,5 +334,6 @@ def _load_contextblip(model: ContextBLIP, ckpt: Mapping, state: Dict[str, torch.
             raise CheckpointError(f"{name} holds only the adapter/decoder and its config names no "
                                   "'pretrained' BLIP; pass base=<BLIP checkpoint> or load BLIP first (base=None)")
     if base:
-        blip_report = _load_blip(model.blip, extract_state_dict(load_checkpoint(base)), strict, str(base))
+        base_state = extract_state_dict(read_source(base, queue_size=model.blip.queue_size))
+        blip_report = _load_blip(model.blip, base_state, strict, str(base))
     return LoadResult(fmt, blip_report, _load_parts(model, state, strict))

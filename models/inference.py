@@ -51,10 +51,10 @@ from data.transforms import build_test_transform
 from data.utils import load_image, pre_caption
 from models.blip import BLIPRetrieval, BlipArch
 from models.caption import BLIPCaptioner, CaptionArch
-from models.factory import Format, build_model, checkpoint_format, load_weights
+from models.factory import Format, build_model, checkpoint_format, load_weights, read_source
 from models.tokenizer import build_tokenizer
 from models.vit import VIT_PRESETS, ViTArch
-from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict, load_checkpoint
+from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -398,7 +398,8 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
               vit: Any = None, med_config: Optional[str] = None, tokenizer: Optional[str] = None,
               prompt: Optional[str] = None, strict: bool = True, vit_heads: Optional[int] = None) -> BLIP:
     """Load a BLIP captioning, retrieval or pretraining checkpoint (a path, an http(s) URL, or a
-    checkpoint of train_caption.py / train_retrieval.py) with its transform and tokenizer.
+    checkpoint of train_caption.py / train_retrieval.py, a HuggingFace BLIP folder or hub id) with its
+    transform and tokenizer.
 
     ``device``: default CUDA when available, else CPU. ``image_size``: the input resolution (the
     position embeddings are resized to it when it differs from the file's). ``vit``: ``'base'``,
@@ -408,7 +409,7 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
     weight the model has must be in the file, shape for shape.
     """
     name = str(path)
-    ckpt = load_checkpoint(path)
+    ckpt = read_source(path)  # a file, a URL, or a HuggingFace folder / hub id
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"{name} holds a {type(ckpt).__name__}, not a checkpoint dict")
     fmt = checkpoint_format(ckpt)

@@ -1,0 +1,143 @@
+"""Convert checkpoints: official BLIP ``.pth`` <-> HuggingFace folder (``models/hf.py``).
+
+    # BLIP checkpoint (the config's `pretrained`, built with its architecture) -> HF folder
+    python -m tools convert --to hf --config configs/retrieval_coco.yaml --output_dir hf/blip-coco \\
+        --opts pretrained=model_base_retrieval_coco.pth
+    python -m tools convert --to hf --config configs/caption_coco.yaml --output_dir hf/blip-caption
+    # HF folder or hub id -> the official layout ({'model': state_dict, ...})
+    python -m tools convert --to blip --input hf/blip-coco --output model_base_retrieval_coco.pth
+    python -m tools convert --to blip --input Salesforce/blip-itm-base-coco --output blip_itm_coco.pth
+
+``--to hf``: a retrieval config (train_retrieval.py's; the model kind ``blip``) writes a
+``BlipForImageTextRetrieval`` folder, a caption config (train_caption.py's; kind ``caption``) a
+``BlipForConditionalGeneration`` one (``--task``: which, when a config would validate as both; by
+default the checkpoint's layout decides). The model is built from the config's architecture and the
+checkpoint loaded as training would (``strict_load``; position embeddings resized to ``image_size``),
+and the HF weights are that model's. The folder also gets the tokenizer (``[DEC]`` bos, ``[ENC]``),
+the image processor (``image_size``, bicubic, BLIP's mean/std) and ``blip_extras.safetensors`` (what
+HF has no place for: momentum encoders, queues, ``temp``, another part's weights, ``epoch`` /
+``config``, the key order), which makes the way back exact; the round trip is checked before the
+command ends.
+
+``--to blip``: an HF folder (or a hub id from the local HF cache; downloaded when not cached unless
+``HF_HUB_OFFLINE`` is set) -> ``.pth``. With the extras file the original file comes back bit for
+bit; without it momentum copies, queues (``--queue_size``, seed 0), ``temp`` 0.07 and the
+``position_ids`` buffers are synthesised as BLIP's ``__init__`` would (logged).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError, load_config
+from utils.logging import set_debug, setup_logging
+
+logger = logging.getLogger("tools")
+
+TASKS = ("auto", "retrieval", "caption")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--to", required=True, choices=("hf", "blip"), help="hf: BLIP checkpoint -> HF folder; "
+                   "blip: HF folder / hub id -> official .pth")
+    g = p.add_argument_group("--to hf")
+    g.add_argument("--config", metavar="FILE", help="retrieval or caption YAML config (its `pretrained` is converted)")
+    g.add_argument("--output_dir", metavar="DIR", help="the HF folder to write")
+    g.add_argument("--opts", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. --opts pretrained=model.pth image_size=384")
+    g.add_argument("--task", default="auto", choices=TASKS,
+                   help="retrieval (BlipForImageTextRetrieval) or caption (BlipForConditionalGeneration)")
+    g = p.add_argument_group("--to blip")
+    g.add_argument("--input", metavar="FOLDER_OR_HUB_ID", help="HF folder or hub id (owner/name)")
+    g.add_argument("--output", metavar="FILE", help="the .pth to write")
+    g.add_argument("--queue_size", type=int, default=None,
+                   help="size of synthesised queues (no extras file; default 57600, BLIP's)")
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def main(argv=None, prog: str = "python -m tools convert"):
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    set_debug(args.debug)
+    setup_logging(None)
+    if args.to == "hf":
+        if not args.config or not args.output_dir:
+            parser.error("--to hf needs --config and --output_dir")
+        return to_hf(args, parser)
+    if not args.input or not args.output:
+        parser.error("--to blip needs --input and --output")
+    return to_blip(args.input, args.output, args.queue_size)
+
+
+def _load_task_config(args, parser):
+    """(task, cfg): the config validated as a retrieval or a caption config."""
+    from tasks.caption import CaptionConfig
+    from tasks.retrieval import RetrievalConfig
+    schemas = {"retrieval": RetrievalConfig, "caption": CaptionConfig}
+    tried = [args.task] if args.task != "auto" else ["retrieval", "caption"]
+    found, errors = {}, {}
+    for task in tried:
+        try:
+            found[task] = load_config(args.config, schemas[task], args.opts)[0]
+        except ConfigError as err:
+            errors[task] = str(err)
+    if not found:
+        if len(tried) == 1:
+            parser.error(errors[tried[0]])
+        parser.error(f"{args.config} is neither a retrieval config ({errors['retrieval']}) nor a caption "
+                     f"config ({errors['caption']})")
+    return found
+
+
+def to_hf(args, parser) -> Path:
+    from models import hf
+    from models.factory import Format, read_source, checkpoint_format, create_model, load_weights
+    from models.med import med_config_for
+    found = _load_task_config(args, parser)
+    cfg = next(iter(found.values()))
+    if not cfg.pretrained:
+        raise ConfigError(f"{args.config}: `pretrained` is empty: nothing to convert (--opts pretrained=FILE)")
+    source = cfg.pretrained
+    ckpt = read_source(source, cfg)
+    fmt = checkpoint_format(ckpt)
+    if fmt not in (Format.BLIP, Format.CAPTION):
+        raise CheckpointError(f"{source} is a {fmt!r} checkpoint; --to hf converts BLIP retrieval, pretraining "
+                              "and caption checkpoints")
+    if len(found) > 1:  # a config that fits both: the checkpoint's layout decides
+        task = "caption" if fmt == Format.CAPTION else "retrieval"
+        cfg = found[task]
+    else:
+        task = next(iter(found))
+    if task == "retrieval" and fmt == Format.CAPTION:
+        raise CheckpointError(f"{source} is a caption checkpoint (no text encoder): convert it with a caption "
+                              "config (--task caption)")
+    kind, layout = ("blip", hf.RETRIEVAL) if task == "retrieval" else ("caption", hf.CAPTION)
+    model, tokenizer = create_model(cfg, kind, load=False)
+    load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source))
+    med = med_config_for(cfg.med_config, tokenizer, model.visual_encoder.width)
+    out = hf.export_hf(model, layout, cfg, med, tokenizer, ckpt, args.output_dir, str(source),
+                       embed_dim=getattr(cfg, "embed_dim", None) if layout == hf.RETRIEVAL else None)
+    back = hf.load_official(out, copy=False)
+    diffs = hf.same_checkpoint(ckpt, back)
+    if diffs:
+        raise CheckpointError(f"{out}: the round trip to {source} is not exact ({len(diffs)} differences: "
+                              f"{diffs[:5]}); please report this")
+    logger.info("round trip checked: %s -> %s -> BLIP layout is bit-identical", source, out)
+    return out
+
+
+def to_blip(source: str, output: str, queue_size=None) -> Path:
+    from models import hf
+    from utils.checkpoint import extract_state_dict, save_checkpoint_atomic
+    ckpt = hf.load_official(source, queue_size=queue_size, copy=True)
+    path = save_checkpoint_atomic(ckpt, output)
+    logger.info("wrote %s (%d tensors)", path, len(extract_state_dict(ckpt)))
+    return path
+
+
+if __name__ == "__main__":
+    main()
