@@ -149,6 +149,11 @@ def test_semantic_checks_name_the_key():
     assert load_config(COCO, RetrievalConfig, [TINY_VIT], unused_keys=['vit_grad_ckpt'])[0].vit_ckpt_layer == 4
     with pytest.raises(ConfigError, match=r"'vit\.heads' .*must divide width 96"):
         load_config(COCO, RetrievalConfig, ['vit={width: 96, depth: 3, heads: 5}', 'vit_ckpt_layer=0'])
+    with pytest.raises(ConfigError, match=r"'keep_checkpoints' .*only save_every > 0 writes; set save_every too"):
+        load_config(COCO, RetrievalConfig, ['keep_checkpoints=2'])
+    assert load_config(COCO, RetrievalConfig, ['keep_checkpoints=2', 'save_every=1'])[0].keep_checkpoints == 2
+    with pytest.raises(ConfigError, match=r"'save_format' .*expected one of 'torch', 'safetensors'"):
+        load_config(COCO, RetrievalConfig, ['save_format=pickle'])
 
 
 def test_generic_field_types(tmp_path):
