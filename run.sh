@@ -88,6 +88,14 @@ case "$cmd" in
     stage "1 retrieval fine-tuning" "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml \
       --output_dir "$DEMO/retrieval" --no_progress --overwrite --opts "image_root=$D/retrieval/images" \
       "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer" ${SEED[@]+"${SEED[@]}"} "$@"
+    # The kept epoch checkpoints x the test captions as they are and templated (README, "Product
+    # retrieval workflow"): one table, $DEMO/sweep/sweep.md.
+    stage "checkpoint sweep" bash -c '"$0" -m tools captions --input "$1/retrieval/annotation/synthetic_test.json" \
+        --template "a photo of {caption}" --new_col caption_aug --output "$2/sweep/test.csv" \
+      && "$0" -m tools sweep --config configs/demo/retrieval.yaml --output_dir "$2/sweep" --no_progress \
+        --checkpoints "$2/retrieval/checkpoint_epoch*.pth" --caption_cols caption caption_aug \
+        --opts "image_root=$1/retrieval/images" "ann_root=$2/sweep" test_file=test.csv "tokenizer=$1/tokenizer"' \
+      "$PYTHON" "$D" "$DEMO"
     stage "fixture evaluation" "$PYTHON" train_retrieval.py --config configs/demo/fixture_eval.yaml \
       --output_dir "$DEMO/fixture_eval" --evaluate --no_progress
     # ContextBLIP adapter pretraining on the synthetic pairs, over the BLIP just trained; then the

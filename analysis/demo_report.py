@@ -147,6 +147,8 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
                   "![captions](caption/caption_sheet.png)"]
     for title, path in (("DLIP: teacher, distilled student, scratch student (same fine-tuning)",
                          demo / "dlip" / "summary.md"),
+                        ("Retrieval epoch checkpoints x caption columns (tools sweep, test split)",
+                         demo / "sweep" / "sweep.md"),
                         ("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
                         ("MMVP-VLM per pattern", demo / "mmvp" / "mmvp_results.md")):
         if path.is_file():

@@ -13,6 +13,8 @@ pair lists) and ``data/pretrain.py`` (which reads DLIP's ``all.json`` and the Ka
 - ``dlip``: DLIP's ``all.json``, ``[{"caption", "image_root": full image path, "id"}]``.
 - ``flickr_kaggle``: the Kaggle Flickr30k ``results.csv``, ``image_name| comment_number| comment``.
 - ``pairs``: our own pair lists (section 2; also BLIP's ``vg_caption.json``), any caption layout.
+- ``csv``: any other CSV/TSV of pairs, one per row, its columns chosen by ``data/columns.py``'s
+  ``Columns`` (``tools pairs --image_col / --caption_col / --image_dir_col``; BLIP's names by default).
 
 Every reader returns a ``Corpus``: the candidate pairs (image path, raw caption, where it was read)
 and what it skipped, counted by reason. Structural errors (a missing or mistyped field, a file of
@@ -31,14 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
 from .retrieval import _captions, _require_dict, _require_field, _where
-from .utils import pre_caption, read_json, read_text, short_repr
+from .utils import pre_caption, read_csv, read_json, read_text, short_repr
 from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
-KINDS = ("img2dataset", "vg", "coco", "dlip", "flickr_kaggle", "pairs")
+KINDS = ("img2dataset", "vg", "coco", "dlip", "flickr_kaggle", "pairs", "csv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 KAGGLE_HEADER = ["image_name", "comment_number", "comment"]
 EXAMPLES = 5  # skipped records named per reason
@@ -168,9 +171,7 @@ def detect_kind(path: PathLike) -> tuple[str, Any]:
     if is_kaggle_csv(path):
         return "flickr_kaggle", None
     if path.lower().endswith((".csv", ".tsv")):
-        raise DataError(f"{path}: a CSV source must be the Kaggle Flickr30k results.csv (header "
-                        f"{'| '.join(KAGGLE_HEADER)!r}); list other CSV pairs in a json pair list, or "
-                        "give them to pretraining directly as a train_file")
+        return "csv", None
     data = read_json(path)
     return json_kind(path, data), data
 
@@ -319,6 +320,28 @@ def read_pair_list(path: PathLike, image_root: Optional[PathLike], kind: str = "
     return corpus
 
 
+def read_csv_pairs(path: PathLike, image_root: Optional[PathLike], columns: Columns = DEFAULT_COLUMNS,
+                   strict: bool = False) -> Corpus:
+    """A CSV/TSV of pairs, one per row: the image path from ``columns`` (a folder column joined to a
+    file column with ``image_dir``) joined to ``image_root``, the caption from ``columns.caption``.
+    A missing column is an error naming the file, the column and the file's columns; an empty
+    image cell is an error naming the row; an empty caption is skipped and counted (an error when
+    ``strict``)."""
+    path = str(path)
+    corpus = Corpus("csv", path)
+    header, rows = read_csv(path)
+    col = columns.require(header, path)
+    for row in rows:
+        where = row.where(path)
+        image = columns.image_of(row.fields, col, where)
+        caption = _caption_or_skip(corpus, row.fields[col["caption"]], where, strict, name=columns.caption)
+        if caption is not None:
+            corpus.add(_join(image_root, image), caption, where)
+    if not rows:
+        raise DataError(f"{path}: no entries (only its header)")
+    return corpus
+
+
 def read_dlip(path: PathLike, strict: bool = False, data: Any = None) -> Corpus:
     """DLIP's ``all.json``: ``[{"caption": str, "image_root": the image's full path, "id"}]``."""
     path = str(path)
@@ -366,9 +389,10 @@ def read_kaggle_flickr(path: PathLike, image_root: Optional[PathLike], strict: b
 
 
 def read_source(kind: Optional[str], path: PathLike, *, roots: Optional[dict] = None, vg_min_words: int = 5,
-                vg_min_area: float = 5000) -> Corpus:
+                vg_min_area: float = 5000, columns: Columns = DEFAULT_COLUMNS) -> Corpus:
     """Read one source of ``kind`` (None: detected); ``roots`` maps a kind to its image folder
-    (``vg`` is required, ``coco`` required too, the others optional)."""
+    (``vg`` is required, ``coco`` required too, the others optional; ``csv`` files use the
+    ``pairs`` root); ``columns``: the columns of a ``csv`` source."""
     roots = roots or {}
     data = None
     if kind is None:
@@ -379,6 +403,8 @@ def read_source(kind: Optional[str], path: PathLike, *, roots: Optional[dict] = 
         return read_img2dataset(path)
     if kind == "flickr_kaggle":
         return read_kaggle_flickr(path, roots.get("flickr_kaggle"))
+    if kind == "csv":
+        return read_csv_pairs(path, roots.get("csv", roots.get("pairs")), columns)
     for needed in ("vg", "coco"):
         if kind == needed and not roots.get(needed):
             raise DataError(f"{path} is a {'Visual Genome region_descriptions' if needed == 'vg' else 'COCO Karpathy'} "

@@ -4,7 +4,8 @@ Formats (docs/FORMATS.md sections 1 and 2):
 - BLIP-json, train layout ``[{"image", "caption": str, "image_id"}, ...]``: one pair per entry;
 - BLIP-json val/test layout and pretraining json ``[{"image", "caption": str | [str, ...]}]``: one
   pair per caption (a list holds several captions of one image);
-- CSV with a header row: the image and caption columns are chosen by name.
+- CSV with a header row: the image and caption columns are chosen by name, the image path may be
+  joined from a folder column and a file column (``data/columns.py``).
 
 Every pair remembers where it came from (file, entry or row and line, position in a caption list),
 so a message names the exact line a user must fix, and a filtered copy of a file is written in the
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .columns import FLAGS, Columns
 from .retrieval import _captions, _join, _require_dict, _require_image, _where
 from .utils import BadImageError, csv_delimiter, load_image, pre_caption, read_csv, read_json
 from utils.errors import DataError
@@ -59,6 +61,7 @@ class PairTable:
     entry: list[int] = field(default_factory=list)            # json entry / csv data row, 0-based
     caption_index: list[int] = field(default_factory=list)    # position in a caption list, -1: a string
     line: array = field(default_factory=lambda: array("l"))   # csv: the row's first line; json: -1
+    key: list = field(default_factory=list)                   # the id column's value (id_col), else None
 
     @classmethod
     def from_images(cls, paths: Sequence[str]) -> "PairTable":
@@ -101,7 +104,8 @@ class PairTable:
         return ([_join(root, self.image[r]) for r in rows],
                 lambda k: f"{self.where(rows[k])}, field {self.image_fields[self.file_index[rows[k]]]!r}")
 
-    def _add(self, image: str, caption: str, source: str, f: int, entry: int, k: int, line: int) -> None:
+    def _add(self, image: str, caption: str, source: str, f: int, entry: int, k: int, line: int,
+             key: Optional[str] = None) -> None:
         self.image.append(image)
         self.caption.append(caption)
         self.source.append(source)
@@ -109,6 +113,7 @@ class PairTable:
         self.entry.append(entry)
         self.caption_index.append(k)
         self.line.append(line)
+        self.key.append(key)
 
 
 def _source_labels(files: Sequence[str]) -> list[str]:
@@ -125,64 +130,92 @@ def _source_of(record: dict, source_key: Optional[str], default: str, where: str
     return str(record[source_key])
 
 
-def _read_json_pairs(table: PairTable, path: str, f: int, label: str, source_key: Optional[str]) -> None:
+def _read_json_pairs(table: PairTable, path: str, f: int, label: str, source_key: Optional[str],
+                     id_col: Optional[str], need_image: bool, need_caption: bool) -> None:
     entries = read_json(path)
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a json list of entries, got {type(entries).__name__}")
     for index, entry in enumerate(entries):
         where = _where(path, index)
         _require_dict(entry, where)
-        image = _require_image(entry, where)
-        captions = _captions(entry, where)
+        image = _require_image(entry, where) if need_image or "image" in entry else ""
+        if need_caption or "caption" in entry:
+            captions, single = _captions(entry, where), isinstance(entry["caption"], str)
+        else:  # bare images (a gallery): one row per entry
+            captions, single = [""], True
         source = _source_of(entry, source_key, label, where)
-        single = isinstance(entry["caption"], str)  # written back as a string, not a list
+        key = _key_of(entry, id_col, where)
         for k, caption in enumerate(captions):
-            table._add(image, caption, source, f, index, -1 if single else k, -1)
+            # A single caption is written back as a string, not a list.
+            table._add(image, caption, source, f, index, -1 if single else k, -1, key)
 
 
-def _read_csv_pairs(table: PairTable, path: str, f: int, label: str, image_col: str, caption_col: str,
-                    source_key: Optional[str]) -> None:
+def _key_of(record: dict, id_col: Optional[str], where: str) -> Optional[str]:
+    if not id_col:
+        return None
+    value = record.get(id_col)
+    if value is None or isinstance(value, (dict, list)) or not str(value).strip():
+        raise DataError(f"{where}: missing or empty field {id_col!r} (the id column; has {sorted(record)})")
+    return str(value)
+
+
+def _read_csv_pairs(table: PairTable, path: str, f: int, label: str, columns: Columns,
+                    source_key: Optional[str], id_col: Optional[str], need_image: bool, need_caption: bool) -> None:
     header, rows = read_csv(path)
-    for col in (image_col, caption_col) + ((source_key,) if source_key else ()):
-        if col not in header:
-            raise DataError(f"{path}: no column {col!r} (columns: {header}); choose the image and "
-                             "caption columns with --image_col / --caption_col")
+    roles = [r for r, needed in (("image", need_image), ("caption", need_caption)) if needed]
+    extra = [(source_key, "--source_key")] if source_key else []
+    extra += [(id_col, "the id column")] if id_col else []
+    col = columns.require(header, path, roles, extra)
+    # A column a table does not need (a query file's image, a gallery's caption) is read when present.
+    if not need_image and columns.image in header and (columns.image_dir is None or columns.image_dir in header):
+        col.update(columns.require(header, path, ("image",)))
+    if not need_caption and columns.caption in header:
+        col["caption"] = header.index(columns.caption)
     for row in rows:
         where = row.where(path)
         record = dict(zip(header, row.fields))
-        for name in (image_col, caption_col):
-            if not record[name].strip():
-                raise DataError(f"{where}: empty field {name!r}")
-        table._add(record[image_col], record[caption_col], _source_of(record, source_key, label, where), f,
-                   row.index, -1, row.line)
+        image = (columns.image_of(row.fields, col, where)
+                 if need_image or ("image" in col and row.fields[col["image"]].strip()) else "")
+        caption = row.fields[col["caption"]] if "caption" in col else ""
+        if need_caption and not caption.strip():
+            raise DataError(f"{where}: empty field {columns.caption!r}")
+        table._add(image, caption, _source_of(record, source_key, label, where), f, row.index, -1, row.line,
+                   _key_of(record, id_col, where))
 
 
 def read_pairs(files: Sequence[PathLike] | PathLike, fmt: str = "auto", image_col: str = "image",
-               caption_col: str = "caption", source_key: Optional[str] = None) -> PairTable:
+               caption_col: str = "caption", source_key: Optional[str] = None, image_dir_col: Optional[str] = None,
+               id_col: Optional[str] = None, need_image: bool = True, need_caption: bool = True) -> PairTable:
     """Read every (image, caption) pair of the given files, in file order.
 
     Args:
         files: BLIP-json / pretraining-json / CSV (or TSV) files.
         fmt: 'auto' (by extension: .csv/.tsv are CSV, anything else json), 'json' or 'csv'.
-        image_col, caption_col: CSV column names.
+        image_col, caption_col: CSV column names; ``image_dir_col``: a CSV folder column, the image
+            path then being ``folder/file`` (``file`` from ``image_col``; ``data/columns.py``).
         source_key: json field / CSV column naming each pair's source (default: the file name).
+        id_col: json field / CSV column of each pair's id (``table.key``; a submission names items by it).
+        need_image, need_caption: False for bare captions (text queries) or bare images (a gallery):
+            that column may be absent (image / caption ``""``), and is read when present.
     Raises:
-        ValueError naming the file, entry (or row and line) and field of the first bad record.
+        ValueError naming the file, entry (or row and line) and field of the first bad record, or the
+        file, the missing column and the file's columns.
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown annotation format {fmt!r}; valid: {FORMATS}")
     files = [str(files)] if isinstance(files, (str, os.PathLike)) else [str(f) for f in files]
     if not files:
         raise DataError("no annotation files given")
+    columns = Columns(image=image_col, caption=caption_col, image_dir=image_dir_col or None, named_by=FLAGS)
     formats = [_file_format(f, fmt) for f in files]
     table = PairTable(files=files, formats=formats,
-                      image_fields=[image_col if kind == "csv" else "image" for kind in formats])
+                      image_fields=[columns.image_field if kind == "csv" else "image" for kind in formats])
     for f, (path, kind, label) in enumerate(zip(files, formats, _source_labels(files))):
         before = len(table)
         if kind == "csv":
-            _read_csv_pairs(table, path, f, label, image_col, caption_col, source_key)
+            _read_csv_pairs(table, path, f, label, columns, source_key, id_col, need_image, need_caption)
         else:
-            _read_json_pairs(table, path, f, label, source_key)
+            _read_json_pairs(table, path, f, label, source_key, id_col, need_image, need_caption)
         if len(table) == before:
             raise DataError(f"{path}: no pairs (an empty json list, or a CSV with only its header)")
     return table

@@ -12,7 +12,9 @@ Loading, error messages and ``skip_bad_images`` are those of the retrieval train
 Two corpora are also read as they are downloaded (``data/corpora.py``, docs/FORMATS.md 2b): DLIP's
 ``all.json`` (entries with ``image_root``, the image's full path, and no ``image``) and the Kaggle
 Flickr30k ``results.csv`` (header ``image_name| comment_number| comment``; images relative to
-``image_root``; its malformed rows are skipped with a warning naming them).
+``image_root``; its malformed rows are skipped with a warning naming them). Any other ``.csv`` /
+``.tsv`` is one pair per row, its columns chosen by ``columns`` (the config keys ``image_col``,
+``caption_col``, ``image_dir_col``: ``data/columns.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
 from .corpora import is_kaggle_csv, pretrain_entries
 from .stream import build_stream, split_train_files
 from .retrieval import (PathLike, RetrievalTrainDataset, Transform, Where, _captions, _join, _read_entries,
@@ -36,9 +39,10 @@ class PretrainDataset(RetrievalTrainDataset):
     """
 
     def __init__(self, files: Sequence[PathLike] | PathLike, image_root: PathLike | None,
-                 transform: Transform | None, max_words: int = 30, skip_bad_images: bool = False) -> None:
+                 transform: Transform | None, max_words: int = 30, skip_bad_images: bool = False,
+                 columns: Columns = DEFAULT_COLUMNS) -> None:
         super().__init__(files, image_root or None, transform, max_words=max_words,
-                         skip_bad_images=skip_bad_images)
+                         skip_bad_images=skip_bad_images, columns=columns)
 
     def _entries(self, ann_file: str) -> tuple[list, Where]:
         # DLIP's all.json and the Kaggle Flickr30k results.csv, read by data/corpora.py into pairs.
@@ -47,7 +51,7 @@ class PretrainDataset(RetrievalTrainDataset):
         if is_kaggle_csv(ann_file):
             entries, names = pretrain_entries(ann_file)
             return entries, names.__getitem__
-        entries, where = _read_entries(ann_file)
+        entries, where = _read_entries(ann_file, columns=self.columns)
         converted = pretrain_entries(ann_file, entries)
         return (converted[0], converted[1].__getitem__) if converted else (entries, where)
 
@@ -78,15 +82,16 @@ class PretrainDataset(RetrievalTrainDataset):
 
 def build_pretrain_dataset(cfg_like: Any, transform: Transform | None, shuffle: bool = True):
     """From a config with ``train_file`` (str or list), ``image_root``, ``max_words``,
-    ``skip_bad_images``: a :class:`PretrainDataset`, or, when ``train_file`` names tar or parquet
-    shards, a streamed ``data.stream.PairStream`` (with the ``StreamSettings`` keys and ``seed``;
-    ``shuffle`` False: shards and records in order, for ``--dry_run``)."""
+    ``skip_bad_images`` (and the CSV column keys of ``ColumnSettings``, if any): a
+    :class:`PretrainDataset`, or, when ``train_file`` names tar or parquet shards, a streamed
+    ``data.stream.PairStream`` (with the ``StreamSettings`` keys and ``seed``; ``shuffle`` False:
+    shards and records in order, for ``--dry_run``)."""
     files = cfg_like.train_file
     files = [files] if isinstance(files, str) else list(files)
 
     def lists(names):
         return PretrainDataset(names, cfg_like.image_root or None, transform, max_words=cfg_like.max_words,
-                               skip_bad_images=cfg_like.skip_bad_images)
+                               skip_bad_images=cfg_like.skip_bad_images, columns=Columns.of(cfg_like))
 
     if not split_train_files(files)[1]:
         return lists(files)

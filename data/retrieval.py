@@ -32,7 +32,10 @@ image (the two would merge). Give that entry an explicit ``image_id`` to settle 
 
 A ``.csv`` / ``.tsv`` annotation file (columns ``image``, ``caption``, optional ``image_id``; one row
 per caption) is read as the equivalent BLIP-json entries, for ``dataset: custom``; a message names a
-CSV row as ``row k (line L) of FILE`` (k 0-based among the data rows, L the file's line).
+CSV row as ``row k (line L) of FILE`` (k 0-based among the data rows, L the file's line). Other
+column names, and an image path joined from a folder column and a file column, are chosen with
+``columns`` (``data/columns.py``; the config keys ``image_col``, ``caption_col``, ``image_dir_col``,
+``image_id_col``).
 
 The datasets only parse: whether every image exists and has a readable header is checked once, in
 parallel and before any model is built, by ``data/preflight.py`` through ``image_checks`` and
@@ -51,6 +54,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
 from .transforms import build_test_transform, build_train_transform
 from .utils import BadImageError, load_image, pre_caption, read_csv, read_json, short_repr
 from utils.errors import DataError
@@ -77,11 +81,12 @@ def _where(ann_file: PathLike, index: int) -> str:
     return f"entry {index} of {ann_file}"
 
 
-def _read_entries(ann_file: PathLike, one_per_image: bool = False) -> tuple[list, Where]:
-    """The entries of an annotation file and how a message names entry k. An empty file is an error:
-    a split without entries would train or evaluate on nothing."""
+def _read_entries(ann_file: PathLike, one_per_image: bool = False,
+                  columns: Columns = DEFAULT_COLUMNS) -> tuple[list, Where]:
+    """The entries of an annotation file and how a message names entry k (a CSV's columns: ``columns``).
+    An empty file is an error: a split without entries would train or evaluate on nothing."""
     if _is_csv(ann_file):
-        entries, where = _csv_entries(ann_file, one_per_image)
+        entries, where = _csv_entries(ann_file, one_per_image, columns)
     else:
         entries, where = read_json(ann_file), (lambda k: _where(ann_file, k))
         if not isinstance(entries, list):
@@ -92,31 +97,33 @@ def _read_entries(ann_file: PathLike, one_per_image: bool = False) -> tuple[list
     return entries, where
 
 
-def _csv_entries(ann_file: PathLike, one_per_image: bool) -> tuple[list, Where]:
-    """BLIP-json entries from a CSV (TSV: ``.tsv``) with a header row and the columns ``image``,
-    ``caption`` and optionally ``image_id``. One entry per row for training, without ``image_id``
-    where the column is absent or blank (the train set then resolves it like a caption-list
-    entry's: see the module docstring; alone, that is the image path); with ``one_per_image``
-    (evaluation) one per distinct image, its captions in row order, named by its first row.
-    Every row's image and caption are checked here, where its line is known."""
+def _csv_entries(ann_file: PathLike, one_per_image: bool, columns: Columns = DEFAULT_COLUMNS) -> tuple[list, Where]:
+    """BLIP-json entries from a CSV (TSV: ``.tsv``) with a header row: the image path (``columns.image``,
+    joined to ``columns.image_dir``'s folder when set), the caption (``columns.caption``) and
+    optionally the image id (``columns.image_id``; BLIP's names by default: ``image``, ``caption``,
+    ``image_id``). One entry per row for training, without ``image_id`` where the column is absent
+    or blank (the train set then resolves it like a caption-list entry's: see the module docstring;
+    alone, that is the image path); with ``one_per_image`` (evaluation) one per distinct image path,
+    its captions in row order, named by its first row. Every row's image and caption are checked
+    here, where its line is known; a missing column names the file, the column and the file's columns."""
     header, rows = read_csv(ann_file)
-    missing = [c for c in ("image", "caption") if c not in header]
-    if missing:
-        raise DataError(f"{ann_file}: no column {missing} (columns: {header}); a retrieval "
-                         "CSV needs 'image' and 'caption', and may have 'image_id'")
-    col = {name: header.index(name) for name in ("image", "caption", "image_id") if name in header}
+    col = columns.require(header, ann_file)
+    if columns.image_id in header:
+        col["image_id"] = header.index(columns.image_id)
     entries: list[dict] = []
     first_row: dict[str, int] = {}  # one_per_image: image -> its entry
     # Per entry, the data row and line that name it (not the rows themselves: they hold every field).
     named_row, named_line = array("l"), array("l")
     for row in rows:
         where = row.where(ann_file)
-        entry = {"image": row.fields[col["image"]], "caption": row.fields[col["caption"]]}
+        caption = row.fields[col["caption"]]
+        if not caption.strip():
+            raise DataError(f"{where}: invalid field {columns.caption!r}: the caption is empty or whitespace only "
+                            f"({caption!r})")
+        entry = {"image": columns.image_of(row.fields, col, where), "caption": caption}
         image_id = row.fields[col["image_id"]] if "image_id" in col else ""
         if image_id.strip():
             entry["image_id"] = image_id
-        _require_image(entry, where)
-        _captions(entry, where)
         if one_per_image and entry["image"] in first_row:
             entries[first_row[entry["image"]]]["caption"].append(entry["caption"])
             continue
@@ -236,7 +243,7 @@ class RetrievalTrainDataset(Dataset):
 
     def __init__(self, ann_files: Sequence[PathLike] | PathLike, image_root: PathLike | None,
                  transform: Transform | None, max_words: int = 30,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, columns: Columns = DEFAULT_COLUMNS) -> None:
         if isinstance(ann_files, (str, os.PathLike)):
             ann_files = [ann_files]
         self.ann_files = [str(f) for f in ann_files]
@@ -246,6 +253,7 @@ class RetrievalTrainDataset(Dataset):
         self.transform = transform
         self.max_words = max_words
         self.skip_bad_images = skip_bad_images
+        self.columns = columns  # of CSV/TSV files
         # Records a source itself marks as failed (img2dataset folders), skipped while reading:
         # {file: {reason: count}}, reported in log.txt as data_skipped_up_front.
         self.skipped_up_front: dict[str, dict[str, int]] = {}
@@ -287,7 +295,7 @@ class RetrievalTrainDataset(Dataset):
             if skipped:
                 self.skipped_up_front[ann_file] = skipped
             return entries, where
-        return _read_entries(ann_file)
+        return _read_entries(ann_file, columns=self.columns)
 
     def _add(self, entry: Any, ann_file: str, where: str) -> None:
         _require_dict(entry, where)
@@ -360,7 +368,12 @@ class RetrievalTrainDataset(Dataset):
         for i in range(len(self)):
             first.setdefault(self.image_path(i), i)
         items = list(first.values())
-        return list(first), lambda k: f"{self.source(items[k])}, field 'image'"
+        return list(first), lambda k: f"{self.source(items[k])}, field {self._image_field(items[k])!r}"
+
+    def _image_field(self, index: int) -> str:
+        """The image field of item ``index``'s file: ``image``, or a CSV's image column(s)."""
+        ann_file = self.ann_files[bisect.bisect_right(self._file_starts, index) - 1]
+        return self.columns.image_field if _is_csv(ann_file) else "image"
 
     def drop_images(self, bad: Collection[str]) -> int:
         """Drop every item whose image path is in ``bad`` (``skip_bad_images`` at pre-flight);
@@ -429,14 +442,15 @@ class RetrievalEvalDataset(Dataset):
 
     def __init__(self, ann_file: PathLike, image_root: PathLike | None,
                  transform: Transform | None, max_words: int = 30,
-                 skip_bad_images: bool = False) -> None:
+                 skip_bad_images: bool = False, columns: Columns = DEFAULT_COLUMNS) -> None:
         self.ann_file = str(ann_file)
         self.image_root = image_root
         self.transform = transform
         self.max_words = max_words
         self.skip_bad_images = skip_bad_images
+        self.columns = columns  # of a CSV/TSV file
 
-        entries, self._where = _read_entries(self.ann_file, one_per_image=True)
+        entries, self._where = _read_entries(self.ann_file, one_per_image=True, columns=columns)
         self.annotation: list[dict] = []
         self.image: list[str] = []
         self._captions: list[list[str]] = []   # cleaned, per image
@@ -466,7 +480,8 @@ class RetrievalEvalDataset(Dataset):
     def image_checks(self) -> tuple[list[str], Where]:
         """The image paths and how to name the k-th in a message (its entry and the field); for
         ``data/preflight.py``."""
-        return [_join(self.image_root, image) for image in self.image], lambda k: f"{self.source(k)}, field 'image'"
+        field = self.columns.image_field if _is_csv(self.ann_file) else "image"
+        return [_join(self.image_root, image) for image in self.image], lambda k: f"{self.source(k)}, field {field!r}"
 
     def drop_images(self, bad: Collection[str]) -> int:
         """Drop the entries whose image path is in ``bad``, with their captions; returns how many."""
@@ -525,6 +540,7 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
 
     ann_root, image_root = cfg_like.ann_root, cfg_like.image_root
     max_words, skip = cfg_like.max_words, cfg_like.skip_bad_images
+    columns = Columns.of(cfg_like)  # of CSV/TSV files (image_col, caption_col, image_dir_col, image_id_col)
 
     def files_for(split: str) -> list[Path]:
         given = {"train": cfg_like.train_file, "val": cfg_like.val_file, "test": cfg_like.test_file}[split]
@@ -551,7 +567,8 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
             transform = transform_for(train_transform, build_train_transform)
 
             def lists(names, transform=transform):
-                return RetrievalTrainDataset(names, image_root, transform, max_words=max_words, skip_bad_images=skip)
+                return RetrievalTrainDataset(names, image_root, transform, max_words=max_words, skip_bad_images=skip,
+                                             columns=columns)
 
             names = [str(f) for f in files]
             if split_train_files(names)[1]:
@@ -564,5 +581,5 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
         else:
             datasets[split] = RetrievalEvalDataset(
                 files[0], image_root, transform_for(test_transform, build_test_transform),
-                max_words=max_words, skip_bad_images=skip)
+                max_words=max_words, skip_bad_images=skip, columns=columns)
     return datasets

@@ -27,14 +27,15 @@ from utils import dist as du
 from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer
 from utils.schedule import WarmupStepSchedule, build_adamw
-from utils.settings import (AugmentSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
+from utils.settings import (AugmentSettings, ColumnSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
                             StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
 
 
 class BlipPretrainConfig(BlipArch, ITCSettings, DistillSettings, TextSettings, WeightsSettings, AugmentSettings,
-                         StreamSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings, RunSettings):
+                         StreamSettings, ColumnSettings, OptimSettings, WarmupSettings, DecaySettings, LoopSettings,
+                         RunSettings):
     """BLIP pretraining (pretrain_blip.py), and DLIP distillation when ``teacher`` is set. Defaults
     are BLIP's released recipe (docs/BLIP.md); configs/dlip_pretrain.yaml is DLIP's."""
     train_file: Union[str, List[str]] = ''      # json/CSV lists, img2dataset folders, tar/parquet shards (FORMATS.md 2-2c)

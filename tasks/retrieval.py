@@ -24,13 +24,13 @@ from utils import dist as du
 from utils.config import PosInt
 from utils.engine import Trainer
 from utils.schedule import CosineSchedule, build_adamw
-from utils.settings import (AugmentSettings, EvalSettings, LoopSettings, OptimSettings, RunSettings,
+from utils.settings import (AugmentSettings, ColumnSettings, EvalSettings, LoopSettings, OptimSettings, RunSettings,
                             StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
 
 
-class RetrievalData(AugmentSettings, StreamSettings):
+class RetrievalData(AugmentSettings, StreamSettings, ColumnSettings):
     image_root: str = ''                        # prefix joined to the annotations' image paths
     ann_root: str = ''                          # folder with the train/val/test files
     dataset: Literal['coco', 'flickr', 'custom'] = 'coco'

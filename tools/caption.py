@@ -11,8 +11,9 @@ Inputs (one kind per run; each distinct image is captioned once, in first-seen o
 - ``--input FILE ...``: pair files (BLIP-json, pretraining json, CSV/TSV; ``--image_col`` ...), as for
   ``tools score``; their captions are the images' *original* captions;
 - ``--images PATH ...``: folders (every image file below them, recursively, sorted by path; hidden
-  files and folders skipped) and lists of images: a CSV/TSV (``--image_col``), a ``.txt`` (one path
-  a line) or a json list (of paths, or of objects with ``image``); no original captions;
+  files and folders skipped) and lists of images: a CSV/TSV (``--image_col``, ``--image_dir_col``),
+  a ``.txt`` (one path a line) or a json list (of paths, or of objects with ``image``); no original
+  captions;
 - ``--img2dataset DIR ...``: img2dataset output folders (``00000/000000001.jpg`` with its caption
   in ``000000001.txt``; the ``.json``/``.parquet`` files are not read): the ``.txt`` is the image's
   original caption (an image without one, or with an empty one, has none).
@@ -74,6 +75,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from data.columns import FLAGS, Columns
 from data.pairs import PairTable
 from data.preflight import check_images, log_unk_rate
 from data.retrieval import _join, _require_dict, _require_image, _where
@@ -189,18 +191,15 @@ def _image_files(folder: str) -> List[str]:
     return [os.path.join(folder, rel) for rel in sorted(found, key=lambda p: Path(p).parts)]
 
 
-def _read_image_list(table: PairTable, path: str, f: int, label: str, image_col: str) -> None:
-    """Bare image paths of a CSV/TSV (``image_col``), ``.txt`` or json list into ``table``."""
+def _read_image_list(table: PairTable, path: str, f: int, label: str, columns: Columns) -> None:
+    """Bare image paths of a CSV/TSV (``columns``: ``--image_col``, ``--image_dir_col``), ``.txt`` or
+    json list into ``table``."""
     lower = path.lower()
     if lower.endswith((".csv", ".tsv")):
         header, rows = read_csv(path)
-        if image_col not in header:
-            raise ValueError(f"{path}: no column {image_col!r} (columns: {header}); choose it with --image_col")
-        col = header.index(image_col)
+        col = columns.require(header, path, ("image",))
         for row in rows:
-            if not row.fields[col].strip():
-                raise ValueError(f"{row.where(path)}: empty field {image_col!r}")
-            table._add(row.fields[col], "", label, f, row.index, -1, row.line)
+            table._add(columns.image_of(row.fields, col, row.where(path)), "", label, f, row.index, -1, row.line)
     elif lower.endswith(".txt"):
         n = 0
         for line, text in enumerate(read_text(path).splitlines(), start=1):
@@ -250,10 +249,11 @@ def read_inputs(args, cfg) -> Inputs:
         roots, folders = [root] * len(table.files), [False] * len(table.files)
     else:
         paths = [str(p) for p in getattr(args, given[0])]
+        columns = Columns(image=args.image_col, image_dir=getattr(args, "image_dir_col", None), named_by=FLAGS)
         folders = [os.path.isdir(p) for p in paths]
         table = PairTable(files=paths, formats=["csv" if p.lower().endswith((".csv", ".tsv", ".txt")) and not d
                                                 else "json" for p, d in zip(paths, folders)],
-                          image_fields=[args.image_col if p.lower().endswith((".csv", ".tsv")) else "image"
+                          image_fields=[columns.image_field if p.lower().endswith((".csv", ".tsv")) else "image"
                                         for p in paths])
         roots = [None if d else root for d in folders]
         try:
@@ -270,7 +270,7 @@ def read_inputs(args, cfg) -> Inputs:
                     for k, image in enumerate(_image_files(path)):
                         table._add(image, "", label, f, k, -1, -1)
                 else:
-                    _read_image_list(table, path, f, label, args.image_col)
+                    _read_image_list(table, path, f, label, columns)
                 if len(table) == before:
                     raise ValueError(f"{path}: no images")
         except (ValueError, FileNotFoundError) as err:

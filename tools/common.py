@@ -51,14 +51,21 @@ def add_pair_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
     g.add_argument("--format", default="auto", choices=FORMATS, help="input format (auto: by extension)")
     g.add_argument("--image_col", default="image", help="CSV column with the image path")
     g.add_argument("--caption_col", default="caption", help="CSV column with the caption")
+    g.add_argument("--image_dir_col", default=None,
+                   help="CSV column with the image's folder: the image path is then FOLDER/FILE (FILE: --image_col)")
     g.add_argument("--source_key", default=None,
                    help="json field / CSV column naming each pair's source (default: the file name)")
 
 
-def read_pair_args(args) -> PairTable:
-    """The pairs of ``--input``; a bad file ends the command with its message (file, entry, field)."""
+def read_pair_args(args, files=None, id_col: Optional[str] = None, need_image: bool = True,
+                   need_caption: bool = True) -> PairTable:
+    """The pairs of ``--input`` (or of ``files``, read with the same column flags); a bad file ends
+    the command with its message (file, entry or row and line, field; a missing column with the
+    file's columns). ``id_col``, ``need_image``, ``need_caption``: as ``data.pairs.read_pairs``."""
     try:
-        return read_pairs(args.input, args.format, args.image_col, args.caption_col, args.source_key)
+        return read_pairs(args.input if files is None else files, args.format, args.image_col, args.caption_col,
+                          getattr(args, "source_key", None), image_dir_col=getattr(args, "image_dir_col", None),
+                          id_col=id_col, need_image=need_image, need_caption=need_caption)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 

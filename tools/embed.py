@@ -8,8 +8,9 @@ Images: every distinct image path of the inputs, in first-seen order; texts: eve
 in input order. ``output_dir`` holds, per kind and shard, ``<kind>_<shard>.npy`` (float32 ``[n, E]``,
 L2-normalised ITC features; in ``.safetensors`` the tensor is ``embeds``) and ``<kind>_<shard>.json``
 with ``ids`` (one record per embedded row: ``id``, ``image``, ``caption`` for texts, ``image_id``
-= the image's id, ``row`` = its first pair) and ``errors`` (images that could not be read, skipped).
-``manifest.json`` describes the whole set. Shards are written atomically: a restart skips
+= the image's id, ``row`` = its first pair, ``key`` = the ``--id_col`` value) and ``errors``
+(images that could not be read, skipped). ``--what image`` needs no caption column (a gallery of
+test data). ``manifest.json`` describes the whole set. Shards are written atomically: a restart skips
 finished ones. Read them back with ``load_embeddings``. Every image is checked before the model is
 built (a bad one stops the command naming its row, unless ``--opts skip_bad_images=true``: then it
 is listed in ``errors``), and progress is logged at least every 30 s.
@@ -49,6 +50,9 @@ def _extra_args(parser) -> None:
                         help="embedding file format")
     parser.add_argument("--what", default="both", choices=("both", "image", "text"), help="which embeddings")
     parser.add_argument("--shard_size", type=int, default=50000, help="rows per shard file")
+    parser.add_argument("--id_col", default=None,
+                        help="CSV column (json field) of each item's id, stored as 'key' in the id records: a "
+                             "`tools search --submission` names the gallery items by it (default: the image path)")
 
 
 # ----------------------------------------------------------------------------- files
@@ -145,6 +149,11 @@ def embed_captions(model, tokenizer, captions: List[str], cfg, device,
     return np.concatenate(feats)
 
 
+def _key(table: PairTable, row: int) -> dict:
+    """``{"key": id}`` of a row with an ``--id_col`` value, else nothing."""
+    return {} if table.key[row] is None else {"key": table.key[row]}
+
+
 def _image_ids(table: PairTable) -> Tuple[List[int], dict]:
     first_rows = table.first_rows_of_images()
     return first_rows, {table.image[r]: i for i, r in enumerate(first_rows)}
@@ -154,14 +163,16 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
     run = start(argv, prog, __doc__.splitlines()[0], _extra_args)
     args, cfg, info = run.args, run.cfg, run.info
     try:
-        table = read_pair_args(args)
+        # A gallery of images needs no caption column (test data without ground truth).
+        table = read_pair_args(args, id_col=args.id_col, need_caption=args.what != "image")
         bad_images = check_pair_images(table, cfg)
         first_rows, image_id = _image_ids(table)
         kinds = KINDS if args.what == "both" else (args.what,)
         plans = {"image": ShardPlan(len(first_rows), args.shard_size), "text": ShardPlan(len(table), args.shard_size)}
         check_run_plan(run.output_dir, {"inputs": table.files, "pairs": len(table), "fingerprint": table.fingerprint(),
                                         "shard_size": args.shard_size, "kinds": list(kinds), "format": args.array_format,
-                                        "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main)
+                                        "image_root": cfg.image_root, "model": model_signature(cfg),
+                                        **({"id_col": args.id_col} if args.id_col else {})}, info.is_main)
         jobs = [(k, s) for k in kinds for s in range(plans[k].n_shards)]
         logger.info("%d images, %d texts", len(first_rows), len(table))
         mine = split_pending(jobs, lambda j: shard_paths(run.output_dir, *j, args.array_format)[1].exists(), info)
@@ -179,17 +190,19 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
                                                        bad_images, progress)
                 for e in errors:
                     logger.warning("not embedded: %s", e)
-                ids = [{"id": image_id[table.image[r]], "image": table.image[r], "row": r} for r in kept]
+                ids = [{"id": image_id[table.image[r]], "image": table.image[r], "row": r, **_key(table, r)}
+                       for r in kept]
             else:
                 feats = embed_captions(model, tokenizer, [table.caption[r] for r in rows], cfg, info.device, progress)
                 errors = []
                 ids = [{"id": r, "caption": table.caption[r], "image": table.image[r],
-                        "image_id": image_id[table.image[r]], "row": r} for r in rows]
+                        "image_id": image_id[table.image[r]], "row": r, **_key(table, r)} for r in rows]
             write_shard(run.output_dir, kind, s, args.array_format, feats, ids, errors)
         du.barrier()
         manifest = {}
         if info.is_main:
             manifest = {"format": args.array_format, "embed_dim": cfg.embed_dim, "inputs": table.files,
+                        "id_col": args.id_col,
                         "image_root": cfg.image_root, "model": model_signature(cfg),
                         "kinds": {k: {"shards": plans[k].n_shards, "rows": plans[k].n_rows} for k in kinds}}
             atomic_write(run.output_dir / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))

@@ -8,7 +8,8 @@
 
 Each SOURCE is read by ``data/corpora.py``: its kind is detected from the path and content (an
 img2dataset output folder, VG ``region_descriptions.json``, COCO Karpathy train json, DLIP
-``all.json``, the Kaggle Flickr30k ``results.csv``, our own pair lists), or forced as
+``all.json``, the Kaggle Flickr30k ``results.csv``, our own pair lists, any other CSV/TSV of pairs
+with ``--image_col`` / ``--caption_col`` / ``--image_dir_col``), or forced as
 ``KIND:PATH`` (``vg:/data/region_descriptions.json``). Writes ``OUT/pairs.json`` (one
 ``{"image", "caption": str, "source"}`` entry per pair; absolute image paths, or relative to
 ``--image_root``) and ``OUT/report.json`` (per source: records read, pairs kept, skipped by reason,
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from data.columns import DEFAULT as DEFAULT_COLUMNS, FLAGS, Columns
 from data.corpora import KINDS, MISSING_IMAGE, Corpus, read_source
 from data.utils import pre_caption
 
@@ -58,12 +60,13 @@ def check_images(paths: list[str]) -> set[str]:
 
 
 def build(sources: list[tuple[Optional[str], str]], roots: dict, vg_min_words: int, vg_min_area: float,
-          check: bool, image_root: Optional[str]) -> tuple[list[dict], dict]:
-    """Read, filter and dedup every source: ``(pair entries, report)``."""
+          check: bool, image_root: Optional[str], columns: Columns = DEFAULT_COLUMNS) -> tuple[list[dict], dict]:
+    """Read, filter and dedup every source: ``(pair entries, report)``; ``columns``: of CSV sources."""
     labels = _labels(sources)
     corpora: list[Corpus] = []
     for (kind, path), label in zip(sources, labels):
-        corpus = read_source(kind, path, roots=roots, vg_min_words=vg_min_words, vg_min_area=vg_min_area)
+        corpus = read_source(kind, path, roots=roots, vg_min_words=vg_min_words, vg_min_area=vg_min_area,
+                             columns=columns)
         logger.info("%s (%s): %d records read, %d candidate pairs", label, corpus.kind, corpus.read, len(corpus))
         corpora.append(corpus)
     missing: set[str] = set()
@@ -144,8 +147,12 @@ def _args(argv, prog):
     p.add_argument("--flickr_image_root", default=None,
                    help="Flickr30k image folder (flickr30k_images) for the Kaggle results.csv image_name")
     p.add_argument("--pairs_image_root", default=None,
-                   help="folder that relative paths of pair lists (and vg_caption.json) are under "
+                   help="folder that relative paths of pair lists, CSV files (and vg_caption.json) are under "
                         "(default: the working directory)")
+    p.add_argument("--image_col", default="image", help="CSV sources: the image path column (the file, with "
+                   "--image_dir_col)")
+    p.add_argument("--caption_col", default="caption", help="CSV sources: the caption column")
+    p.add_argument("--image_dir_col", default=None, help="CSV sources: a folder column; the image is FOLDER/FILE")
     p.add_argument("--vg_min_words", type=int, default=5,
                    help="a VG phrase needs at least this many words (default 5: more than 4)")
     p.add_argument("--vg_min_area", type=float, default=5000,
@@ -162,8 +169,9 @@ def main(argv=None, prog: str = "python -m tools pairs") -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     roots = {"vg": args.vg_image_root, "coco": args.coco_image_root, "flickr_kaggle": args.flickr_image_root,
              "pairs": args.pairs_image_root}
+    columns = Columns(image=args.image_col, caption=args.caption_col, image_dir=args.image_dir_col, named_by=FLAGS)
     pairs, report = build([parse_source(s) for s in args.sources], roots, args.vg_min_words, args.vg_min_area,
-                          args.check_images, args.image_root)
+                          args.check_images, args.image_root, columns)
     if not pairs:
         print_table(report)
         raise SystemExit("error: no pair kept from any source; nothing written (see the counts above)")

@@ -16,6 +16,11 @@ same results. ``--rerank`` re-scores each query's k candidates as BLIP's evaluat
 ``ITM logit[match] + cosine``, with the image-major reranker of ``tasks/retrieval_eval.py``.
 Writes ``results.json`` (per query, its ranked results with ``score``, ``itc`` and, reranked,
 ``itm``) and ``contact_sheet.png`` (the top results of the first ``--sheet_queries`` queries).
+``--submission STEM`` (test data without ground truth) also writes ``STEM.csv`` / ``STEM.json``,
+the top ``--k`` distinct gallery ids per query (``tools/submission.py``): the gallery's ids are its
+``tools embed --id_col`` column (default: the image path), the queries' ``--query_id_col`` (default:
+the text, or the image path). When gallery items share an id, the search (and ``--rerank``) covers
+``k`` x (most items of one id) candidates, so that ``k`` distinct ids are found.
 
 Before the model is built, every image the command will decode is checked (query images; with
 ``--rerank`` in t2i the gallery's images): a missing or unreadable one stops it naming the file, or
@@ -41,6 +46,7 @@ from data.transforms import build_test_transform
 from data.utils import BadImageError, load_image, pre_caption
 from tools.common import add_pair_args, batches_of, inference_model, model_signature, read_pair_args, start
 from tools.embed import embed_captions, load_embeddings, read_manifest
+from tools.submission import distinct_top, fetch_size, key_of, write_submission
 from utils import dist as du
 from utils.engine import autocast
 from utils.logging import Heartbeat
@@ -65,6 +71,13 @@ def _extra_args(parser) -> None:
     parser.add_argument("--rerank", action="store_true", help="re-score the top k with ITM (+ cosine)")
     parser.add_argument("--sheet_queries", type=int, default=4, help="queries shown in contact_sheet.png")
     parser.add_argument("--sheet_k", type=int, default=5, help="results per query in the contact sheet")
+    s = parser.add_argument_group("submission (test data without ground truth)")
+    s.add_argument("--submission", metavar="STEM",
+                   help="also write STEM.csv and STEM.json: the top --k distinct gallery ids per query (the gallery's "
+                        "`tools embed --id_col`, else the image path)")
+    s.add_argument("--query_id_col", default=None,
+                   help="--input queries: the CSV column (json field) of each query's id (default: the query text, "
+                        "or the image path)")
 
 
 # ----------------------------------------------------------------------------- exact top-k
@@ -147,11 +160,21 @@ def load_queries(args, cfg) -> Tuple[List[dict], Optional[np.ndarray]]:
                            args.query_embeddings)
         root = manifest.get("image_root", "")
         return [({"text": r["caption"], "image": _join_root(root, r["image"])} if t2i
-                 else {"image": _join_root(root, r["image"])}) for r in ids], feats
-    table = read_pair_args(args)
+                 else {"image": _join_root(root, r["image"])}) | ({"key": r["key"]} if "key" in r else {})
+                for r in ids], feats
+    # Text queries need no image column, image queries no caption column (test data without ground truth).
+    table = read_pair_args(args, id_col=args.query_id_col, need_image=not t2i, need_caption=t2i)
+    keys = [{} if k is None else {"key": k} for k in table.key]
     if t2i:
-        return [{"text": c, "image": _join_root(cfg.image_root, i)} for c, i in zip(table.caption, table.image)], None
-    return [{"image": _join_root(cfg.image_root, table.image[r])} for r in table.first_rows_of_images()], None
+        return [{"text": c, **({"image": _join_root(cfg.image_root, i)} if i else {}), **keys[r]}
+                for r, (c, i) in enumerate(zip(table.caption, table.image))], None
+    return [{"image": _join_root(cfg.image_root, table.image[r]), **keys[r]}
+            for r in table.first_rows_of_images()], None
+
+
+def _query_key(query: dict, t2i: bool) -> str:
+    """A query's id in a submission: its ``--query_id_col`` value, else its text (t2i) or image path."""
+    return key_of(query, query["text"] if t2i else query["image"])
 
 
 def check_query_images(queries: List[dict], skip: bool) -> List[int]:
@@ -326,7 +349,11 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
                                              Heartbeat("embed queries", len(queries), "queries", logger))
             else:
                 query_feats = encode_image_files(model, [q["image"] for q in queries], cfg, info.device)[0].cpu().numpy()
-        top_s, top_i = search(query_feats, gallery, args.k, args.backend, args.chunk_size)
+        k_search = args.k
+        if args.submission:  # enough candidates for k distinct ids when gallery items share one
+            gallery_keys = [key_of(r) for r in gallery_ids]
+            k_search = max(args.k, fetch_size(gallery_keys, args.k))
+        top_s, top_i = search(query_feats, gallery, k_search, args.backend, args.chunk_size)
         itm = None
         if args.rerank:
             score, itm, order = itm_rerank(model, tokenizer, cfg, info.device, queries, gallery_ids,
@@ -337,7 +364,7 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
         results = []
         for q, query in enumerate(queries):
             ranked = []
-            for rank, j in enumerate(order[q]):
+            for rank, j in enumerate(order[q][:args.k]):
                 g = int(top_i[q, j])
                 item = {"rank": rank + 1, "gallery_index": g, **gallery_ids[g], "score": float(score[q, j]),
                         "itc": float(top_s[q, j])}
@@ -348,10 +375,16 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
                 ranked.append(item)
             results.append({"query": query, "results": ranked})
         (run.output_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        if args.submission:
+            ranked = [distinct_top(top_i[q, order[q]], score[q, order[q]], gallery_keys, args.k)
+                      for q in range(len(queries))]
+            paths = write_submission(args.submission, [_query_key(query, t2i) for query in queries],
+                                     [r[0] for r in ranked], [r[1] for r in ranked], args.k)
+            logger.info("wrote the submission %s and %s (%d queries, top %d ids)", *paths, len(queries), args.k)
         if args.sheet_queries > 0 and results:
             contact_sheet(results[:args.sheet_queries], t2i, run.output_dir / "contact_sheet.png", args.sheet_k)
         logger.info("wrote %s and contact_sheet.png (%d queries, top %d of %d)", run.output_dir / "results.json",
-                    len(results), top_i.shape[1], gallery.shape[0])
+                    len(results), min(args.k, top_i.shape[1]), gallery.shape[0])
         return results
     finally:
         du.cleanup()
