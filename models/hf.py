@@ -84,21 +84,22 @@ def _swap(name: str, pairs, to_hf: bool) -> Optional[str]:
     return None
 
 
+def _vit_key(suffix: str, to_hf: bool) -> Optional[str]:
+    m = (_BLOCK if to_hf else _LAYER).match(suffix)
+    if m:
+        rest = _swap(m.group(2), _VIT_BLOCK, to_hf)
+        return None if rest is None else f"{'encoder.layers' if to_hf else 'blocks'}.{m.group(1)}.{rest}"
+    return _swap(suffix, _VIT_TOP, to_hf)
+
+
 def vit_to_hf(suffix: str) -> Optional[str]:
     """A ``visual_encoder.`` key suffix -> its ``vision_model.`` suffix (None: not a BLIP ViT key)."""
-    m = _BLOCK.match(suffix)
-    if m:
-        rest = _swap(m.group(2), _VIT_BLOCK, True)
-        return None if rest is None else f"encoder.layers.{m.group(1)}.{rest}"
-    return _swap(suffix, _VIT_TOP, True)
+    return _vit_key(suffix, True)
 
 
 def vit_from_hf(suffix: str) -> Optional[str]:
-    m = _LAYER.match(suffix)
-    if m:
-        rest = _swap(m.group(2), _VIT_BLOCK, False)
-        return None if rest is None else f"blocks.{m.group(1)}.{rest}"
-    return _swap(suffix, _VIT_TOP, False)
+    """A ``vision_model.`` key suffix -> its ``visual_encoder.`` suffix (None: not an HF ViT key)."""
+    return _vit_key(suffix, False)
 
 
 def _hf_parts(layout: str) -> Tuple[str, ...]:
