@@ -280,13 +280,3 @@ def full_disk():
     """``full_disk(binary_file, room) -> file``: writes fail with ENOSPC after ``room`` bytes."""
     return _FullDisk
 
-
-def read_tensorboard(folder: Path):
-    """The TensorBoard events under ``folder``, as TensorBoard itself reads them (purged steps of a
-    resumed run dropped): ``({tag: [(step, value)]}, {tag: [(step, width, height)]})``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-    images = {tag: [(e.step, e.width, e.height) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
-    return scalars, images

@@ -443,13 +443,12 @@ def test_a_connection_error_while_downloading_is_not_called_a_write_error(tmp_pa
 
 
 
-def test_safetensors_checkpoint_loads_anywhere_and_keeps_its_state_apart(tmp_path, fixture_model):
+def test_safetensors_checkpoint_loads_anywhere_and_keeps_its_state_apart(tmp_path, fixture_model, fixture_dir):
     """``save_format: safetensors``: the weights (tied ones stored twice) + a JSON metadata block,
     the optimiser state in a weights_only torch file. ``pretrained`` reads it as a .pth; resuming
     needs the state file, and says so when it is gone."""
     from models.factory import create_model, load_weights
     from tasks.retrieval import RetrievalConfig
-    from tests.conftest import FIXTURE
     from utils.checkpoint import (link_checkpoint, load_checkpoint, remove_checkpoint, safetensors_metadata,
                                   save_safetensors_checkpoint)
     model, tok, _ = fixture_model()
@@ -470,7 +469,7 @@ def test_safetensors_checkpoint_loads_anywhere_and_keeps_its_state_apart(tmp_pat
     save_safetensors_checkpoint(state, path)
     assert len(list(path.parent.glob("checkpoint_last.*.state.pth"))) == 1  # the older state file is gone
     cfg = RetrievalConfig(vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16}, image_size=64,
-                          med_config=str(FIXTURE / "med_config.json"), tokenizer=str(FIXTURE / "tokenizer"),
+                          med_config=str(fixture_dir / "med_config.json"), tokenizer=str(fixture_dir / "tokenizer"),
                           embed_dim=32, queue_size=64, pretrained=str(path), strict_load=True)
     other, _ = create_model(cfg, "blip")
     assert all(torch.equal(other.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -72,7 +72,7 @@ def test_pretrain_pictures_resume_export_and_visualize(setup, tmp_path, run_scri
     from models.factory import load_weights
     from models.tokenizer import build_tokenizer
     from tasks.contextblip_pretrain import PretrainConfig
-    from tests.conftest import read_tensorboard
+    from tests.scripts.tensorboard_events import read_tensorboard
     from utils.checkpoint import load_checkpoint
     from utils.config import load_config
 

@@ -23,6 +23,7 @@ def _imports(path: Path) -> set:
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
+            names |= {"conftest"} & set(node.module.split("."))  # `from tests.conftest import ...`
     return names
 
 

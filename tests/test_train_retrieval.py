@@ -68,7 +68,7 @@ def test_resume_continues_exactly(tmp_path, baseline, train_cli):
     """The straight run writes .pth files; the split one safetensors (weights + a state file), keeps
     an epoch copy per epoch (only the newest: keep_checkpoints 1) and reports to TensorBoard. None
     of that changes training: the weights are bit-identical."""
-    from tests.conftest import read_tensorboard
+    from tests.scripts.tensorboard_events import read_tensorboard
     from utils.checkpoint import load_checkpoint
     cfg, straight = baseline
     split = tmp_path / "split"
