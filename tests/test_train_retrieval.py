@@ -151,9 +151,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 @pytest.mark.dist
 def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small, run_torchrun, tiny_train_config):
     """2 ranks (gloo, CPU), hard negatives mined across ranks: training runs, val and test are
-    evaluated, checkpoints are written once (by rank 0) and resume works under torchrun too."""
+    evaluated, checkpoints and TensorBoard events are written once (by rank 0) and resume works under
+    torchrun too."""
     # Global batch 2 x 16 = 32; queue 64 is a multiple of it.
-    cfg = tiny_train_config(tmp_path, synthetic_small, negative_all_rank=True, max_epoch=1)
+    cfg = tiny_train_config(tmp_path, synthetic_small, negative_all_rank=True, max_epoch=1, report_to="tensorboard",
+                            save_every=1)
     out = tmp_path / "ddp"
     run_torchrun("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress"])
     rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
@@ -168,6 +170,9 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small, ru
     rows = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert torch.load(out / "checkpoint_last.pth", weights_only=True)["step"] == 2 * (96 * 3 // 32)
+    # Rank 0 alone writes TensorBoard events (one file per attempt) and the epoch copies.
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert sorted(p.name for p in out.glob("checkpoint_epoch*")) == ["checkpoint_epoch000.pth", "checkpoint_epoch001.pth"]
 
 
 @pytest.mark.slow
