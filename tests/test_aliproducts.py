@@ -57,7 +57,7 @@ def configs(products, fixture_config, fixture_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aliproducts_cfg")
     cfg = fixture_config(tmp, image_root=str(products["root"]), ann_root=str(products["tmp"]),
                          test_file="products.csv", image_col="file", image_dir_col="folder", caption_col="title")
-    state = torch.load(fixture_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
+    state = torch.load(fixture_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
     model = state["model"] if "model" in state else state
     g = torch.Generator().manual_seed(0)
     noisy = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in model.items()}
