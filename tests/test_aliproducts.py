@@ -282,6 +282,42 @@ def test_search_submission_on_a_gallery_without_ground_truth(products, configs, 
     assert ids[0]["image"] == "shoes/img0.png" and {r["key"] for r in ids} == {"p01", "p2", "p3", "p4", "p5"}
 
 
+def test_search_submission_image_to_text(products, configs, tmp_path):
+    """i2t: query pictures against a gallery of titles; the submission ranks products (each by its
+    best title), ids from the gallery's product_id column, queries named by their image path."""
+    from PIL import Image
+    from data.transforms import build_test_transform
+    from tasks.retrieval import RetrievalConfig
+    from tools.common import inference_model
+    from tools.embed import load_embeddings, main as embed
+    from tools.search import main as search
+    from utils.config import load_config
+    cfg_path, _, _ = configs
+    cols = ["--image_col", "file", "--image_dir_col", "folder", "--caption_col", "title"]
+    _cli(embed, "--config", cfg_path, "--output_dir", tmp_path / "g", "--input", products["csv"], "--what", "text",
+         "--id_col", "product_id", *cols)
+    queries = [products["root"] / "shoes" / "img0.png", products["root"] / "bags" / "img3.png"]
+    stem = tmp_path / "sub" / "i2t"
+    _cli(search, "--config", cfg_path, "--gallery", tmp_path / "g", "--output_dir", tmp_path / "s", "--direction",
+         "i2t", "--query_images", *queries, "--k", 3, "--submission", stem, "--sheet_queries", 0, "--backend", "torch")
+    rows, records = _submission(stem)
+    assert rows[0] == ["query_id", "top1", "top2", "top3"] and [r[0] for r in rows[1:]] == [str(q) for q in queries]
+    texts, ids = load_embeddings(tmp_path / "g", "text")
+    cfg, _ = load_config(cfg_path, RetrievalConfig)
+    model, _ = inference_model(cfg, torch.device("cpu"))
+    transform = build_test_transform(cfg.image_size)
+    with torch.no_grad():
+        pixels = torch.stack([transform(Image.open(q).convert("RGB")) for q in queries])
+        feats = model.encode_image(pixels)[1].numpy()
+    for q, (row, rec) in enumerate(zip(rows[1:], records)):
+        best: dict = {}
+        for t, record in enumerate(ids):
+            best[record["key"]] = max(best.get(record["key"], -9.0), float(texts[t] @ feats[q]))
+        want = sorted(best, key=lambda k: -best[k])[:3]
+        assert row[1:] == rec["ids"] == want and len(set(want)) == 3
+        assert rec["scores"] == pytest.approx([best[k] for k in want], abs=1e-5)
+
+
 def test_ensemble_submission_without_ground_truth_from_fused_scores(products, configs, tmp_path):
     from tools.ensemble import main as ensemble
     from tools.embed import main as embed
