@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint
+from utils.checkpoint import (CheckpointError, atomic_write, extract_state_dict, load_checkpoint,
+                              load_safetensors_checkpoint, safetensors_tensors)
 
 logger = logging.getLogger(__name__)
 
@@ -311,11 +312,7 @@ def read_config(folder: Path, name: str) -> dict:
 
 
 def _load_safetensors(path: Path) -> Dict[str, Tensor]:
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own types
-        raise CheckpointError(f"cannot read {path}: {type(err).__name__}: {err}") from None
+    return load_safetensors_checkpoint(path)["model"]
 
 
 def read_weights(folder: Path, name: str) -> Dict[str, Tensor]:
@@ -525,15 +522,10 @@ def make_extras(ckpt: Mapping, hf_state: Mapping[str, Tensor], layout: str,
 
 
 def _save_extras(path: Path, extras: Mapping[str, Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
-    tensors, storages = {}, set()
-    for k, v in extras.items():
-        v = v.detach().contiguous()
-        ptr = v.untyped_storage().data_ptr() if v.numel() else None
-        # safetensors refuses tensors sharing memory (a pretraining file's tied decoder weights)
-        tensors[k] = v.clone() if ptr in storages else v
-        storages.add(ptr)
-    save_file(tensors, str(path), metadata={EXTRAS_META: json.dumps(meta)})
+    from safetensors.torch import save
+    # Tensors sharing memory (a pretraining file's tied decoder weights) are stored once per key.
+    tensors = safetensors_tensors(extras)
+    atomic_write(path, lambda f: f.write(save(tensors, metadata={EXTRAS_META: json.dumps(meta)})))
 
 
 def export_hf(model, layout: str, arch, med, tokenizer, ckpt: Mapping, out_dir, name: str,

@@ -332,7 +332,7 @@ def state_file_of(path: Path, save_id: str) -> Path:
     return path.with_name(f"{path.stem}.{save_id}.state.pth")
 
 
-def _tensors_for_safetensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def safetensors_tensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """CPU, contiguous, and no two entries sharing memory (tied weights are stored twice, as
     safetensors requires; loading ties them again through the model)."""
     out: dict[str, Tensor] = {}
@@ -362,7 +362,7 @@ def save_safetensors_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Pat
     state_path = state_file_of(path, meta["save_id"]) if rest else None
     if state_path is not None:
         save_checkpoint_atomic(rest, state_path)
-    tensors = _tensors_for_safetensors(obj["model"])
+    tensors = safetensors_tensors(obj["model"])
     header = {META_KEY: json.dumps(meta)}
     _atomic_write(path, lambda f: f.write(st_save(tensors, metadata=header)), "checkpoint")
     for old in path.parent.glob(f"{glob.escape(path.stem)}.*.state.pth"):
