@@ -41,9 +41,10 @@ from data.utils import load_image, pre_caption
 from models.contextblip import ContextBLIPArch
 from models.factory import create_model, model_from_checkpoint
 from tasks.imagecode import model_scores, zero_shot_scorer
-from utils.config import PosInt, parse_config, save_config
+from utils.config import PosInt, parse_config
 from utils.dist import resolve_device
-from utils.engine import autocast, run_entry, start_run
+from utils.engine import autocast
+from utils.rundir import NOT_TRAINING, commit_run, run_entry, start_run
 from utils.settings import RunSettings, TextSettings, WeightsSettings
 
 logger = logging.getLogger("eval_mmvp")
@@ -115,7 +116,7 @@ def build_scorer(cfg: MMVPConfig, device: torch.device) -> Tuple[PairScorer, boo
         return PairScorer(lambda batch: model_scores(model, batch), tokenizer, stored["image_size"],
                           stored["max_tokens"], stored["max_words"], cfg.clean_text, cfg.precision,
                           device), cfg.use_adapter
-    model, tokenizer = create_model(cfg, "zero_shot", device)  # the model zero-shot ImageCoDe scores with
+    model, tokenizer = create_model(cfg, "zero_shot", device, purpose="eval")  # the model zero-shot ImageCoDe scores with
     return PairScorer(zero_shot_scorer(model, cfg.score), tokenizer, cfg.image_size, cfg.max_tokens, cfg.max_words,
                       cfg.clean_text, cfg.precision, device), model.use_adapter
 
@@ -135,7 +136,7 @@ def _extra_args(parser) -> None:
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(MMVPConfig, argv, description=__doc__.splitlines()[0], extra_args=_extra_args,
-                                  unused_keys=lambda _: ("vit_grad_ckpt",))
+                                  unused_keys=lambda _: NOT_TRAINING)
     _, output_dir = start_run(cfg, doc, args, trains=False)
     # The CSV and every image checked before the model loads.
     pairs = read_mmvp(cfg.data_root, cfg.pairs_per_pattern, extra_patterns=cfg.extra_patterns)
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
     scorer, doc["use_adapter"] = build_scorer(cfg, resolve_device(cfg.device))  # off for a plain BLIP file
     log_unk_rate(scorer.tokenizer, [t for p in pairs for t in prompts_for(p, cfg.prompt_prefix)], "the prompts",
                  clean=lambda t: pre_caption(t, scorer.max_words) if cfg.clean_text else t)
-    save_config(doc, output_dir / "config.yaml")
+    commit_run(doc)  # checked and loaded: the run's files are written from here on
     result = evaluate_pairs(pairs, scorer, cfg.batch_size, cfg.prompt_prefix)
     kind = "ImageCoDe fine-tuned" if cfg.model_type == "finetuned" else f"zero-shot {cfg.score}"
     name = args.name or f"{kind}" + (f" ({Path(cfg.pretrained).name})" if cfg.pretrained else "")

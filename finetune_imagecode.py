@@ -27,7 +27,7 @@ from tasks.imagecode import ImageCodeConfig, build_datasets, evaluate_model, for
 from utils import dist as du
 from utils.checkpoint import find_checkpoint
 from utils.config import parse_config
-from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
+from utils.rundir import NOT_TRAINING, add_dry_run_arg, commit_run, refuse_dry_run_with, run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("finetune_imagecode")
@@ -43,12 +43,13 @@ def _extra_args(parser) -> None:
 
 
 def _unused(args) -> tuple:
-    return ("vit_grad_ckpt",) if args.evaluate else ()
+    return NOT_TRAINING if args.evaluate else ()
 
 
 def evaluate_only(args, cfg, model, tokenizer, info, dataset, output_dir: Path) -> dict:
     source = args.checkpoint or find_checkpoint(output_dir, "checkpoint_best")
     load_weights(model, source, strict=True)
+    commit_run()  # checked and loaded: the run's files are written from here on
     log_unk_rate(tokenizer, dataset.text, f"the {cfg.split} descriptions")
     scores = evaluate_model(model, dataset, tokenizer, cfg, info.device, progress=not args.no_progress)
     metrics = write_outputs(output_dir, dataset, scores)

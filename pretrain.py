@@ -37,7 +37,8 @@ from tasks.contextblip_pretrain import PretrainConfig, build_dataset, collator, 
 from utils import dist as du
 from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint_atomic
 from utils.config import config_to_dict, load_config, parse_config
-from utils.engine import add_dry_run_arg, refuse_dry_run_with, run_entry, start_run
+from utils.rundir import NOT_TRAINING, add_dry_run_arg, commit_run, refuse_dry_run_with, run_entry, start_run
+from utils.outputs import refuse_existing
 from utils.logging import setup_logging
 
 logger = logging.getLogger("pretrain")
@@ -55,14 +56,16 @@ def _extra_args(parser) -> None:
     add_dry_run_arg(parser)
 
 
-def export_merged(source: str, target: str | None = None) -> Path:
-    """Pretraining checkpoint -> one file with every weight and the config it was trained with."""
+def export_merged(source: str, target: str | None = None, overwrite: bool = False) -> Path:
+    """Pretraining checkpoint -> one file with every weight and the config it was trained with
+    (an existing ``target`` is replaced only with ``overwrite``)."""
+    target = Path(target) if target else Path(source).with_name("contextblip_merged.pth")
+    refuse_existing([target], overwrite, "--export_to", inputs=[source])
     ckpt = load_checkpoint(source)
-    cfg, _ = load_config(None, PretrainConfig, defaults_from=ckpt.get("config") or {})
+    cfg, _ = load_config(None, PretrainConfig, defaults_from=ckpt.get("config") or {}, unused_keys=NOT_TRAINING)
     model, _ = create_model(cfg, "contextblip_pretrain", load=False)
     load_weights(model, ckpt, strict=True, source_name=str(source))
     model.set_blip_frozen(False)  # the merged file holds BLIP too
-    target = Path(target) if target else Path(source).with_name("contextblip_merged.pth")
     save_checkpoint_atomic({"model": model.checkpoint_state_dict(), "format": model.checkpoint_format,
                             "config": config_to_dict(cfg), "epoch": ckpt.get("epoch")}, target)
     logger.info("exported merged ContextBLIP (epoch %s) to %s", ckpt.get("epoch"), target)
@@ -72,7 +75,7 @@ def export_merged(source: str, target: str | None = None) -> Path:
 def visualize(args, cfg, model, tokenizer, dataset, output_dir: Path) -> Path:
     source = args.resume if args.resume not in (None, "auto") else find_checkpoint(output_dir, "checkpoint_last")
     if Path(source).is_file():
-        load_weights(model, source, base=None)  # BLIP itself came from `pretrained`
+        load_weights(model, source, base=None, role="--resume" if args.resume else "checkpoint")  # BLIP itself came from `pretrained`
     else:
         logger.warning("no checkpoint %s: drawing the masks of the untrained adapter", source)
     collate = collator(cfg, tokenizer)
@@ -87,12 +90,13 @@ def main(argv=None) -> dict:
     refuse_dry_run_with(args, "--visualize", "--export")
     if args.export:
         setup_logging()
-        return {"export": str(export_merged(args.export, args.export_to))}
+        return {"export": str(export_merged(args.export, args.export_to, args.overwrite))}
     info, output_dir = start_run(cfg, doc, args, trains=not (args.visualize or args.dry_run))
     try:
         dataset = build_dataset(cfg, dry_run=args.dry_run)  # parsed and checked before the model is built
         model, tokenizer = create_model(cfg, "contextblip_pretrain", info.device)
         if args.visualize:
+            commit_run()
             return {"picture": str(visualize(args, cfg, model, tokenizer, dataset, output_dir))} if info.is_main else {}
         return train(cfg, model, tokenizer, info, dataset, resume=args.resume, progress=not args.no_progress,
                      dry_run=args.dry_run)

@@ -20,7 +20,7 @@ from models.factory import create_model, create_teacher
 from tasks.blip_pretrain import BlipPretrainConfig, build_dataset, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import add_dry_run_arg, run_entry, start_run
+from utils.rundir import add_dry_run_arg, run_entry, start_run
 
 logger = logging.getLogger("pretrain_blip")
 

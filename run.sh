@@ -91,8 +91,8 @@ case "$cmd" in
     # The kept epoch checkpoints x the test captions as they are and templated (README, "Product
     # retrieval workflow"): one table, $DEMO/sweep/sweep.md.
     stage "checkpoint sweep" bash -c '"$0" -m tools captions --input "$1/retrieval/annotation/synthetic_test.json" \
-        --template "a photo of {caption}" --new_col caption_aug --output "$2/sweep/test.csv" \
-      && "$0" -m tools sweep --config configs/demo/retrieval.yaml --output_dir "$2/sweep" --no_progress \
+        --template "a photo of {caption}" --new_col caption_aug --output "$2/sweep/test.csv" --overwrite \
+      && "$0" -m tools sweep --config configs/demo/retrieval.yaml --output_dir "$2/sweep" --no_progress --overwrite \
         --checkpoints "$2/retrieval/checkpoint_epoch*.pth" --caption_cols caption caption_aug \
         --opts "image_root=$1/retrieval/images" "ann_root=$2/sweep" test_file=test.csv "tokenizer=$1/tokenizer"' \
       "$PYTHON" "$D" "$DEMO"

@@ -22,8 +22,8 @@ from models.factory import create_model
 from tasks.caption import CaptionConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import (add_train_eval_args, refuse_dry_run_with, run_entry, run_splits, start_run,
-                          unused_when_evaluating)
+from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+                          start_run, unused_when_evaluating)
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_caption")
@@ -40,8 +40,9 @@ def main(argv=None) -> dict:
     info, output_dir = start_run(cfg, doc, args, trains=not (args.evaluate or args.dry_run))
     try:
         datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
-        model, tokenizer = create_model(cfg, "caption", info.device)
+        model, tokenizer = create_model(cfg, "caption", info.device, purpose="eval" if args.evaluate else "train")
         if args.evaluate:
+            commit_run()  # checked and loaded: the run's files are written from here on
             record = {}
             for split, dataset in datasets.items():
                 record.update(evaluate_split(model, dataset, cfg, split, output_dir))

@@ -23,8 +23,8 @@ from models.factory import create_model
 from tasks.retrieval import RetrievalConfig, build_datasets, eval_splits, run_evaluation, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.engine import (add_train_eval_args, refuse_dry_run_with, run_entry, run_splits, start_run,
-                          unused_when_evaluating)
+from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+                          start_run, unused_when_evaluating)
 from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
@@ -59,8 +59,10 @@ def main(argv=None) -> dict:
     try:
         datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
         # Evaluation needs no momentum encoders or queues: half the memory.
-        model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device)
+        model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device,
+                                        purpose="eval" if args.evaluate else "train")
         if args.evaluate:
+            commit_run()  # checked and loaded: the run's files are written from here on
             return evaluate_only(args, cfg, model, tokenizer, datasets, output_dir)
         return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
                      dry_run=args.dry_run)

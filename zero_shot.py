@@ -26,8 +26,8 @@ from models.imagecode import ZERO_SHOT_SCORES
 from tasks.imagecode import (ImageCodeConfig, build_datasets, format_accuracy, map_over_sets, write_outputs,
                              zero_shot_scorer)
 from utils import dist as du
-from utils.config import parse_config, save_config
-from utils.engine import run_entry, start_run
+from utils.config import parse_config
+from utils.rundir import NOT_TRAINING, commit_run, run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("zero_shot")
@@ -41,17 +41,16 @@ def _extra_args(parser) -> None:
 
 def main(argv=None) -> dict:
     args, cfg, doc = parse_config(ImageCodeConfig, argv, description=__doc__.splitlines()[0],
-                                  extra_args=_extra_args, unused_keys=lambda _: ("vit_grad_ckpt",))
+                                  extra_args=_extra_args, unused_keys=lambda _: NOT_TRAINING)
     if args.score:
         cfg.score = doc["score"] = args.score
     info, output_dir = start_run(cfg, doc, args, trains=False)
     try:
         dataset = build_datasets(cfg, (cfg.split,))[cfg.split]
-        model, tokenizer = create_model(cfg, "zero_shot", info.device)
+        model, tokenizer = create_model(cfg, "zero_shot", info.device, purpose="eval")
         if model.use_adapter != cfg.use_adapter:  # a plain BLIP checkpoint: record what was run
             doc["use_adapter"] = model.use_adapter
-            if info.is_main:
-                save_config(doc, output_dir / "config.yaml")
+        commit_run(doc)  # checked and loaded: the run's files are written from here on
         log_unk_rate(tokenizer, dataset.text, f"the {cfg.split} descriptions")
         k = len(dataset.items[0].candidates) if len(dataset) else 10
         with torch.no_grad():

@@ -237,6 +237,13 @@ def _filtered_json(entries: list, kept: dict[int, set[int]]) -> list:
     return out
 
 
+def filtered_names(table: PairTable) -> list[str]:
+    """The file names :func:`write_filtered` gives each input (two inputs with one name, e.g.
+    coco/train.json and vg/train.json, get their position as a prefix)."""
+    names = [Path(f).name for f in table.files]
+    return [n if names.count(n) == 1 else f"{f}_{n}" for f, n in enumerate(names)]
+
+
 def write_filtered(table: PairTable, keep: np.ndarray, out_dir: PathLike) -> list[Path]:
     """Write each input file with only the kept pairs to ``out_dir/<file name>``, same format.
 
@@ -252,10 +259,9 @@ def write_filtered(table: PairTable, keep: np.ndarray, out_dir: PathLike) -> lis
     for r in np.flatnonzero(keep):
         kept[table.file_index[r]].setdefault(table.entry[r], set()).add(table.caption_index[r])
     written = []
-    names = [Path(f).name for f in table.files]
+    names = filtered_names(table)
     for f, (path, kind) in enumerate(zip(table.files, table.formats)):
-        # Two inputs with one name (coco/train.json, vg/train.json) get their position as a prefix.
-        dest = out_dir / (names[f] if names.count(names[f]) == 1 else f"{f}_{names[f]}")
+        dest = out_dir / names[f]
         if kind == "csv":
             # The rows as read_pairs numbered them (blank lines skipped), so kept indices match.
             header, rows = read_csv(path)

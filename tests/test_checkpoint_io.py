@@ -491,7 +491,7 @@ def test_safetensors_checkpoint_loads_anywhere_and_keeps_its_state_apart(tmp_pat
 
 def test_overwrite_deletes_every_run_file_of_either_format(tmp_path):
     from utils.checkpoint import save_safetensors_checkpoint
-    from utils.engine import epoch_checkpoints, run_files
+    from utils.rundir import epoch_checkpoints, run_files
     out = tmp_path / "run"
     for stem in ("checkpoint_last", "checkpoint_epoch010", "checkpoint_epoch002"):
         save_safetensors_checkpoint({"model": {"w": torch.ones(2)}, "optimizer": {}}, out / f"{stem}.safetensors")

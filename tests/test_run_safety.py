@@ -9,7 +9,6 @@ import errno
 import logging
 import os
 import re
-import runpy
 import shutil
 import socket
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts.bad_inputs import run_inprocess, snapshot
+
 REPO = Path(__file__).resolve().parents[1]
 INTACT = ("the previous checkpoint_last.pth is intact (it is replaced only by a complete new file: written to a "
           "temporary file, then renamed)")
@@ -26,24 +27,10 @@ INTACT = ("the previous checkpoint_last.pth is intact (it is replaced only by a 
 
 def _snapshot(folder: Path) -> dict:
     """Every file under ``folder`` with its bytes and modification time: equal means nothing was written."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return snapshot([folder])
 
 
-def _run_inprocess(monkeypatch, capsys, target: str, *argv) -> tuple:
-    """Run ``target`` (an entry script, or ``tools``) as ``python target argv`` would, in this
-    process (so that a test can fake a full disk): ``(exit status, stdout, stderr)``."""
-    monkeypatch.setattr(sys, "argv", [target, *map(str, argv)])
-    code = 0
-    try:
-        if target.endswith(".py"):
-            runpy.run_path(str(REPO / target), run_name="__main__")
-        else:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run_inprocess = run_inprocess  # (monkeypatch, capsys, target, *argv) -> (exit status, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +51,7 @@ def previous_run(trained, tmp_path):
 
 def _hold(folder: Path) -> subprocess.Popen:
     """A process that has claimed ``folder`` as a running run does (until it is killed)."""
-    code = ("import sys; from pathlib import Path; from utils.engine import _claim_output_dir; "
+    code = ("import sys; from pathlib import Path; from utils.rundir import _claim_output_dir; "
             f"_claim_output_dir(Path({str(folder)!r}), None, None, False, False); print('held', flush=True); "
             "sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -154,7 +141,7 @@ def test_a_second_run_is_refused_naming_the_holder_until_it_dies(previous_run, h
     proc.kill()  # the OS releases a dead process's lock: a crashed run never blocks the next
     proc.wait()
     code, _, err = _run_inprocess(monkeypatch, capsys, "train_retrieval.py", "--config", cfg, "--output_dir", out,
-                                  "--evaluate", "--no_progress")
+                                  "--evaluate", "--no_progress", "--opts", f"pretrained={out / 'checkpoint_last.pth'}")
     assert code == 0, err
     assert (out / ".lock").read_text().split()[:2] == [str(os.getpid()), socket.gethostname()]
 
@@ -204,8 +191,10 @@ def test_under_torchrun_rank_0_claims_output_dir_and_alone_reports_the_refusal(t
 
 # ----------------------------------------------------------------------------- readable errors
 
-def test_our_error_is_one_line_its_traceback_in_run_log_and_on_the_console_with_debug(
+def test_our_error_is_one_line_its_traceback_on_the_console_with_debug_and_nothing_written(
         trained, tmp_path, run_script, monkeypatch, capsys):
+    """A run that fails before its first step writes nothing (not even run.log or the folder it
+    would have made); --debug shows the traceback. After the commit, run.log gets it."""
     cfg, _ = trained
     text = tmp_path / "model.pth"
     text.write_text("epoch: 1\nweights: none\n")
@@ -216,12 +205,12 @@ def test_our_error_is_one_line_its_traceback_in_run_log_and_on_the_console_with_
     proc = _train(run_script, cfg, out, "--opts", f"pretrained={text}")
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [message] and "Traceback" not in proc.stdout
-    log = (out / "run.log").read_text()
-    assert "Traceback (most recent call last)" in log and "utils.checkpoint.CheckpointError" in log
+    assert not out.exists()
     code, _, err = _run_inprocess(monkeypatch, capsys, "train_retrieval.py", "--config", cfg, "--output_dir", out,
                                   "--no_progress", "--opts", f"pretrained={text}", "--debug")
     assert code == 1
     assert "Traceback (most recent call last)" in err and err.splitlines()[-1] == message
+    assert not out.exists()
 
 
 def test_tools_report_our_errors_in_one_line(trained, synthetic_small, tmp_path, monkeypatch, capsys):
@@ -235,20 +224,21 @@ def test_tools_report_our_errors_in_one_line(trained, synthetic_small, tmp_path,
     assert err.splitlines() == [f"error: {str(text)!r} (16 bytes) is not a checkpoint: it is a text file starting "
                                 "with '<html>404</html>', while torch.save writes a zip archive (a pickle before torch "
                                 "1.6); check the path, or if it was downloaded, delete it to fetch it again"]
-    assert "utils.checkpoint.CheckpointError" in (out / "run.log").read_text()
+    assert not out.exists()  # failed before its commit: nothing written
 
 
 def test_an_unexpected_error_keeps_its_traceback(trained, tmp_path, monkeypatch, capsys):
-    import models.factory
+    import tasks.retrieval
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(models.factory, "create_model", broken)
+    # After the commit (the model loaded, evaluation started): run.log holds the traceback.
+    monkeypatch.setattr(tasks.retrieval, "evaluate_retrieval", broken)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="a bug"):  # the interpreter prints it in full
         _run_inprocess(monkeypatch, capsys, "train_retrieval.py", "--config", trained[0], "--output_dir", out,
-                       "--evaluate", "--no_progress")
+                       "--evaluate", "--no_progress", "--opts", f"pretrained={trained[1] / 'checkpoint_last.pth'}")
     log = (out / "run.log").read_text()
     assert "unexpected error (a bug: please report it with this traceback)" in log and "RuntimeError: a bug" in log
 
@@ -318,7 +308,7 @@ def test_stale_temp_files_of_our_writes_are_removed_at_start(previous_run, monke
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"half a file")
     code, _, err = _run_inprocess(monkeypatch, capsys, "train_retrieval.py", "--config", cfg, "--output_dir", out,
-                                  "--evaluate", "--no_progress")
+                                  "--evaluate", "--no_progress", "--opts", f"pretrained={out / 'checkpoint_last.pth'}")
     assert code == 0, err
     assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
     assert (f"removed 2 stale temp file(s) of interrupted writes in {out}: .checkpoint_last.pth.4242.0a1b2c3d.tmp, "

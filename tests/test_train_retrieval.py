@@ -240,7 +240,7 @@ def test_dry_run_is_one_eval_forward_of_the_first_batch_and_writes_no_checkpoint
 
 def test_dry_run_with_evaluate_is_refused_in_one_line(tmp_path, fixture_config, capsys):
     import train_retrieval
-    from utils.engine import run_entry
+    from utils.rundir import run_entry
 
     out = tmp_path / "out"
     argv = ["--config", str(fixture_config(tmp_path)), "--output_dir", str(out), "--dry_run", "--evaluate"]

@@ -29,5 +29,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from utils.engine import run_entry  # our errors as one line, exit status 1 (as every entry script)
+    from utils.rundir import run_entry  # our errors as one line, exit status 1 (as every entry script)
     run_entry(main)

@@ -66,7 +66,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -81,15 +80,18 @@ from data.preflight import check_images, log_unk_rate
 from data.retrieval import _join, _require_dict, _require_image, _where
 from data.transforms import build_test_transform
 from data.utils import BadImageError, load_image, pre_caption, read_csv, read_json, read_text
+from models.caption import check_prompt
 from models.factory import create_model
 from models.generation import GenerationSettings
+from models.tokenizer import build_tokenizer
 from tasks.caption import CaptionConfig
 from tasks.retrieval import RetrievalConfig
 from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, check_run_plan, inference_model,
                           model_signature, read_jsonl, read_pair_args, split_pending, start, write_lines_atomic)
 from tools.score_pairs import score_batch
 from utils import dist as du
-from utils.config import ConfigError, load_config, save_config
+from utils.config import ConfigError, config_text, load_config
+from utils.rundir import NOT_TRAINING, add_run_file, commit_run, delete_at_commit
 from utils.engine import autocast
 from utils.logging import Heartbeat
 
@@ -339,14 +341,14 @@ def load_filter_config(args, output_dir: Path, main: bool) -> Optional[Retrieval
     if not 0.0 <= args.threshold < 1.0:
         raise SystemExit(f"error: --threshold {args.threshold}: an ITM probability threshold is in [0, 1)")
     try:
-        fcfg, doc = load_config(args.filter_config, RetrievalConfig, list(args.filter_opts))
+        fcfg, doc = load_config(args.filter_config, RetrievalConfig, list(args.filter_opts), unused_keys=NOT_TRAINING)
     except ConfigError as err:
         raise SystemExit(f"error: --filter_config: {err}") from None
     if args.filter_pretrained:
         fcfg = fcfg.model_copy(update={"pretrained": args.filter_pretrained})
         doc["pretrained"] = args.filter_pretrained
-    if main:
-        save_config(doc, output_dir / "filter_config.yaml")
+    if main:  # written with the run's config at the commit
+        add_run_file("filter_config.yaml", config_text(doc).encode("utf-8"))
     return fcfg
 
 
@@ -479,7 +481,7 @@ def caption_shard(shard: JsonlShard, rows: range, inputs: Inputs, m: Models, tra
 def build_models(cfg: CaptionConfig, settings: GenerationSettings, fcfg: Optional[RetrievalConfig], inputs: Inputs,
                  device) -> Models:
     torch.manual_seed(cfg.seed)  # a captioner without `pretrained` is the same random model on every rank
-    captioner, _ = create_model(cfg, "caption", device)
+    captioner, _ = create_model(cfg, "caption", device, purpose="eval")
     m = Models(captioner.eval(), cfg, settings)
     if fcfg is not None:
         m.filter, m.filter_tokenizer = inference_model(fcfg, device)
@@ -608,18 +610,6 @@ def _log_report(report: dict, output_dir: Path) -> None:
                     output_dir / "captions.jsonl", output_dir / "pairs.json", report["pairs"])
 
 
-def _clear_previous(output_dir: Path) -> None:
-    """``--overwrite``: delete this tool's outputs of a previous run (rank 0)."""
-    gone = [output_dir / name for name in OUTPUTS if (output_dir / name).is_file()]
-    for path in gone:
-        path.unlink()
-    if (output_dir / "parts").is_dir():
-        shutil.rmtree(output_dir / "parts")
-        gone.append(output_dir / "parts")
-    if gone:
-        logger.info("--overwrite: deleted the previous run's %s", ", ".join(p.name for p in gone))
-
-
 def main(argv=None, prog: str = "python -m tools caption") -> dict:
     run = start(argv, prog, __doc__.splitlines()[0], _extra_args, schema=CaptionConfig)
     args, cfg, info = run.args, run.cfg, run.info
@@ -630,29 +620,33 @@ def main(argv=None, prog: str = "python -m tools caption") -> dict:
         fcfg = load_filter_config(args, run.output_dir, info.is_main)
         inputs = read_inputs(args, cfg)
         bad_images = check_input_images(inputs, cfg)
+        check_prompt(build_tokenizer(cfg.tokenizer), cfg.prompt, cfg.max_length, where=str(args.config))
         plan = ShardPlan(len(inputs), args.shard_size)
         parts = run.output_dir / "parts"
-        if args.overwrite and info.is_main:
-            _clear_previous(run.output_dir)
-        du.barrier()
         check_run_plan(run.output_dir, {
             "inputs": inputs.table.files, "kind": inputs.kind, "images": len(inputs),
             "fingerprint": inputs.fingerprint(), "shard_size": args.shard_size,
             "image_root": cfg.image_root if inputs.kind != "img2dataset" else None,
             "generation": generation_plan(settings, cfg.seed),
             "model": {k: str(getattr(cfg, k)) for k in CAPTION_MODEL_KEYS},
-            "filter": model_signature(fcfg) if fcfg is not None else None}, info.is_main)
+            "filter": model_signature(fcfg) if fcfg is not None else None}, info.is_main, fresh=args.overwrite)
         logger.info("%d images (%d pairs) from %d inputs in shards of %d; %s, %d caption(s) per image%s", len(inputs),
                     len(inputs.table), len(inputs.table.files), args.shard_size,
                     generation_plan(settings, cfg.seed)["mode"], args.num_captions,
                     f"; filter: itm > {args.threshold:g}" if fcfg is not None else "")
-        todo = split_pending(list(range(plan.n_shards)), lambda s: JsonlShard(parts, s).complete, info)
+        todo = split_pending(list(range(plan.n_shards)), lambda s: not args.overwrite and JsonlShard(parts, s).complete,
+                             info)
         if todo:
             m = build_models(cfg, settings, fcfg, inputs, info.device)
             transforms = {"caption": build_test_transform(cfg.image_size)}
             if fcfg is not None and fcfg.image_size != cfg.image_size:  # else the filter reads the same tensors
                 transforms["filter"] = build_test_transform(fcfg.image_size)
             progress = Heartbeat("caption (this rank)", sum(len(plan.rows(s)) for s in todo), "images", logger)
+        if args.overwrite:
+            delete_at_commit(list(OUTPUTS) + ["parts"])  # the previous run's outputs, once this one has loaded
+        commit_run()  # inputs, plan and models checked: files are written from here on
+        du.barrier()
+        if todo:
             for s in todo:
                 caption_shard(JsonlShard(parts, s), plan.rows(s), inputs, m, transforms, bad_images, info.device,
                               progress)

@@ -62,6 +62,7 @@ def _args(argv, prog):
     p.add_argument("--clean", action="store_true", help="apply BLIP's pre_caption (after the template)")
     p.add_argument("--max_words", type=int, default=30, help="--clean keeps the first N words (BLIP: 30)")
     p.add_argument("--replace", action="store_true", help="overwrite --new_col when the file has it already")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--format", default="auto", choices=("auto", "json", "csv"),
                    help="input format (auto: by extension)")
     args = p.parse_args(argv)
@@ -212,6 +213,8 @@ def main(argv=None, prog: str = "python -m tools captions") -> dict:
     src, dest = Path(args.input), Path(args.output)
     if dest.exists() and src.exists() and os.path.samefile(src, dest):
         raise UserError(f"--output {dest} is the input file: write the new column to another file")
+    if dest.exists() and not args.overwrite:
+        raise UserError(f"--output {dest} exists already; pass --overwrite to replace it, or write elsewhere")
     pieces = parse_template(args.template) if args.template is not None else None
     is_csv = args.format == "csv" or (args.format == "auto" and str(src).lower().endswith((".csv", ".tsv")))
     to_csv = str(dest).lower().endswith((".csv", ".tsv"))

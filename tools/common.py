@@ -22,7 +22,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -33,8 +33,8 @@ from utils import dist as du
 from utils.checkpoint import atomic_write
 from models.factory import create_model
 from tasks.retrieval import RetrievalConfig
-from utils.config import parse_config
-from utils.engine import start_run
+from utils.config import ConfigError, load_config, parse_config
+from utils.rundir import NOT_TRAINING, add_run_file, start_run
 
 logger = logging.getLogger("tools")
 
@@ -94,26 +94,54 @@ class ToolRun:
     output_dir: Path
 
 
-def start(argv, prog: str, description: str, extra_args, schema: type = RetrievalConfig) -> ToolRun:
+def start(argv, prog: str, description: str, extra_args, schema: type = RetrievalConfig,
+          outputs: Sequence[str] = (), unused: Sequence[str] = NOT_TRAINING) -> ToolRun:
     """Parse ``--config/--output_dir/--opts`` plus the tool's flags, then start the run as every
-    entry script does (``utils.engine.start_run``: process group, the lock on ``output_dir``,
-    logging, ``deterministic``, the resolved config), and (rank 0) save the command line too.
+    entry script does (``utils.rundir.start_run``: process group, the lock on ``output_dir``,
+    logging, ``deterministic``; nothing written before :func:`utils.rundir.commit_run`, which also
+    writes the resolved config and, on rank 0, the command line as ``args.json``).
     ``schema``: the config class ``--config`` is validated against (a retrieval config by default;
-    ``tools caption`` reads a ``tasks.caption.CaptionConfig``)."""
-    args, cfg, doc = parse_config(schema, argv, description=description, extra_args=extra_args, prog=prog)
-    info, output_dir = start_run(cfg, doc, args, trains=False)
-    if info.is_main:
-        (output_dir / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    ``tools caption`` reads a ``tasks.caption.CaptionConfig``); ``outputs``: the files the tool writes
+    into ``output_dir`` (present ones are refused unless ``--overwrite``); ``unused``: config keys
+    a tool never uses (a training run's ``max_epoch``...), not cross-checked."""
+    args, cfg, doc = parse_config(schema, argv, description=description, extra_args=extra_args, prog=prog,
+                                  unused_keys=lambda _: tuple(unused))
+    info, output_dir = start_run(cfg, doc, args, trains=False, outputs=outputs, mode=prog.split()[-1])
+    add_run_file("args.json", json.dumps(vars(args), indent=1, default=str).encode())
     return ToolRun(args, cfg, info, output_dir)
 
 
-def inference_model(cfg, device, pretrained: Optional[str] = None):
+def inference_model(cfg, device, pretrained: Optional[str] = None, role: str = "pretrained"):
     """The config's BLIP without momentum encoders (``pretrained`` overrides the config's
-    checkpoint), in eval mode. Random init is seeded with ``cfg.seed`` on every rank, so an
-    untrained model is the same model everywhere (tests use that; real use loads a checkpoint)."""
+    checkpoint), in eval mode, its weights loaded under the evaluation policy (every weight from
+    the file; ``role`` names it in messages). With no checkpoint at all (``pretrained: ''``) the
+    model is random, seeded with ``cfg.seed`` on every rank (the same model everywhere: tests use
+    that), and a warning says so."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer = create_model(cfg, "blip_inference", device, pretrained=pretrained)
+    source = cfg.pretrained if pretrained is None else pretrained
+    model, tokenizer = create_model(cfg, "blip_inference", device, pretrained=pretrained, load=bool(source),
+                                    purpose="eval", role=role)
+    if not source:
+        logger.warning("`pretrained` is empty: this tool runs a model with random weights")
     return model.eval(), tokenizer
+
+
+def load_member_config(path, role: str) -> RetrievalConfig:
+    """A member's model config (``--member_configs``): a bad one ends the command naming it."""
+    try:
+        return load_config(path, RetrievalConfig, unused_keys=NOT_TRAINING)[0]
+    except ConfigError as err:
+        raise SystemExit(f"error: {role}: {err}") from None
+
+
+def inspect_members(members: Sequence[tuple]) -> None:
+    """Every ``(checkpoint, config, role)`` of a multi-checkpoint command judged by the loading
+    policy (``models.factory.inspect_weights``: shapes only, nothing loaded) before the first one
+    is evaluated: a bad member stops the command at once, naming it."""
+    from models.factory import inspect_weights
+    for ckpt, member, role in members:
+        inspect_weights(member, "blip_inference", ckpt, role=role)
+    logger.info("%d checkpoints checked against their model configs", len(members))
 
 
 def model_signature(cfg) -> dict:
@@ -150,20 +178,21 @@ def split_pending(jobs: List, done: Callable[[object], bool], info: du.DistInfo)
     return pending[info.rank::info.world_size]
 
 
-def check_run_plan(output_dir: Path, plan: dict, main: bool) -> None:
-    """Rank 0 writes ``plan.json`` on the first run; a restart must find the same plan, so outputs
-    of different inputs, models or settings are never mixed. A collective: all ranks must call."""
+def check_run_plan(output_dir: Path, plan: dict, main: bool, fresh: bool = False) -> None:
+    """A restart must find the ``plan.json`` of the first run, so outputs of different inputs,
+    models or settings are never mixed; a first run (or ``fresh``: ``--overwrite``) writes it at the
+    commit. A collective: all ranks must call."""
     path = output_dir / "plan.json"
     error = None
     if main:
-        if path.exists():
+        if path.exists() and not fresh:
             old = json.loads(path.read_text())
             changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
             if changed:
                 error = (f"{output_dir} holds a run with different {', '.join(changed)} "
-                         f"(see {path}); use a new --output_dir, or delete it to start over")
-        else:
-            atomic_write(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+                         f"(see {path}); use a new --output_dir, --overwrite to start over, or delete it")
+        elif not path.exists() or fresh:
+            add_run_file("plan.json", json.dumps(plan, indent=1).encode())
     error = du.broadcast_object(error)
     if error:
         raise SystemExit(f"error: {error}")

@@ -28,11 +28,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from utils.checkpoint import CheckpointError
+from utils.errors import UserError
 from utils.config import ConfigError, load_config
 from utils.logging import set_debug, setup_logging
+from utils.rundir import NOT_TRAINING
 
 logger = logging.getLogger("tools")
 
@@ -55,6 +59,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     g.add_argument("--output", metavar="FILE", help="the .pth to write")
     g.add_argument("--queue_size", type=int, default=None,
                    help="size of synthesised queues (no extras file; default 57600, BLIP's)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file / a non-empty --output_dir (otherwise refused)")
     p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     return p
 
@@ -67,9 +73,20 @@ def main(argv=None, prog: str = "python -m tools convert"):
     if args.to == "hf":
         if not args.config or not args.output_dir:
             parser.error("--to hf needs --config and --output_dir")
+        out = Path(args.output_dir)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+            raise UserError(f"--output_dir {out} {'is not a folder' if not out.is_dir() else 'is not empty'}; pass "
+                            "--overwrite to replace it with the HF folder, or choose another --output_dir")
         return to_hf(args, parser)
     if not args.input or not args.output:
         parser.error("--to blip needs --input and --output")
+    out = Path(args.output)
+    if out.is_dir():
+        raise UserError(f"--output {out} is a folder; give the .pth file to write")
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--output {out} exists already; pass --overwrite to replace it, or choose another path")
+    if args.queue_size is not None and args.queue_size < 1:
+        raise UserError(f"--queue_size {args.queue_size}: must be >= 1")
     return to_blip(args.input, args.output, args.queue_size)
 
 
@@ -82,7 +99,7 @@ def _load_task_config(args, parser):
     found, errors = {}, {}
     for task in tried:
         try:
-            found[task] = load_config(args.config, schemas[task], args.opts)[0]
+            found[task] = load_config(args.config, schemas[task], args.opts, unused_keys=NOT_TRAINING)[0]
         except ConfigError as err:
             errors[task] = str(err)
     if not found:
@@ -117,17 +134,44 @@ def to_hf(args, parser) -> Path:
                               "config (--task caption)")
     kind, layout = ("blip", hf.RETRIEVAL) if task == "retrieval" else ("caption", hf.CAPTION)
     model, tokenizer = create_model(cfg, kind, load=False)
-    load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source))
+    load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), purpose="eval")
     med = med_config_for(cfg.med_config, tokenizer, model.visual_encoder.width)
-    out = hf.export_hf(model, layout, cfg, med, tokenizer, ckpt, args.output_dir, str(source),
-                       embed_dim=getattr(cfg, "embed_dim", None) if layout == hf.RETRIEVAL else None)
-    back = hf.load_official(out, copy=False)
-    diffs = hf.same_checkpoint(ckpt, back)
-    if diffs:
-        raise CheckpointError(f"{out}: the round trip to {source} is not exact ({len(diffs)} differences: "
-                              f"{diffs[:5]}); please report this")
-    logger.info("round trip checked: %s -> %s -> BLIP layout is bit-identical", source, out)
-    return out
+    final = Path(args.output_dir)
+    # Written next to its place and moved there only once complete and checked: a failure leaves
+    # no half folder, and an --overwrite'n folder is replaced whole.
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.export_hf(model, layout, cfg, med, tokenizer, ckpt, tmp, str(source),
+                     embed_dim=getattr(cfg, "embed_dim", None) if layout == hf.RETRIEVAL else None)
+        _usual_permissions(tmp)
+        back = hf.load_official(tmp, copy=False)
+        diffs = hf.same_checkpoint(ckpt, back)
+        if diffs:
+            raise CheckpointError(f"{final}: the round trip to {source} is not exact ({len(diffs)} differences: "
+                                  f"{diffs[:5]}); please report this")
+        old = final.with_name(f".{final.name}.{os.getpid()}.old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("round trip checked: %s -> %s -> BLIP layout is bit-identical", source, final)
+    return final
+
+
+def _usual_permissions(folder: Path) -> None:
+    """The files as the umask makes them (transformers writes model.safetensors through a private
+    temp file: 0600, where every other file of the folder is 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def to_blip(source: str, output: str, queue_size=None) -> Path:

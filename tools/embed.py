@@ -36,6 +36,8 @@ from tools.common import (ShardPlan, add_pair_args, batches_of, check_pair_image
                           model_signature, read_pair_args, split_pending, start)
 from utils import dist as du
 from utils.checkpoint import atomic_write
+from utils.errors import DataError, UserError, json_error
+from utils.rundir import commit_run, delete_at_commit
 from utils.engine import autocast
 from utils.logging import Heartbeat
 from tasks.retrieval_eval import embed_texts
@@ -86,27 +88,69 @@ def write_shard(folder: Path, kind: str, shard: int, fmt: str, embeds: np.ndarra
 
 
 def load_embeddings(folder, kind: str) -> Tuple[np.ndarray, List[dict]]:
-    """All shards of ``kind`` ('image' | 'text') of an ``embed`` output: (``[n, E]`` float32, id records)."""
+    """All shards of ``kind`` ('image' | 'text') of an ``embed`` output: (``[n, E]`` float32, id records).
+    A missing or damaged shard, or one of another width than the manifest's ``embed_dim``, is a
+    DataError naming the file."""
     folder = Path(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = read_manifest(folder)
     if kind not in manifest["kinds"]:
-        raise ValueError(f"{folder} has no {kind} embeddings (it has {manifest['kinds']})")
+        raise DataError(f"{folder} has no {kind} embeddings (it has {', '.join(manifest['kinds']) or 'none'}): "
+                        f"embed them with `tools embed --what {kind}` (or both)")
     arrays, ids = [], []
     for shard in range(manifest["kinds"][kind]["shards"]):
         array_path, ids_path = shard_paths(folder, kind, shard, manifest["format"])
-        arrays.append(_read_array(array_path))
-        ids.extend(json.loads(ids_path.read_text())["ids"])
+        try:
+            array = _read_array(array_path)
+            shard_ids = json.loads(ids_path.read_text(encoding="utf-8"))["ids"]
+        except FileNotFoundError as err:
+            raise DataError(f"{folder}: shard file {Path(err.filename).name} is missing (an unfinished `tools embed` "
+                            "run? run it again to complete it)") from None
+        except Exception as err:  # noqa: BLE001 - a damaged .npy / safetensors / json, in many types
+            raise DataError(f"{folder}: cannot read shard {array_path.name} / {ids_path.name} ({type(err).__name__}: "
+                            f"{err}); embed the folder again") from None
+        if array.ndim != 2 or array.shape[1] != manifest["embed_dim"]:
+            raise DataError(f"{array_path}: embeddings of shape {tuple(array.shape)}, but manifest.json says embed_dim "
+                            f"{manifest['embed_dim']}: the folder mixes two runs; embed it again")
+        arrays.append(array)
+        ids.extend(shard_ids)
     embeds = np.concatenate(arrays) if arrays else np.zeros((0, manifest["embed_dim"]), np.float32)
     if embeds.shape[0] != len(ids):
-        raise ValueError(f"{folder}: {embeds.shape[0]} {kind} embeddings but {len(ids)} ids")
+        raise DataError(f"{folder}: {embeds.shape[0]} {kind} embeddings but {len(ids)} ids")
     return embeds, ids
 
 
+def previous_outputs(folder: Path) -> List[str]:
+    """The files of an earlier ``embed`` run in ``folder`` (what ``--overwrite`` deletes)."""
+    names = [p.name for k in KINDS for p in folder.glob(f"{k}_*") if p.suffix in (".npy", ".safetensors", ".json")]
+    return names + [n for n in ("manifest.json",) if (folder / n).exists()]
+
+
+MANIFEST_FIELDS = {"format": str, "embed_dim": int, "kinds": dict, "model": dict}
+
+
 def read_manifest(folder) -> dict:
+    """``manifest.json`` of an ``embed`` output, checked (a DataError naming the file and field)."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {folder} an `embed` output folder?")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"{path} not found: is {folder} an `embed` output folder (finished)?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: {json_error(err)}; embed the folder again") from None
+    for key, kind in MANIFEST_FIELDS.items():
+        if not isinstance(manifest, dict) or not isinstance(manifest.get(key), kind):
+            raise DataError(f"{path}: field {key!r} is missing or not {kind.__name__}: not a `tools embed` manifest")
+    return manifest
+
+
+def check_embed_dim(manifest: dict, folder, cfg, what: str = "the gallery") -> None:
+    """Embeddings are compared with the features of ``cfg``'s model: their width must be its
+    ``embed_dim`` (else the search multiplies vectors of two models)."""
+    if manifest["embed_dim"] != cfg.embed_dim:
+        raise UserError(f"{what} {folder} was embedded with embed_dim {manifest['embed_dim']} (its manifest.json; "
+                        f"pretrained {manifest['model'].get('pretrained') or 'none'}), but the config's model has "
+                        f"embed_dim {cfg.embed_dim}: search with the config it was embedded with, or embed it "
+                        "again with this one")
 
 
 # ----------------------------------------------------------------------------- computing
@@ -172,16 +216,22 @@ def main(argv=None, prog: str = "python -m tools embed") -> dict:
         check_run_plan(run.output_dir, {"inputs": table.files, "pairs": len(table), "fingerprint": table.fingerprint(),
                                         "shard_size": args.shard_size, "kinds": list(kinds), "format": args.array_format,
                                         "image_root": cfg.image_root, "model": model_signature(cfg),
-                                        **({"id_col": args.id_col} if args.id_col else {})}, info.is_main)
+                                        **({"id_col": args.id_col} if args.id_col else {})}, info.is_main,
+                       fresh=args.overwrite)
         jobs = [(k, s) for k in kinds for s in range(plans[k].n_shards)]
         logger.info("%d images, %d texts", len(first_rows), len(table))
-        mine = split_pending(jobs, lambda j: shard_paths(run.output_dir, *j, args.array_format)[1].exists(), info)
+        mine = split_pending(jobs, lambda j: not args.overwrite and shard_paths(run.output_dir, *j,
+                                                                                 args.array_format)[1].exists(), info)
         if mine:
             model, tokenizer = inference_model(cfg, info.device)
             if "text" in kinds:
                 log_unk_rate(tokenizer, table.caption, "the captions", clean=lambda c: pre_caption(c, cfg.max_words))
             transform = build_test_transform(cfg.image_size)
             progress = Heartbeat("embed (this rank)", sum(len(plans[k].rows(s)) for k, s in mine), "rows", logger)
+        if args.overwrite:
+            delete_at_commit(previous_outputs(run.output_dir))
+        commit_run()  # inputs, plan and model checked: files are written from here on
+        du.barrier()
         for kind, s in mine:
             rows = plans[kind].rows(s)
             if kind == "image":

@@ -52,15 +52,17 @@ from data.utils import pre_caption
 from data.preflight import log_unk_rate
 from data.transforms import build_test_transform
 from data.pairs import FORMATS
-from tools.common import inference_model, read_pair_args, start
+from tools.common import inference_model, inspect_members, load_member_config, read_pair_args, start
+from tools.submission import check_submission_target
 from utils import dist as du
-from tasks.retrieval import RetrievalConfig, build_datasets
-from utils.config import load_config
+from tasks.retrieval import build_datasets
+from utils.rundir import commit_run
 from utils.engine import autocast
 from tasks.retrieval_eval import embed_texts, evaluate_retrieval, retrieval_metrics
 
 logger = logging.getLogger("tools.ensemble")
 
+OUTPUTS = ("ensemble.json", "fused_scores.npz", "submission.csv", "submission.json")
 FLOOR = -1e4  # normalised score of an entry a member did not re-rank (BLIP: -100)
 FILL = -100.0  # what tasks/retrieval_eval.py writes outside the top k
 
@@ -140,6 +142,17 @@ def _metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> Dict[str,
     return retrieval_metrics(np.asarray(score_i2t), np.asarray(score_t2i), txt2img)
 
 
+def _member_configs(args, cfg) -> list:
+    if not args.member_configs:
+        return [cfg] * len(args.checkpoints)
+    return [load_member_config(c, f"--member_configs {n + 1} ({c})") for n, c in enumerate(args.member_configs)]
+
+
+def _inspect(args, members) -> None:
+    inspect_members([(ckpt, member, f"member {n + 1} of --checkpoints")
+                     for n, (ckpt, member) in enumerate(zip(args.checkpoints, members))])
+
+
 def _weights(args) -> List[float]:
     n = len(args.checkpoints)
     w = args.weights or [1.0] * n
@@ -149,20 +162,22 @@ def _weights(args) -> List[float]:
 
 
 def main(argv=None, prog: str = "python -m tools ensemble") -> dict:
-    run = start(argv, prog, __doc__.splitlines()[0], _extra_args)
+    run = start(argv, prog, __doc__.splitlines()[0], _extra_args, outputs=OUTPUTS)
     args, cfg, info = run.args, run.cfg, run.info
     try:
         weights = _weights(args)
         if args.member_configs and len(args.member_configs) != len(args.checkpoints):
-            raise SystemExit("error: --member_configs needs one config per checkpoint")
+            raise SystemExit(f"error: --member_configs needs one config per checkpoint ({len(args.checkpoints)}), "
+                             f"got {len(args.member_configs)}")
         if bool(args.gallery) != bool(args.queries):
             raise SystemExit("error: test data without ground truth needs both --gallery and --queries")
+        members = _member_configs(args, cfg)
         if args.gallery:
-            return submission_mode(run, weights)
-        members = [load_config(c, RetrievalConfig)[0] for c in args.member_configs] if args.member_configs \
-            else [cfg] * len(args.checkpoints)
+            return submission_mode(run, weights, members)
         record: dict = {"split": args.split, "weights": weights, "normalize": args.normalize, "members": []}
         dataset = build_datasets(cfg, (args.split,))[args.split]
+        _inspect(args, members)  # every member before the first is evaluated
+        commit_run()
         protocol, features, txt2img = [], [], None
         for ckpt, member in zip(args.checkpoints, members):
             dataset.transform = build_test_transform(member.image_size)
@@ -279,7 +294,7 @@ def fused_ranking(members: List[Dict[str, np.ndarray]], weights: List[float], ho
     return order_out, score_out
 
 
-def submission_mode(run, weights: List[float]) -> dict:
+def submission_mode(run, weights: List[float], members_cfg: list) -> dict:
     """``--gallery`` / ``--queries`` without ground truth: fused ranking -> submission files."""
     from data.preflight import check_images
     from data.utils import BadImageError
@@ -289,6 +304,9 @@ def submission_mode(run, weights: List[float]) -> dict:
         return {}  # one process: the other torchrun ranks have nothing to do
     if args.k < 1:
         raise SystemExit(f"error: --k must be >= 1, got {args.k}")
+    stem = args.submission or run.output_dir / "submission"
+    if args.submission:
+        check_submission_target(stem, args.overwrite)
     t2i = args.direction == "t2i"
     root = cfg.image_root or ""
     queries = _read_side(args, args.queries, t2i, args.query_id_col, root)
@@ -306,8 +324,8 @@ def submission_mode(run, weights: List[float]) -> dict:
         images[:] = [r for r in images if r["image"] not in bad]
         if not images:
             raise SystemExit("error: no image left (all missing or unreadable)")
-    members_cfg = [load_config(c, RetrievalConfig)[0] for c in args.member_configs] if args.member_configs \
-        else [cfg] * len(args.checkpoints)
+    _inspect(args, members_cfg)  # every member before the first is run
+    commit_run()
     # Default ids: the image path as written (a text: its image's, else the text itself).
     gallery_keys = [key_of(r, r.get("path") or r.get("caption")) for r in gallery]
     query_keys = [key_of(r, r["text"] if t2i else r["path"]) for r in queries]
@@ -320,7 +338,6 @@ def submission_mode(run, weights: List[float]) -> dict:
         del model
     order, scores = fused_ranking(rankings, weights, args.normalize, args.fusion, fetch_size(gallery_keys, args.k))
     top = [distinct_top(o, s, gallery_keys, args.k) for o, s in zip(order, scores)]
-    stem = args.submission or run.output_dir / "submission"
     paths = write_submission(stem, query_keys, [t[0] for t in top], [t[1] for t in top], args.k)
     record = {"mode": "submission", "direction": args.direction, "fusion": args.fusion, "normalize": args.normalize,
               "weights": weights, "checkpoints": list(args.checkpoints), "queries": len(queries),

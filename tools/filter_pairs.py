@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.pairs import PairTable, write_filtered
+from data.pairs import PairTable, filtered_names, write_filtered
 from tools.common import add_pair_args, read_jsonl, read_pair_args
+from utils.outputs import refuse_existing
 from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.filter")
@@ -100,6 +101,7 @@ def _args(argv, prog):
     p.add_argument("--out_dir", required=True, help="folder for the filtered annotation files")
     p.add_argument("--allow_empty", action="store_true",
                    help="write the files even when the rule keeps no pair (otherwise an error)")
+    p.add_argument("--overwrite", action="store_true", help="replace files of a previous run in --out_dir")
     return p.parse_args(argv)
 
 
@@ -107,6 +109,8 @@ def main(argv=None, prog: str = "python -m tools filter") -> dict:
     args = _args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     table = read_pair_args(args)
+    refuse_existing([Path(args.out_dir, n) for n in filtered_names(table)] + [Path(args.out_dir, "filter_report.json")],
+                    args.overwrite, "--out_dir", inputs=table.files)
     try:
         values = read_scores(Path(args.scores), args.key, table)
     except (ValueError, FileNotFoundError) as err:

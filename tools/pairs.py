@@ -32,6 +32,7 @@ from typing import Optional
 from data.columns import DEFAULT as DEFAULT_COLUMNS, FLAGS, Columns
 from data.corpora import KINDS, MISSING_IMAGE, Corpus, read_source
 from data.utils import pre_caption
+from utils.outputs import refuse_existing
 
 logger = logging.getLogger("tools.pairs")
 CHECK_THREADS = 32
@@ -158,6 +159,7 @@ def _args(argv, prog):
     p.add_argument("--vg_min_area", type=float, default=5000,
                    help="a VG region's width x height must be above this many pixels (default 5000, an absolute "
                         "area: region_descriptions.json has no image sizes; about 70 x 70 px)")
+    p.add_argument("--overwrite", action="store_true", help="replace pairs.json / report.json of a previous run")
     p.add_argument("--check_images", action="store_true",
                    help="skip (and count) pairs whose image file does not exist (a stat per image; "
                         "img2dataset samples are always checked)")
@@ -170,6 +172,7 @@ def main(argv=None, prog: str = "python -m tools pairs") -> dict:
     roots = {"vg": args.vg_image_root, "coco": args.coco_image_root, "flickr_kaggle": args.flickr_image_root,
              "pairs": args.pairs_image_root}
     columns = Columns(image=args.image_col, caption=args.caption_col, image_dir=args.image_dir_col, named_by=FLAGS)
+    refuse_existing([Path(args.out, "pairs.json"), Path(args.out, "report.json")], args.overwrite, "--out")
     pairs, report = build([parse_source(s) for s in args.sources], roots, args.vg_min_words, args.vg_min_area,
                           args.check_images, args.image_root, columns)
     if not pairs:

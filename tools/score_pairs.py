@@ -39,6 +39,7 @@ from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, chec
                           inference_model, model_signature, read_jsonl, read_pair_args, split_pending, start,
                           write_lines_atomic)
 from utils import dist as du
+from utils.rundir import commit_run, delete_at_commit
 from utils.engine import autocast
 from utils.logging import Heartbeat
 
@@ -196,14 +197,21 @@ def main(argv=None, prog: str = "python -m tools score") -> dict:
         parts = run.output_dir / "parts"
         check_run_plan(run.output_dir, {"inputs": table.files, "pairs": len(table), "fingerprint": table.fingerprint(),
                                         "shard_size": args.shard_size, "scores": list(kinds),
-                                        "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main)
+                                        "image_root": cfg.image_root, "model": model_signature(cfg)}, info.is_main,
+                       fresh=args.overwrite)
         logger.info("%d pairs from %d files in shards of %d", len(table), len(table.files), args.shard_size)
-        todo = split_pending(list(range(plan.n_shards)), lambda s: JsonlShard(parts, s).complete, info)
+        todo = split_pending(list(range(plan.n_shards)), lambda s: not args.overwrite and JsonlShard(parts, s).complete,
+                             info)
         if todo:
             model, tokenizer = inference_model(cfg, info.device)
             log_unk_rate(tokenizer, table.caption, "the captions", clean=lambda c: pre_caption(c, cfg.max_words))
             transform = build_test_transform(cfg.image_size)
             progress = Heartbeat("score (this rank)", sum(len(plan.rows(s)) for s in todo), "pairs", logger)
+        if args.overwrite:
+            delete_at_commit(["parts", "score_report.json", "score_hist.png", "scores.jsonl", "scores.csv"])
+        commit_run()  # inputs, plan and model checked: files are written from here on
+        du.barrier()
+        if todo:
             for s in todo:
                 score_shard(JsonlShard(parts, s), plan.rows(s), table, model, tokenizer, transform, kinds, cfg,
                             info.device, bad_images, progress)

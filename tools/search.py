@@ -45,14 +45,17 @@ from data.preflight import check_images, log_unk_rate
 from data.transforms import build_test_transform
 from data.utils import BadImageError, load_image, pre_caption
 from tools.common import add_pair_args, batches_of, inference_model, model_signature, read_pair_args, start
-from tools.embed import embed_captions, load_embeddings, read_manifest
-from tools.submission import distinct_top, fetch_size, key_of, write_submission
+from tools.embed import check_embed_dim, embed_captions, load_embeddings, read_manifest
+from tools.submission import check_submission_target, distinct_top, fetch_size, key_of, write_submission
 from utils import dist as du
 from utils.engine import autocast
+from utils.errors import UserError
+from utils.rundir import commit_run
 from utils.logging import Heartbeat
 from tasks.retrieval_eval import rerank_itm
 
 logger = logging.getLogger("tools.search")
+OUTPUTS = ("results.json", "contact_sheet.png")
 
 
 def _extra_args(parser) -> None:
@@ -153,8 +156,9 @@ def load_queries(args, cfg) -> Tuple[List[dict], Optional[np.ndarray]]:
             raise SystemExit("error: --query_images are images: use --direction i2t")
         return [{"image": p} for p in args.query_images], None
     if args.query_embeddings:
-        feats, ids = load_embeddings(args.query_embeddings, "text" if t2i else "image")
         manifest = read_manifest(args.query_embeddings)
+        check_embed_dim(manifest, args.query_embeddings, cfg, what="the query embeddings")
+        feats, ids = load_embeddings(args.query_embeddings, "text" if t2i else "image")
         if manifest["model"] != model_signature(cfg):
             logger.warning("the queries in %s were embedded with another model config than this one",
                            args.query_embeddings)
@@ -320,13 +324,18 @@ def _thumb(path: str, size: int):
 
 
 def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
-    run = start(argv, prog, __doc__.splitlines()[0], _extra_args)
+    run = start(argv, prog, __doc__.splitlines()[0], _extra_args, outputs=OUTPUTS)
     args, cfg, info = run.args, run.cfg, run.info
     try:
         if not info.is_main:
             return []  # a single-process tool; extra torchrun ranks have nothing to do
+        if args.k < 1 or args.chunk_size < 1:
+            raise UserError(f"--k {args.k} / --chunk_size {args.chunk_size}: both must be >= 1")
+        if args.submission:
+            check_submission_target(args.submission, args.overwrite)
         t2i = args.direction == "t2i"
         manifest = read_manifest(args.gallery)
+        check_embed_dim(manifest, args.gallery, cfg)
         if manifest["model"] != model_signature(cfg):
             logger.warning("the gallery was embedded with another model config (%s) than this one (%s)",
                            manifest["model"], model_signature(cfg))
@@ -341,6 +350,7 @@ def main(argv=None, prog: str = "python -m tools search") -> List[dict]:
         model = tokenizer = None
         if query_feats is None or args.rerank:
             model, tokenizer = inference_model(cfg, info.device)
+        commit_run()  # inputs and model checked: files are written from here on
         if query_feats is None:
             if t2i:
                 log_unk_rate(tokenizer, [q["text"] for q in queries], "the queries",

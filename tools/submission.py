@@ -22,6 +22,8 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from utils.outputs import refuse_existing
+
 
 def fetch_size(keys: Sequence[str], k: int) -> int:
     """How many gallery items a query must rank to find ``k`` distinct ids: ``k`` times the largest
@@ -46,14 +48,25 @@ def distinct_top(ranked: Sequence[int], scores: Sequence[float], keys: Sequence[
     return ids, out_scores
 
 
+def submission_paths(stem) -> Tuple[Path, Path]:
+    """``STEM.csv`` and ``STEM.json`` (a ``.csv`` / ``.json`` suffix on ``stem`` is dropped)."""
+    stem = Path(stem)
+    if stem.suffix.lower() in (".csv", ".json"):
+        stem = stem.with_suffix("")
+    return stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
+
+
+def check_submission_target(stem, overwrite: bool) -> None:
+    """Before any work: an existing submission is replaced only with ``--overwrite``."""
+    refuse_existing(submission_paths(stem), overwrite, f"--submission {stem}")
+
+
 def write_submission(stem: str | os.PathLike, query_ids: Sequence[str], ids: Sequence[Sequence[str]],
                      scores: Sequence[Sequence[float]], k: int) -> Tuple[Path, Path]:
     """Write ``STEM.csv`` and ``STEM.json`` (atomically: a temporary file renamed into place); returns
     their paths."""
-    stem = Path(stem)
-    if stem.suffix.lower() in (".csv", ".json"):
-        stem = stem.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = submission_paths(stem)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
     width = max([len(row) for row in ids] + [0]) if ids else k
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
@@ -62,7 +75,6 @@ def write_submission(stem: str | os.PathLike, query_ids: Sequence[str], ids: Seq
         writer.writerow([query] + list(row) + [""] * (width - len(row)))
     records = [{"query_id": q, "ids": list(row), "scores": [round(float(s), 6) for s in sc]}
                for q, row, sc in zip(query_ids, ids, scores)]
-    paths = stem.with_name(stem.name + ".csv"), stem.with_name(stem.name + ".json")
     for path, text in zip(paths, (buf.getvalue(), json.dumps(records, indent=1, ensure_ascii=False))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")

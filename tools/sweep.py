@@ -38,13 +38,15 @@ from data.transforms import build_test_transform
 from data.preflight import log_unk_rate
 from tasks.retrieval import RetrievalConfig, build_datasets
 from tasks.retrieval_eval import evaluate_retrieval
-from tools.common import inference_model, start
+from tools.common import inference_model, inspect_members, load_member_config, start
 from utils import dist as du
-from utils.config import load_config
+from utils.checkpoint import atomic_write
+from utils.rundir import commit_run
 
 logger = logging.getLogger("tools.sweep")
 
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
+OUTPUTS = ("sweep.json", "sweep.csv", "sweep.md")
 RUN_CONFIG = "run"  # --member_configs: the config.yaml next to the checkpoint
 
 
@@ -100,7 +102,7 @@ def member_configs(args, cfg, checkpoints: List[tuple]) -> List[RetrievalConfig]
             raise SystemExit(f"error: model config of {path} not found: {source}"
                              + (" (--member_configs run: the config.yaml of the checkpoint's run)"
                                 if given[i] == RUN_CONFIG else ""))
-        configs.append(load_config(source, RetrievalConfig)[0])
+        configs.append(load_member_config(source, f"the model config of checkpoint {path}"))
     return configs
 
 
@@ -143,7 +145,7 @@ def write_tables(output_dir: Path, record: dict, metrics: Sequence[str]) -> tupl
     for r, values, flags in zip(record["checkpoints"], rows, best):
         writer.writerow([r["name"], r["path"]] + [f"{v:.4f}" for v in values]
                         + [" ".join(h for h, f in zip(header, flags) if f)])
-    (output_dir / "sweep.csv").write_text(buf.getvalue())
+    atomic_write(output_dir / "sweep.csv", lambda f: f.write(buf.getvalue().encode()))
     lines = [f"Split `{record['split']}` ({record['file']}), {record['images']} images; BLIP's protocol "
              f"(k_test {record['k_test']}); the best of each column in bold.", "",
              "| checkpoint | " + " | ".join(h.replace("/", " ") for h in header) + " |",
@@ -151,12 +153,12 @@ def write_tables(output_dir: Path, record: dict, metrics: Sequence[str]) -> tupl
     for name, values, flags in zip(names, rows, best):
         cells = [f"**{v:.2f}**" if f else f"{v:.2f}" for v, f in zip(values, flags)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    (output_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    atomic_write(output_dir / "sweep.md", lambda f: f.write(("\n".join(lines) + "\n").encode()))
     return output_dir / "sweep.csv", output_dir / "sweep.md"
 
 
 def main(argv=None, prog: str = "python -m tools sweep") -> dict:
-    run = start(argv, prog, __doc__.splitlines()[0], _extra_args)
+    run = start(argv, prog, __doc__.splitlines()[0], _extra_args, outputs=OUTPUTS)
     args, cfg, info = run.args, run.cfg, run.info
     try:
         checkpoints = expand_checkpoints(args.checkpoints)
@@ -167,6 +169,10 @@ def main(argv=None, prog: str = "python -m tools sweep") -> dict:
             raise SystemExit(f"error: --caption_cols repeats a column: {args.caption_cols}")
         members = member_configs(args, cfg, checkpoints)
         datasets = column_datasets(cfg, args.split, args.caption_cols or [])
+        # Every checkpoint against its model config before the first is evaluated (a bad one stops here).
+        inspect_members([(path, member, f"checkpoint {n + 1} of --checkpoints")
+                         for n, ((path, _), member) in enumerate(zip(checkpoints, members))])
+        commit_run()
         first = next(iter(datasets.values()))
         record: dict = {"split": args.split, "file": str(first.ann_file), "images": len(first),
                         "k_test": cfg.k_test, "caption_cols": list(datasets), "metrics": list(args.metrics),
@@ -189,9 +195,11 @@ def main(argv=None, prog: str = "python -m tools sweep") -> dict:
             record["checkpoints"].append({"name": args.names[n] if args.names else path, "path": path,
                                           "results": results})
             del model
+            if info.is_main:  # the table so far, after every checkpoint (a later failure keeps it)
+                record["complete"] = n + 1 == len(checkpoints)
+                atomic_write(run.output_dir / "sweep.json", lambda f: f.write(json.dumps(record, indent=1).encode()))
+                paths = write_tables(run.output_dir, record, args.metrics)
         if info.is_main:
-            (run.output_dir / "sweep.json").write_text(json.dumps(record, indent=1))
-            paths = write_tables(run.output_dir, record, args.metrics)
             logger.info("wrote %s, %s and sweep.json", *paths)
             print((run.output_dir / "sweep.md").read_text(), end="")
         return record

@@ -320,23 +320,64 @@ def load_config(path: Union[str, Path, None], schema: type, opts: Optional[List[
     return cfg, doc
 
 
+# Keys that decide a model's shape: listed first when two configs are compared for a checkpoint.
+ARCHITECTURE_KEYS = ('vit', 'image_size', 'med_config', 'tokenizer', 'embed_dim', 'queue_size', 'use_adapter',
+                     'adapter_taps', 'adapter_reduction', 'text_adapter_reduction', 'decoder_depth', 'decoder_heads',
+                     'decoder_mlp_ratio', 'stage', 'context_layers', 'context_heads', 'context_mlp_ratio',
+                     'teacher_vit', 'teacher_med_config')
+
+
+def config_diff(old: Mapping, new: Mapping, skip: Iterable[str] = ('output_dir',)) -> List[tuple]:
+    """``[(dotted key, old value, new value)]`` where two config dicts differ (a key only one has
+    counts, with None for the other), architecture keys first, then in ``new``'s order."""
+    def flat(d, prefix=''):
+        out = {}
+        for k, v in (d or {}).items():
+            key = f'{prefix}{k}'
+            if isinstance(v, Mapping) and v:
+                out.update(flat(v, key + '.'))
+            else:
+                out[key] = v
+        return out
+    a, b = flat(_plain(old)), flat(_plain(new))
+    skip = set(skip)
+    keys = [k for k in dict.fromkeys(list(b) + list(a)) if k.split('.')[0] not in skip and a.get(k) != b.get(k)]
+    keys.sort(key=lambda k: k.split('.')[0] not in ARCHITECTURE_KEYS)  # stable: the order within each group stays
+    return [(k, a.get(k), b.get(k)) for k in keys]
+
+
+def describe_diff(diff: List[tuple], limit: int = 4) -> str:
+    """``vit.width 64 -> 32, embed_dim 32 -> 16`` (the checkpoint's value first)."""
+    text = ', '.join(f'{k} {a!r} -> {b!r}' for k, a, b in diff[:limit])
+    return text + (f' (and {len(diff) - limit} more)' if len(diff) > limit else '')
+
+
 def config_to_dict(instance: BaseModel) -> Dict[str, Any]:
     """A config instance as plain nested dicts/lists (for checkpoints and loggers)."""
     return _plain(instance)
 
 
-def save_config(doc_or_instance: Any, path: Union[str, Path]) -> Path:
-    """Write the resolved config as YAML; a ruamel document keeps the original file's comments."""
+def config_text(doc_or_instance: Any) -> str:
+    """The resolved config as YAML text; a ruamel document keeps the original file's comments."""
+    import io
+
     if isinstance(doc_or_instance, BaseModel):
         data = _to_yaml(doc_or_instance)
     elif isinstance(doc_or_instance, Mapping):
         data = doc_or_instance
     else:
         raise TypeError(f'expected a config document or model, got {type(doc_or_instance).__name__}')
+    buf = io.StringIO()
+    _yaml().dump(data, buf)
+    return buf.getvalue()
+
+
+def save_config(doc_or_instance: Any, path: Union[str, Path]) -> Path:
+    """Write the resolved config as YAML (:func:`config_text`), atomically: never half a config."""
+    from utils.checkpoint import atomic_write
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open('w') as fh:
-        _yaml().dump(data, fh)
+    text = config_text(doc_or_instance)
+    atomic_write(path, lambda f: f.write(text.encode('utf-8')))
     logger.info('wrote config to %s', path)
     return path
 
@@ -350,8 +391,8 @@ def parse_config(schema: type, argv: Optional[List[str]] = None, description: Op
 
     ``prog`` names the command in usage lines (e.g. ``python -m tools score``); ``unused_keys(args)``
     names the settings the run will not use (e.g. gradient checkpointing under ``--evaluate``).
-    Every command also gets the run flags ``--overwrite`` (read by ``utils.engine.start_run``) and
-    ``--debug`` (full tracebacks on the console, see ``utils.engine.run_entry``).
+    Every command also gets the run flags ``--overwrite`` (read by ``utils.rundir.start_run``) and
+    ``--debug`` (full tracebacks on the console, see ``utils.rundir.run_entry``).
     A bad config exits through ``parser.error`` (usage + message, status 2) rather than a traceback.
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -364,8 +405,9 @@ def parse_config(schema: type, argv: Optional[List[str]] = None, description: Op
                             '(may be given several times; later entries win)')
     run = parser.add_argument_group('run')
     run.add_argument('--overwrite', action='store_true',
-                     help="train afresh in an output_dir that holds a previous run's checkpoint (its "
-                          'checkpoints and log.txt are deleted first); without it such a run is refused')
+                     help="replace what a previous run left in output_dir: a training run's checkpoints, log.txt "
+                          "and events (deleted once the new run has passed its checks), a tool's outputs; "
+                          'without it such a run is refused')
     run.add_argument('--debug', action='store_true',
                      help='on an error, print the full traceback (it always goes to output_dir/run.log)')
     if extra_args is not None:

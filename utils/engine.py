@@ -10,24 +10,18 @@ What it guarantees:
   one, whatever the number of DataLoader workers;
 - checkpoints are written atomically (temp file, fsync, rename);
 - ``deterministic: true`` makes a run bitwise repeatable on the same machine and software;
-- a run owns its ``output_dir`` (:func:`start_run`: a lock, no fresh start over a previous run) and
-  ends on our own errors with their one-line message (:func:`run_entry`).
+- a run owns its ``output_dir`` (``utils/rundir.py``: a lock, no fresh start over a previous run,
+  nothing written before the first optimiser step) and ends on our own errors with their one-line
+  message (``utils.rundir.run_entry``).
 """
 from __future__ import annotations
 
-import errno
 import json
-import fcntl
 import logging
 import math
 import os
 import random
-import re
-import shutil
-import socket
-import sys
 import time
-import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,22 +32,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import dist as du
-from utils.checkpoint import (SAFETENSORS_SUFFIX, checkpoint_epoch, find_checkpoint, link_checkpoint, load_checkpoint,
-                              remove_checkpoint, remove_stale_temp_files, save_checkpoint_atomic,
+from utils.checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, CheckpointMismatchError, find_checkpoint,
+                              link_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint_atomic,
                               save_safetensors_checkpoint)
-from utils.config import config_to_dict
+from utils.config import ConfigError, config_to_dict
 from utils.errors import DataError, UserError
-from utils.logging import Heartbeat, TensorBoard, append_json_line, debug_enabled, has_log_file, reset_logging
+from utils.logging import Heartbeat, TensorBoard, append_json_line
+from utils.rundir import TENSORBOARD_DIR, commit_run, epoch_checkpoints
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     pass
-
-
-class OutputDirError(UserError):
-    """``output_dir`` is in use by another run, or holds a previous run a fresh start would overwrite."""
 
 
 def _mix(*values: int) -> int:
@@ -189,7 +180,7 @@ class Trainer:
         # rank 0's weights are broadcast here and gradients averaged once per virtual batch.
         self.accum_freq = int(getattr(cfg, "accum_freq", 1) or 1)
         if self.accum_freq > 1 and cfg.grad_accum_steps > 1:
-            raise ValueError("accum_freq (feature-cached accumulation) and grad_accum_steps (naive accumulation) "
+            raise ConfigError("accum_freq (feature-cached accumulation) and grad_accum_steps (naive accumulation) "
                              "cannot be combined: set one of them to 1")
         if info.distributed and self.accum_freq > 1:
             import torch.distributed as dist
@@ -206,7 +197,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.precision = cfg.precision
         if self.precision == "fp16" and info.device.type != "cuda":
-            raise ValueError("precision fp16 needs CUDA; use bf16 on CPU")
+            raise ConfigError("precision fp16 needs CUDA; use bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.accum = cfg.grad_accum_steps
         self.clip = cfg.clip_grad_norm
@@ -228,6 +219,11 @@ class Trainer:
         self.data_counts = _DataCounts()
         self.last_data_record: dict = {}
         self.my_slots = range(0)  # this rank's data slots (streamed data)
+        # The run commits (utils.rundir.commit_run: config.yaml, run.log, --overwrite, the lock's
+        # signature) after the first optimiser step; until then nothing is written to output_dir.
+        self.committed = False
+        self._resumed = False
+        self._held_keys: list = []  # log_sample_keys lines of the steps before the commit
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
@@ -289,8 +285,13 @@ class Trainer:
             logger.info("resume: rank(s) %s do not see %s (a node-local output_dir): rank 0 sends its checkpoint",
                         lacking, path)
             ckpt = du.broadcast_object(load_checkpoint(path, with_state=True) if self.info.is_main else None)
+        self._check_resume(path, ckpt)
         getattr(self.raw_model, "load_checkpoint_state_dict", self.raw_model.load_state_dict)(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"--resume {path}: its optimiser state does not fit this run's ({err}); the "
+                                  "trainable parameters differ (a changed freeze or lr setting?)") from None
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState(**ckpt["loop"])
         # Rank 0 carries the counts so far of a streamed epoch (the others start from zero: summed
@@ -306,6 +307,41 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                     self.state.batch_in_epoch, self.state.step)
         return True
+
+    def _check_resume(self, path: Path, ckpt: dict) -> None:
+        """Resume restores strictly: every tensor of this run's checkpoint layout, shape for shape,
+        else one line naming the file, the first differing keys and the config keys that differ
+        between the checkpoint's config and this run's. Other config changes are logged."""
+        from utils.checkpoint import LoadReport, collapse_keys
+        from utils.config import config_diff, describe_diff
+        own = getattr(self.raw_model, "checkpoint_state_dict", self.raw_model.state_dict)()
+        state = ckpt.get("model") or {}
+        if any(k.startswith("blip.") for k in state) and not any(k.startswith("blip.") for k in own):
+            own = self.raw_model.state_dict()  # a checkpoint written while BLIP trained too
+        report = LoadReport(missing=[k for k in own if k not in state], unexpected=[k for k in state if k not in own],
+                            mismatched=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                                        if k in own and tuple(v.shape) != tuple(own[k].shape)])
+        diff = config_diff(ckpt.get("config") or {}, self.config)
+        if not report.is_clean:
+            parts = []
+            if report.mismatched:
+                k, a, b = report.mismatched[0]
+                parts.append(f"{len(report.mismatched)} tensor(s) have other shapes (e.g. {k} {a} in the file, {b} in "
+                             "the model)")
+            if report.missing:
+                parts.append(f"the model has {len(report.missing)} the file lacks ({collapse_keys(report.missing, 3)})")
+            if report.unexpected:
+                parts.append(f"the file has {len(report.unexpected)} the model lacks "
+                             f"({collapse_keys(report.unexpected, 3)})")
+            changed = (f"the checkpoint's config differs from this run's in {describe_diff(diff)}" if diff else
+                       "the checkpoint holds no config to compare with")
+            raise CheckpointMismatchError(f"--resume {path} does not fit this run's model: {'; '.join(parts)}; "
+                                          f"{changed}. Resume with the config it was trained with "
+                                          f"({self.output_dir / 'config.yaml'} of that run), or start a new run "
+                                          "(another --output_dir, or --overwrite)")
+        if diff:
+            logger.warning("resuming %s with changed config keys: %s (the weights, optimiser and schedule state are "
+                           "the checkpoint's)", path, describe_diff(diff, 8))
 
     # ------------------------------------------------------------------ data
     def loader(self, dataset: Dataset, batch_size: int, collate_fn, num_workers: int = 0, shuffle: bool = True,
@@ -416,6 +452,8 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
+                if not self.committed:
+                    self.commit()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             count += 1
@@ -472,7 +510,7 @@ class Trainer:
         try:
             batch = next(iter(loader))
         except StopIteration:
-            raise ValueError("--dry_run: the training data gives no batch (fewer pairs than one batch "
+            raise ConfigError("--dry_run: the training data gives no batch (fewer pairs than one batch "
                              "with drop_last?)") from None
         if hasattr(loader, "set_epoch"):
             batch = self._stream_batch(batch, 0, record=False)
@@ -497,6 +535,8 @@ class Trainer:
                   "seconds": round(time.perf_counter() - t0, 3), **(extra or {})}
         record.update(terms)  # each term also at the top level: dry_run.json["loss_ita"]
         bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        self.committed = True
+        commit_run(output_dir=self.output_dir)  # the checks passed: the dry run's report is its output
         if self.info.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "dry_run.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -539,10 +579,29 @@ class Trainer:
     def _log_keys(self, epoch: int, keys) -> None:
         """``log_sample_keys``: one line per sample, ``epoch step key``, with the step this batch is
         trained in (a resumed run redoes the steps after its checkpoint: keep the lines of the
-        steps the checkpoint holds)."""
+        steps the checkpoint holds). Before the commit the lines are held back."""
+        lines = [f"{epoch} {self.state.step} {key}\n" for key in keys]
+        if not self.committed:
+            self._held_keys += lines
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)  # another node's output_dir may not exist
         with open(self.output_dir / f"samples_rank{self.info.rank}.txt", "a") as f:
-            f.writelines(f"{epoch} {self.state.step} {key}\n" for key in keys)
+            f.writelines(lines)
+
+    def commit(self) -> None:
+        """The run has made its first optimiser step: write what the start deferred
+        (``utils.rundir.commit_run``), open the TensorBoard events, and the held sample keys."""
+        self.committed = True
+        commit_run(output_dir=self.output_dir)
+        if self.report_to == "tensorboard" and self.info.is_main and self.board is None:
+            # A resumed run drops what its previous attempt logged after the checkpoint's step.
+            self.board = TensorBoard(self.output_dir / TENSORBOARD_DIR,
+                                     purge_step=self.state.step if self._resumed else None)
+        held, self._held_keys = self._held_keys, []
+        if held:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / f"samples_rank{self.info.rank}.txt", "a") as f:
+                f.writelines(held)
 
     def _data_record(self, epoch: int) -> dict:
         """The epoch's data counts summed over ranks, for log.txt (and one log line naming the
@@ -562,6 +621,8 @@ class Trainer:
     def end_epoch(self, record: dict, metric: Optional[float] = None) -> bool:
         """Decide whether ``metric`` is a new best (the one place this is decided), log the
         epoch's record and advance the state. Returns the decision."""
+        if not self.committed:
+            self.commit()
         is_best = self.is_new_best(metric)
         if is_best:
             self.state.best, self.state.best_epoch = metric, self.state.epoch
@@ -595,11 +656,10 @@ class Trainer:
           (test split on a new best, prediction files, pictures); its dict joins the record.
         - ``resume``: ``'auto'`` or a checkpoint path (see :meth:`resume`).
         """
-        resumed = bool(resume) and self.resume(resume)
-        if self.report_to == "tensorboard" and self.info.is_main:
-            # A resumed run drops what its previous attempt logged after the checkpoint's step.
-            self.board = TensorBoard(self.output_dir / TENSORBOARD_DIR,
-                                     purge_step=self.state.step + 1 if resumed else None)
+        self._resumed = bool(resume) and self.resume(resume)
+        if self.state.epoch < max_epoch and len(loader) == 0:
+            raise ConfigError("the training data gives no batch per epoch (fewer samples per rank than "
+                              "batch_size_train, whose last partial batch is dropped): lower batch_size_train")
         if resume:
             if self.state.epoch >= max_epoch:
                 logger.info("nothing to train: the run in %s already finished %d epochs", self.output_dir, max_epoch)
@@ -733,41 +793,7 @@ class _NonFinite:
                 + f"; the last good checkpoint in {output_dir} is kept")
 
 
-# ---------------------------------------------------------------------- entry scripts
-
-# The files of a training run that a fresh start with --overwrite deletes (the engine writes them; a
-# task's other outputs are rewritten by the new run).
-RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_last.safetensors",
-             "checkpoint_best.safetensors", "log.txt")
-TENSORBOARD_DIR = "tensorboard"
-_EPOCH_CHECKPOINT = re.compile(r"checkpoint_epoch(\d+)\.(pth|safetensors)")
-
-
-def epoch_checkpoints(output_dir: Path) -> list:
-    """The run's ``checkpoint_epochNNN`` files (``save_every``), oldest epoch first."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_epoch*")
-             if (m := _EPOCH_CHECKPOINT.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def run_files(output_dir: Path) -> list:
-    """What ``--overwrite`` deletes: the engine's checkpoints (with safetensors state files and the
-    epoch copies), log.txt and the TensorBoard events."""
-    files = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
-    files += epoch_checkpoints(output_dir)
-    board = output_dir / TENSORBOARD_DIR
-    return files + ([board] if board.is_dir() else [])
-LOCK_NAME = ".lock"
-
-# A person can act on these from their message alone; anything else is a bug and keeps its traceback.
-USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-_held_locks: Dict[Path, int] = {}  # output_dir -> descriptor of its locked .lock, held by this process
-
-
-class _Finished(Exception):
-    """``--resume auto`` found the run complete: nothing to do (exit status 0)."""
-
+# ---------------------------------------------------------------------- determinism
 
 def set_deterministic(on: bool) -> None:
     """``deterministic: true``: bitwise repeatable runs on the same machine and software (same
@@ -780,201 +806,3 @@ def set_deterministic(on: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False  # benchmarking may pick a different algorithm per run
     torch.use_deterministic_algorithms(on)
-
-
-def _lock_output_dir(output_dir: Path) -> Optional[int]:
-    """Take an exclusive ``flock`` on ``output_dir/.lock``, held until :func:`release_output_dirs`
-    or the end of the process: the OS drops it however the process ends, so a crashed or killed run
-    never blocks the next one. Returns the lock file's descriptor (None where the file system has
-    no locks); re-entrant per process. Refused: an OutputDirError naming the holder (pid, host)."""
-    key = output_dir.resolve()
-    if key in _held_locks:
-        return _held_locks[key]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip().split(maxsplit=2)
-        os.close(fd)
-        who = (f"pid {holder[0]} on host {holder[1]}" + (f", since {holder[2]}" if len(holder) > 2 else "")
-               if len(holder) >= 2 else f"the process holding {output_dir / LOCK_NAME}")
-        raise OutputDirError(f"{output_dir} is in use by another run ({who}); wait for it to end, or choose "
-                             "another --output_dir") from None
-    except OSError as err:
-        os.close(fd)
-        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-        # Some cluster file systems (Lustre without -o flock) have no locks: run unguarded rather than not at all.
-        logger.warning("cannot lock %s (%s): a second run into it would not be refused", output_dir, err.strerror)
-        return None
-    _held_locks[key] = fd
-    return fd
-
-
-def release_output_dirs() -> None:
-    """Release the ``output_dir`` locks this process holds (closing the descriptor drops the lock)."""
-    while _held_locks:
-        os.close(_held_locks.popitem()[1])
-
-
-def _claim_output_dir(output_dir: Path, cfg, resume: Optional[str], overwrite: bool, trains: bool) -> None:
-    """Rank 0's checks before a run writes anything: take the lock; refuse a fresh training run over
-    a previous run's checkpoint unless ``--resume`` or ``--overwrite``; stop a ``--resume auto`` of
-    a finished run (raises ``_Finished``). Only a run that goes on signs the lock file (pid, host,
-    start time), so a refused one leaves the directory as it was."""
-    fd = _lock_output_dir(output_dir)
-    last = find_checkpoint(output_dir, "checkpoint_last")
-    if trains and last.is_file():
-        if resume == "auto":
-            epoch = checkpoint_epoch(last)
-            if isinstance(epoch, int) and epoch >= cfg.max_epoch:
-                raise _Finished(f"nothing to do: the run in {output_dir} has finished ({epoch} of max_epoch "
-                                f"{cfg.max_epoch} epochs trained); to train further, raise max_epoch "
-                                "(--opts max_epoch=N)")
-        elif not resume and not overwrite:
-            raise OutputDirError(f"{output_dir} holds a previous run ({last.name}); continue it with --resume "
-                                 "auto, start afresh with --overwrite (deletes its checkpoints and log.txt), or "
-                                 "choose another --output_dir")
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-
-
-def start_run(cfg, doc, args, *, trains: bool) -> tuple:
-    """What every entry script does first: make the run deterministic if configured, join
-    torchrun's process group (if any), claim ``output_dir`` (rank 0; the others wait for its
-    verdict), log to the console and ``output_dir/run.log``, clear stale temp files of interrupted
-    atomic writes, save the resolved config there, seed per rank. Returns ``(DistInfo, output_dir)``.
-
-    ``args``: the parsed command line (``--overwrite``, and ``--resume`` where the script has it);
-    ``trains``: whether this run trains (writes checkpoints). Any run is refused while another one
-    holds ``output_dir``; a fresh training run also when ``output_dir`` holds a previous run's
-    checkpoint, unless ``--resume`` or ``--overwrite``. ``--resume auto`` of a finished run prints
-    one line and exits with status 0.
-    """
-    from utils.config import save_config
-    from utils.logging import setup_logging
-
-    set_deterministic(cfg.deterministic)
-    info = du.init_distributed(cfg.device)
-    output_dir = Path(cfg.output_dir)
-    resume = getattr(args, "resume", None)
-    verdict = None
-    if info.is_main:
-        try:
-            _claim_output_dir(output_dir, cfg, resume, args.overwrite, trains)
-        except (*USER_ERRORS, _Finished) as err:
-            release_output_dirs()
-            verdict = err
-    verdict = du.broadcast_object(verdict)  # also the barrier the other ranks wait at
-    if isinstance(verdict, _Finished):
-        if info.is_main:
-            print(verdict, flush=True)
-        raise SystemExit(0)
-    if verdict is not None:
-        # Rank 0 tells the user and fails the job; the others leave quietly, since a rank that
-        # failed first would make torchrun stop rank 0 before it could say why.
-        raise verdict if info.is_main else SystemExit(0)
-
-    setup_logging(str(output_dir), info.rank)
-    if info.is_main:
-        stale = remove_stale_temp_files(output_dir)
-        if stale:
-            logger.info("removed %d stale temp file(s) of interrupted writes in %s: %s", len(stale), output_dir,
-                        ", ".join(p.name for p in stale))
-        if trains and args.overwrite and not resume:
-            gone = run_files(output_dir)
-            for path in gone:
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    remove_checkpoint(path)
-            if gone:
-                logger.info("--overwrite: deleted the previous run's %s", ", ".join(p.name for p in gone))
-        save_config(doc, output_dir / "config.yaml")
-    torch.manual_seed(cfg.seed + info.rank)
-    return info, output_dir
-
-
-def add_dry_run_arg(parser) -> None:
-    """``--dry_run``, which every training entry script takes (``Trainer.dry_run``)."""
-    parser.add_argument("--dry_run", action="store_true",
-                        help="check the config: pre-flight, build, load, one eval-mode forward of the first "
-                             "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
-
-
-def refuse_dry_run_with(args, *flags: str) -> None:
-    """``--dry_run`` checks a training run: together with a flag that makes the run something else
-    (``--evaluate``, ``--visualize``, ``--export``) it is refused in one line, before ``output_dir``
-    is touched."""
-    if not getattr(args, "dry_run", False):
-        return
-    for flag in flags:
-        if getattr(args, flag.lstrip("-")):
-            raise UserError(f"--dry_run checks a training run (one forward of its first batch); it cannot be "
-                            f"combined with {flag}: drop one of the two")
-
-
-def add_train_eval_args(parser) -> None:
-    """The flags every fine-tuning entry script with an evaluation mode takes (BLIP's CLI)."""
-    add_dry_run_arg(parser)
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--eval_splits", default=None,
-                        help="comma-separated splits to evaluate with --evaluate (default: val,test "
-                             "when a val file is configured, else test)")
-    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
-    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
-
-
-def unused_when_evaluating(args) -> tuple:
-    """Config keys an ``--evaluate`` run does not use (not cross-checked)."""
-    return ("vit_grad_ckpt",) if args.evaluate else ()
-
-
-def run_splits(args, configured: tuple) -> tuple:
-    """The splits a run reads: ``train`` + the ``configured`` eval splits, with ``--dry_run`` only
-    ``train``, or with ``--evaluate`` those of ``--eval_splits`` (val/test) or else the configured
-    ones (at least one)."""
-    if getattr(args, "dry_run", False):
-        return ("train",)
-    if not args.evaluate:
-        return ("train",) + tuple(configured)
-    if args.eval_splits:
-        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
-        if not splits or not set(splits) <= {"val", "test"}:
-            raise ValueError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
-        return splits
-    if not configured:
-        raise ValueError("--evaluate needs a val_file or a test_file (dataset: custom)")
-    return tuple(configured)
-
-
-def run_entry(main: Callable, log: Optional[logging.Logger] = None) -> None:
-    """Run an entry script's ``main`` as a command. One of our own errors (:data:`USER_ERRORS`: a
-    config key, a checkpoint, data, the output directory, a non-finite loss, a missing file) ends it
-    with its message as ``error: ...`` on stderr and status 1; its traceback goes to
-    ``output_dir/run.log`` and, with ``--debug``, to the console. Any other exception keeps its
-    full traceback on the console (and in ``run.log``). The run's ``output_dir`` lock and log file
-    are released at the end, so a second run in the same process starts as in a fresh one."""
-    log = log or logger
-    reset_logging()
-    try:
-        main()
-    except USER_ERRORS as err:
-        if has_log_file():
-            log.error("%s", err, exc_info=err, extra={"file_only": True})
-        if debug_enabled():
-            traceback.print_exception(err)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-        print(f"{rank}error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except Exception:
-        if has_log_file():
-            log.exception("unexpected error (a bug: please report it with this traceback)",
-                          extra={"file_only": True})
-        raise
-    finally:
-        release_output_dirs()
-        reset_logging()

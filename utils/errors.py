@@ -2,7 +2,7 @@
 
 Their message is the whole story in one or two lines: what happened, where (the file, entry or key)
 and what to do. Entry scripts print just that message and exit with status 1; the traceback goes to
-``output_dir/run.log`` (and to the console with ``--debug``), see ``utils.engine.run_entry``.
+``output_dir/run.log`` (and to the console with ``--debug``), see ``utils.rundir.run_entry``.
 Anything else is a bug and keeps its full traceback on the console.
 """
 from __future__ import annotations
@@ -16,3 +16,17 @@ class UserError(Exception):
 class DataError(UserError, ValueError):
     """A data file or image that does not fit its format; the message names the file and entry.
     A ValueError too, so callers that catch ValueError keep working."""
+
+
+def json_error(err: Exception) -> str:
+    """A JSON file's parse error as the end of a one-line message: ``malformed JSON: unterminated
+    string starting at line 3, column 5`` (``json``'s own ``msg`` of some errors ends in a dangling
+    "at"), or ``not UTF-8 text (...)``."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at position {err.start})"
+    msg = getattr(err, "msg", str(err))
+    if msg.endswith(" at"):
+        msg = msg[:-3]
+    msg = msg[:1].lower() + msg[1:]
+    line, col = getattr(err, "lineno", None), getattr(err, "colno", None)
+    return f"malformed JSON: {msg}" + (f" at line {line}, column {col}" if line is not None else "")

@@ -15,7 +15,7 @@ from utils.errors import UserError
 # The longest a running loop without a progress bar stays silent, in seconds (tests lower it).
 HEARTBEAT_S = 30.0
 
-_debug = False  # --debug: tracebacks of our own errors on the console too (utils.engine.run_entry)
+_debug = False  # --debug: tracebacks of our own errors on the console too (utils.rundir.run_entry)
 
 
 def set_debug(on: bool) -> None:
@@ -30,25 +30,59 @@ def debug_enabled() -> bool:
 _installed: list = []  # the handlers setup_logging added to the root logger
 
 
-def setup_logging(output_dir: Optional[str] = None, rank: int = 0, level: int = logging.INFO) -> None:
+class _Deferred(logging.Handler):
+    """Keeps the records of a run that has not committed yet (``utils.rundir``): they go to
+    ``run.log`` when it commits, and nowhere when it fails before (its output_dir stays as it was)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def setup_logging(output_dir: Optional[str] = None, rank: int = 0, level: int = logging.INFO,
+                  defer: bool = False) -> None:
     """Console (stdout) and, on rank 0, ``output_dir/run.log``. A record logged with
-    ``extra={"file_only": True}`` goes to the file only (the traceback behind a one-line error)."""
+    ``extra={"file_only": True}`` goes to the file only (the traceback behind a one-line error).
+    ``defer``: no file yet; the records are kept until :func:`open_log_file` writes them."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     root.setLevel(level if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
+    console.setFormatter(_formatter(rank))
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     _installed[:] = [console]
-    if output_dir and rank == 0:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(Path(output_dir) / "run.log")
-        fh.setFormatter(fmt)
-        _installed.append(fh)
+    if defer and rank == 0:
+        _installed.append(_Deferred())
     for h in _installed:
         root.addHandler(h)
+    if output_dir and rank == 0:
+        open_log_file(output_dir, rank)
+
+
+def _formatter(rank: int) -> logging.Formatter:
+    return logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+
+def open_log_file(output_dir, rank: int = 0) -> None:
+    """Append from now on to ``output_dir/run.log``, first with the records kept so far (a
+    deferred start). A no-op when a log file is open already."""
+    if has_log_file():
+        return
+    root = logging.getLogger()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(Path(output_dir) / "run.log")
+    fh.setFormatter(_formatter(rank))
+    for h in [h for h in _installed if isinstance(h, _Deferred)]:
+        for record in h.records:
+            fh.handle(record)
+        root.removeHandler(h)
+        _installed.remove(h)
+    _installed.append(fh)
+    root.addHandler(fh)
 
 
 def reset_logging() -> None:
