@@ -60,7 +60,7 @@ def eval_images_per_s(checkpoint: Path, repeats: int = 1) -> Optional[float]:
     fields = RetrievalConfig.model_fields
     cfg = RetrievalConfig.model_validate({k: v for k, v in stored.items() if k in fields})
     dataset = build_datasets(cfg, ("test",))["test"]
-    model, tokenizer = create_model(cfg, "blip_inference", "cpu", pretrained=str(checkpoint))
+    model, tokenizer = create_model(cfg, "blip_inference", "cpu", pretrained=str(checkpoint), purpose="eval")
     model.eval()
     best = None
     for _ in range(repeats):

@@ -34,6 +34,7 @@ stand instead: ``models/hf.py`` converts it in memory to the official layout (``
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
@@ -46,8 +47,9 @@ from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
 from models.tokenizer import build_tokenizer
-from utils.checkpoint import (CheckpointError, LoadReport, extract_state_dict, interpolate_pos_embed,
-                              load_checkpoint, load_state_dict_with_report)
+from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
+                              extract_state_dict, interpolate_pos_embed, load_checkpoint,
+                              load_state_dict_with_report)
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
 # What a model built without momentum encoders leaves unused in any BLIP checkpoint.
 MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
 QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
+BOOKKEEPING = ("idx_queue", "ptr_queue", "queue_ptr")  # queue labels and pointers: no learned weights
 CONTEXTBLIP_PARTS = ("adapter.", "decoder.")
 # What a captioner leaves unused in a pretraining (or retrieval) checkpoint.
 ENCODER_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.") + MOMENTUM_PREFIXES
@@ -107,11 +110,14 @@ def build_model(cfg, kind: str, tokenizer) -> nn.Module:
 
 
 def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] = None,
-                 load: bool = True) -> Tuple[nn.Module, Any]:
-    """Tokenizer + model of ``kind`` with ``pretrained`` (default ``cfg.pretrained``) loaded.
+                 load: bool = True, purpose: str = "train", role: str = "pretrained") -> Tuple[nn.Module, Any]:
+    """Tokenizer + model of ``kind`` with ``pretrained`` (default ``cfg.pretrained``) loaded under
+    the loading policy (``load_weights``: ``purpose`` 'train' when training starts from it, 'eval'
+    when the model is evaluated or used by a tool; ``role`` names the file in messages).
 
     ``zero_shot``: a plain BLIP checkpoint is scored as BLIP itself (no adapter: ``model.use_adapter``
     tells what was built). ``imagecode`` stage 2 needs its stage-1 checkpoint, loaded strictly.
+    Evaluating a model with no ``pretrained`` at all is refused: its numbers would be a random model's.
     """
     source = cfg.pretrained if pretrained is None else pretrained
     tokenizer = build_tokenizer(cfg.tokenizer)
@@ -119,9 +125,12 @@ def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] 
     if kind == "zero_shot" and ckpt is not None and cfg.use_adapter and checkpoint_format(ckpt) == Format.BLIP:
         logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", source)
         cfg = cfg.model_copy(update={"use_adapter": False})
+    if load and not source and purpose == "eval":
+        raise ConfigError(f"`pretrained` is empty: there is no checkpoint to evaluate (the {kind} model would have "
+                          "random weights); set --opts pretrained=CHECKPOINT")
     model = build_model(cfg, kind, tokenizer)
     if ckpt is not None:
-        load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source))
+        load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), role=role, purpose=purpose)
         if kind == "imagecode" and cfg.stage == 1 and cfg.head_init == "itm":
             model.init_prediction_from_itm()
     elif load and kind == "imagecode" and cfg.stage == 2:
@@ -149,7 +158,7 @@ def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
                               "(BLIP's pretraining layout, model_base.pth); this file has "
                               f"{'no decoder' if not any(k.startswith('text_decoder.') for k in state) else 'no text encoder'}")
     teacher = build_blip_pretrain(arch, tokenizer, itc=None)
-    report = load_weights(teacher, ckpt, strict=True, source_name=f"teacher {cfg.teacher}").blip
+    report = load_weights(teacher, ckpt, strict=True, source_name=str(cfg.teacher), role="teacher", purpose="eval").blip
     teacher.requires_grad_(False)
     teacher.eval()
     logger.info("teacher %s: %d tensors loaded, %.1fM parameters, frozen (eval, no_grad)", cfg.teacher,
@@ -157,7 +166,7 @@ def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
     return teacher.to(device)
 
 
-def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> Tuple[nn.Module, Any, Dict]:
+def model_from_checkpoint(source, device: Any = "cpu", strict: Optional[bool] = True) -> Tuple[nn.Module, Any, Dict]:
     """Rebuild a fine-tuned ImageCoDe model from its own checkpoint (it stores its config).
     Returns ``(model in eval mode, tokenizer, the stored config as a dict)``."""
     ckpt = read_source(source)
@@ -168,7 +177,7 @@ def model_from_checkpoint(source, device: Any = "cpu", strict: bool = True) -> T
     arch = ImageCodeArch.model_validate({k: v for k, v in stored.items() if k in ImageCodeArch.model_fields})
     tokenizer = build_tokenizer(stored["tokenizer"])
     model = build_imagecode_model(arch, tokenizer)
-    load_weights(model, ckpt, strict=strict, source_name=str(source))
+    load_weights(model, ckpt, strict=strict, source_name=str(source), purpose="eval")
     return model.to(device).eval(), tokenizer, dict(stored)
 
 
@@ -220,9 +229,142 @@ def _imagecode_stage(ckpt: Mapping, state: Mapping) -> int:
     return 2 if any(k.startswith("stage1.") for k in state) else 1
 
 
-def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[str] = "auto",
-                 source_name: Optional[str] = None) -> LoadResult:
-    """Load ``source`` (a path/URL, or a checkpoint already loaded) into ``model``, with a report.
+# ---------------------------------------------------------------------- the loading policy
+#
+# One policy for every place a checkpoint meets a model: `pretrained`, `teacher`, a tool's member,
+# resume (utils.engine checks its own files strictly with the same messages). `strict` is the
+# config's `strict_load`:
+#   None (the default): a shape mismatch, a file tensor the model has no place for, or a model
+#       weight the file lacks is an error; parts the layout declares new (a fresh caption decoder,
+#       ContextBLIP's adapter and TMIM decoder over a plain BLIP) are allowed when training starts
+#       from the file (purpose 'train') and listed, and are errors when it is evaluated ('eval');
+#   True: even those must come from the file;
+#   False: the escape hatch: what fits is loaded and a warning says what was let through.
+
+PURPOSES = ("train", "eval")
+
+# Which config keys set the dimensions of a key's tensor: (pattern, {dim index or None: keys}).
+_DIM_KEYS = (
+    (r"visual_encoder(_m)?\.pos_embed$", {1: "image_size / vit (patch_size)", None: "vit (width)"}),
+    (r"visual_encoder(_m)?\.patch_embed\.", {0: "vit (width)", None: "vit (patch_size)"}),
+    (r"visual_encoder(_m)?\.", {None: "vit (width, mlp_ratio)"}),
+    (r"\.word_embeddings\.weight$", {0: "tokenizer / med_config (vocab_size)", None: "med_config (hidden_size)"}),
+    (r"\.predictions\.(bias|decoder\.weight|decoder\.bias)$", {0: "tokenizer / med_config (vocab_size)",
+                                                                None: "med_config (hidden_size)"}),
+    (r"\.position_embeddings\.weight$", {0: "med_config (max_position_embeddings)", None: "med_config (hidden_size)"}),
+    (r"\.position_ids$", {None: "med_config (max_position_embeddings)"}),
+    (r"crossattention\.self\.(key|value)\.weight$", {1: "vit (width)", None: "med_config (hidden_size)"}),
+    (r"(^|\.)vision_proj(_m)?\.weight$", {0: "embed_dim", None: "vit (width)"}),
+    (r"(^|\.)text_proj(_m)?\.weight$", {0: "embed_dim", None: "med_config (hidden_size)"}),
+    (r"(^|\.)(vision|text)_proj(_m)?\.bias$", {None: "embed_dim"}),
+    (r"(^|\.)(image|text)_queue$", {0: "embed_dim", None: "queue_size"}),
+    (r"(^|\.)idx_queue$", {None: "queue_size"}),
+    (r"(^|\.)itm_head\.", {None: "med_config (hidden_size)"}),
+    (r"(^|\.)(text_encoder|text_decoder)(_m)?\.", {None: "med_config (hidden_size, intermediate_size)"}),
+    (r"(^|\.)adapter\.", {None: "vit (width) / adapter_taps, adapter_reduction"}),
+    (r"(^|\.)decoder\.", {None: "vit (width) / decoder_depth, decoder_heads, decoder_mlp_ratio, "
+                                "text_adapter_reduction"}),
+    (r"(^|\.)prediction\.", {None: "med_config (hidden_size)"}),
+    (r"(^|\.)context\.|(^|\.)stage1\.", {None: "context_layers, context_heads, context_mlp_ratio / med_config"}),
+)
+# Layers a file has and the model has not (or the reverse): the depth keys.
+_DEPTH_KEYS = ((r"visual_encoder(_m)?\.blocks\.\d+\.", "vit (depth)"),
+               (r"(text_encoder|text_decoder)(_m)?\.(bert\.)?encoder\.layer\.\d+\.", "med_config (num_hidden_layers)"),
+               (r"(^|\.)decoder\.blocks?\.\d+\.", "decoder_depth"))
+
+
+def _role_keys(text: str, role: str) -> str:
+    """A teacher's dims come from ``teacher_vit`` / ``teacher_med_config``."""
+    if role.startswith("teacher"):
+        text = re.sub(r"\bvit\b", "teacher_vit", text)
+        text = re.sub(r"\bmed_config\b", "teacher_med_config", text)
+    return text
+
+
+def _dims_keys(key: str, file_shape: tuple, model_shape: tuple) -> Optional[str]:
+    for pattern, by_dim in _DIM_KEYS:
+        if re.search(pattern, key):
+            differs = [i for i in range(min(len(file_shape), len(model_shape))) if file_shape[i] != model_shape[i]]
+            named = [by_dim[i] for i in differs if i in by_dim]
+            return ", ".join(dict.fromkeys(named)) if named else by_dim[None]
+    return None
+
+
+def _depth_keys(keys) -> list:
+    return list(dict.fromkeys(name for k in keys for pattern, name in _DEPTH_KEYS if re.search(pattern, k)))
+
+
+def config_keys_of(report: LoadReport, role: str = "pretrained") -> str:
+    """The config keys that set the dims a report found different (for its error message)."""
+    named = [_dims_keys(k, a, b) for k, a, b in report.mismatched]
+    named += _depth_keys(report.unexpected + report.missing)
+    named = [_role_keys(n, role) for n in named if n]
+    return ", ".join(dict.fromkeys(named)) or "the model's architecture keys (vit, image_size, med_config, embed_dim)"
+
+
+def _shapes(items) -> str:
+    return "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in items)
+
+
+def check_report(report: LoadReport, name: str, role: str = "pretrained", purpose: str = "eval",
+                 strict: Optional[bool] = None, model_name: str = "model") -> None:
+    """The loading policy (above) on one report: a one-line CheckpointMismatchError naming the role,
+    the file, the first keys (with both shapes) and the config keys behind them; else the new
+    parts listed and, with ``strict=False``, what was let through warned about."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose {purpose!r}: one of {PURPOSES}")
+    who = f"{role} {name}" if not str(name).startswith(role) else str(name)
+    if strict is False:
+        let = [f"{len(v)} {what}" for what, v in (("shape-mismatched", report.mismatched),
+                                                   ("missing", report.missing), ("unexpected", report.unexpected),
+                                                   ("new", report.new)) if v]
+        if let:
+            logger.warning("strict_load: false: %s loaded with %s tensor(s) let through (%s); those weights are "
+                           "not the file's", who, ", ".join(let),
+                           collapse_keys([k for k, _, _ in report.mismatched] + report.missing + report.new
+                                         + report.unexpected))
+        return
+    new_is_missing = purpose == "eval" or strict is True
+    missing = report.missing + (report.new if new_is_missing else [])
+    problems = []
+    if report.mismatched:
+        problems.append(f"{len(report.mismatched)} tensor(s) have other shapes: {_shapes(report.mismatched[:2])}"
+                        + (", ..." if len(report.mismatched) > 2 else ""))
+    if report.unexpected:
+        problems.append(f"{len(report.unexpected)} tensor(s) of the file have no place in the model: "
+                        f"{collapse_keys(report.unexpected)}")
+    if missing:
+        why = (" (evaluation needs every weight from the file)" if report.new and purpose == "eval" else
+               " (strict_load: true)" if report.new and strict else "")
+        problems.append(f"the file lacks {len(missing)} weight(s) the model needs{why}: {collapse_keys(missing)}")
+    if problems:
+        if report.mismatched or report.unexpected or report.missing:
+            todo = (f"Those shapes come from the config keys {config_keys_of(report, role)}: set them as the "
+                    "checkpoint was trained (its config.yaml), or strict_load: false to load only what fits")
+        elif strict is True:
+            todo = "Drop strict_load: true to start them afresh, or give a checkpoint that holds them"
+        else:
+            todo = ("Evaluate a checkpoint trained for this model (it holds them), or strict_load: false to run "
+                    "with them at their random initialisation")
+        raise CheckpointMismatchError(f"{who} does not fit the {model_name}: {'; '.join(problems)}. {todo}")
+    if report.new:
+        logger.info("%s: %d weight(s) new, initialised here (not in the file): %s", who, len(report.new),
+                    collapse_keys(report.new))
+
+
+def _model_name(model: nn.Module) -> str:
+    return {"BLIPRetrieval": "BLIP retrieval model", "BLIPCaptioner": "captioner", "ContextBLIP": "ContextBLIP model",
+            "CandidateScorer": "ImageCoDe stage-1 model", "ContextualScorer": "ImageCoDe stage-2 model",
+            "BLIPPretrain": "BLIP pretraining model"}.get(type(model).__name__, type(model).__name__)
+
+
+def load_weights(model: nn.Module, source, strict: Optional[bool] = None, base: Optional[str] = "auto",
+                 source_name: Optional[str] = None, role: str = "pretrained", purpose: str = "eval",
+                 apply: bool = True) -> LoadResult:
+    """Load ``source`` (a path/URL, or a checkpoint already loaded) into ``model``, with a report,
+    under the loading policy (``strict``: ``strict_load``; ``role``: what the file is to the run,
+    for messages; ``purpose``: ``'train'`` (training starts from it) or ``'eval'``). Every report is
+    judged before anything is loaded; ``apply=False`` only judges (``inspect_weights``).
 
     ``base`` matters for a ``contextblip-trainable`` checkpoint only: ``'auto'`` loads the BLIP its
     config's ``pretrained`` names, a path loads that one, None keeps ``model.blip`` as it is.
@@ -231,109 +373,157 @@ def load_weights(model: nn.Module, source, strict: bool = False, base: Optional[
     ckpt = source if isinstance(source, Mapping) else read_source(source, queue_size=_queue_size(model))
     state = extract_state_dict(ckpt)
     fmt = checkpoint_format(ckpt)
+    plans: list = []  # (module, report, file name, role)
+    result = _plan(model, ckpt, state, fmt, base, name, role, plans)
+    for module, report, file, who in plans:
+        check_report(report, file, who, purpose, strict, _model_name(module))
+    if apply:
+        for module, report, _, _ in plans:
+            apply_load(module, report)
+    return result
+
+
+def _plan(model, ckpt, state, fmt, base, name, role, plans) -> LoadResult:
+    """The reports of every part ``model`` takes from ``ckpt`` (appended to ``plans``)."""
+    def add(module, report, file=name, who=role):
+        plans.append((module, report, file, who))
+        return report
+
     if isinstance(model, BLIPCaptioner):
         if fmt not in (Format.CAPTION, Format.BLIP):
-            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a captioner loads BLIP caption or "
+            raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a captioner loads BLIP caption or "
                                   "pretraining files")
-        return LoadResult(fmt, _load_captioner(model, state, strict, name), None)
+        return LoadResult(fmt, add(model, _captioner_report(model, state, name)), None)
     if fmt == Format.CAPTION:
-        raise CheckpointError(f"{name} is a BLIP captioning checkpoint (visual_encoder + text_decoder): it has "
+        raise CheckpointError(f"{role} {name} is a BLIP captioning checkpoint (visual_encoder + text_decoder): it has "
                               f"no text encoder for {type(model).__name__}; use it with train_caption.py")
     if isinstance(model, BLIPRetrieval):
         if fmt == Format.CONTEXTBLIP_MERGED:
             state = _strip(state, "blip.")
         elif fmt != Format.BLIP:
-            raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
+            raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a BLIP model loads 'blip' or "
                                   f"'contextblip-merged' files")
-        return LoadResult(fmt, _load_blip(model, state, strict, name), None)
+        return LoadResult(fmt, add(model, _blip_report(model, state)), None)
     if isinstance(model, ContextBLIP):
-        return _load_contextblip(model, ckpt, state, fmt, strict, base, name)
+        return _plan_contextblip(model, ckpt, state, fmt, base, name, role, add)
     if isinstance(model, (CandidateScorer, ContextualScorer)):
         if fmt == Format.IMAGECODE:
             stage = _imagecode_stage(ckpt, state)
             target = model.stage1 if isinstance(model, ContextualScorer) and stage == 1 else model
             if (stage == 2) != isinstance(target, ContextualScorer):
-                raise CheckpointError(f"{name} is a stage-{stage} ImageCoDe checkpoint; this model is stage "
+                raise CheckpointError(f"{role} {name} is a stage-{stage} ImageCoDe checkpoint; this model is stage "
                                       f"{2 if isinstance(model, ContextualScorer) else 1}")
-            # Stage 2 trains on top of exactly its stage 1: everything must load.
-            strict = strict or target is not model
-            return LoadResult(fmt, None, load_state_dict_with_report(target, state, strict=strict))
+            # Stage 2 trains on top of exactly its stage 1 (and any ImageCoDe file is a whole model).
+            return LoadResult(fmt, None, add(target, load_state_dict_with_report(target, state, apply=False)))
         if isinstance(model, ContextualScorer):
             raise CheckpointError(f"stage 2 starts from a stage-1 checkpoint (finetune_imagecode.py, stage: 1); "
-                                  f"{name} is a {fmt!r} checkpoint")
-        return _load_contextblip(model.backbone, ckpt, state, fmt, strict, base, name)
+                                  f"{role} {name} is a {fmt!r} checkpoint")
+        # Stage 1 from a ContextBLIP or BLIP file: the prediction layer is new by design.
+        result = _plan_contextblip(model.backbone, ckpt, state, fmt, base, name, role, add)
+        first = plans[-1][1] if plans else None
+        if first is not None:
+            first.new += [f"prediction.{k}" for k in model.prediction.state_dict()]
+        return result
     raise TypeError(f"load_weights: no loader for {type(model).__name__}")
+
+
+def inspect_weights(cfg, kind: str, source, role: str = "pretrained", purpose: str = "eval",
+                    tokenizer=None) -> LoadResult:
+    """Judge ``source`` against the model ``cfg`` and ``kind`` build, without building its weights
+    (the model is made on the ``meta`` device) or loading anything: the loading policy's error, if
+    any, now. For commands that load several checkpoints in turn (``tools sweep``, ``tools
+    ensemble``): every one is inspected before the first is evaluated."""
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer)
+    ckpt = read_source(source, cfg, tokenizer)
+    with torch.device("meta"):
+        model = build_model(cfg, kind, tokenizer)
+    return load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), role=role, purpose=purpose,
+                        apply=False)
 
 
 def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_blip(model: BLIPRetrieval, state: Dict[str, torch.Tensor], strict: bool, name: str) -> LoadReport:
+def _blip_report(model: BLIPRetrieval, state: Dict[str, torch.Tensor]) -> LoadReport:
     """BLIP's layout, official or ours. ``visual_encoder(_m).pos_embed`` is resized to the model's
-    patch grid first, so a 384 px checkpoint loads into a 224 px model and vice versa."""
+    patch grid first, so a 384 px checkpoint loads into a 224 px model and vice versa. A pretraining
+    file's queue labels and pointer are started afresh (a retrieval model's own bookkeeping)."""
     state = dict(state)
     own = model.state_dict()
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and key in own and state[key].shape != own[key].shape:
+        if key in state and key in own and state[key].shape != own[key].shape and state[key].dim() == 3 \
+                and state[key].shape[-1] == own[key].shape[-1]:
             state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    pretrain_layout = any(k.startswith(PRETRAIN_EXTRAS) for k in state) or "queue_ptr" in state
-    ignore_missing = ("idx_queue", "ptr_queue") if pretrain_layout else ()
-    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS
+    # Queue bookkeeping differs between the layouts (a pretraining file names its pointer
+    # `queue_ptr` and has no labels; a retrieval one `ptr_queue` + `idx_queue`): what the model has
+    # and the file lacks starts afresh, what the file has and the model lacks is unused.
+    fresh = [k for k in BOOKKEEPING if k in own and k not in state]
+    # Another queue_size: the file's queues (of the same width) do not fit, and start afresh, as
+    # BLIP's loader has it (the pointer with them). Another embed_dim stays a mismatch.
+    restart = [k for k in QUEUE_KEYS if k in state and k in own and state[k].dim() == own[k].dim() == 2
+               and state[k].shape[0] == own[k].shape[0] and state[k].shape[1] != own[k].shape[1]]
+    if restart:
+        logger.info("queue_size %d: the checkpoint's queues hold %d: %s start afresh", own[restart[0]].shape[1],
+                    state[restart[0]].shape[1], ", ".join(restart + ["ptr_queue"]))
+        for k in restart + ["ptr_queue", "queue_ptr"]:
+            state.pop(k, None)
+        fresh += restart + ["ptr_queue"]
+    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS + BOOKKEEPING
     if not model.with_momentum:
         extra_prefixes, extra_keys = extra_prefixes + MOMENTUM_PREFIXES, extra_keys + QUEUE_KEYS
-    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=extra_prefixes,
-                                         expected_extra_keys=extra_keys, ignore_missing_prefixes=ignore_missing)
-    logger.info("loaded BLIP weights from %s", name)
-    return report
+    # A pretraining model (its decoder tied to the text encoder) over a retrieval file: a fresh decoder.
+    new = ("text_decoder.",) if any(k.startswith("text_decoder.") for k in own) and not any(
+        k.startswith("text_decoder.") for k in state) else ()
+    return load_state_dict_with_report(model, state, expected_extra_prefixes=extra_prefixes,
+                                       expected_extra_keys=extra_keys, ignore_missing_prefixes=tuple(fresh),
+                                       new_prefixes=new, apply=False)
 
 
-def _load_captioner(model: BLIPCaptioner, state: Dict[str, torch.Tensor], strict: bool, name: str) -> LoadReport:
+def _captioner_report(model: BLIPCaptioner, state: Dict[str, torch.Tensor], name: str) -> LoadReport:
     """A caption checkpoint key for key; a pretraining checkpoint's ``visual_encoder.*`` and
     ``text_decoder.*`` (its encoder, momentum copies and queues are reported as expected extras).
-    ``visual_encoder.pos_embed`` is resized to the model's grid."""
+    ``visual_encoder.pos_embed`` is resized to the model's grid. A file without ``text_decoder.*``
+    (a retrieval checkpoint) gives a fresh decoder: allowed to start training, never to evaluate."""
     state = dict(state)
     key = "visual_encoder.pos_embed"
-    if key in state and state[key].shape != model.visual_encoder.pos_embed.shape:
+    own = model.visual_encoder.pos_embed
+    if key in state and state[key].shape != own.shape and state[key].dim() == 3 and state[key].shape[-1] == own.shape[-1]:
         state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    if not any(k.startswith("text_decoder.") for k in state):
-        logger.warning("%s has no text_decoder.* weights (a retrieval checkpoint?): the decoder starts "
-                       "from random weights", name)
-    report = load_state_dict_with_report(model, state, strict=strict, expected_extra_prefixes=ENCODER_PREFIXES,
-                                         expected_extra_keys=ENCODER_KEYS)
-    logger.info("loaded BLIP captioner weights from %s", name)
-    return report
+    fresh_decoder = not any(k.startswith("text_decoder.") for k in state)
+    return load_state_dict_with_report(model, state, expected_extra_prefixes=ENCODER_PREFIXES,
+                                       expected_extra_keys=ENCODER_KEYS,
+                                       new_prefixes=("text_decoder.",) if fresh_decoder else (), apply=False)
 
 
-def _load_parts(model: ContextBLIP, state: Mapping[str, torch.Tensor], strict: bool) -> LoadReport:
+def _parts_report(model: ContextBLIP, state: Mapping[str, torch.Tensor]) -> LoadReport:
     parts = {k: v for k, v in state.items() if k.startswith(CONTEXTBLIP_PARTS)}
     # A model built without a decoder (fine-tuning, zero-shot) has no use for the TMIM decoder.
     extra = ("decoder.",) if model.decoder is None else ()
-    return load_state_dict_with_report(model, parts, strict=strict, expected_extra_prefixes=extra,
-                                       ignore_missing_prefixes=("blip.",))
+    return load_state_dict_with_report(model, parts, expected_extra_prefixes=extra,
+                                       ignore_missing_prefixes=("blip.",), apply=False)
 
 
-def _load_contextblip(model: ContextBLIP, ckpt: Mapping, state: Dict[str, torch.Tensor], fmt: str, strict: bool,
-                      base: Optional[str], name: str) -> LoadResult:
+def _plan_contextblip(model: ContextBLIP, ckpt: Mapping, state: Dict[str, torch.Tensor], fmt: str,
+                      base: Optional[str], name: str, role: str, add) -> LoadResult:
     if fmt == Format.BLIP:
-        report = _load_blip(model.blip, state, strict, name)
-        if model.use_adapter and model.decoder is None:  # pretraining starts from plain BLIP by design
-            logger.warning("%s is a plain BLIP checkpoint: the adapter stays at its random init, so this "
-                           "is not BLIP's zero-shot model (set use_adapter: false for that)", name)
+        report = add(model.blip, _blip_report(model.blip, state))
+        if model.use_adapter:  # pretraining (and stage 1) start from plain BLIP by design
+            report.new += [k for k in model.state_dict() if k.startswith(CONTEXTBLIP_PARTS)]
         return LoadResult(fmt, report, None)
     if fmt == Format.CONTEXTBLIP_MERGED:
-        return LoadResult(fmt, _load_blip(model.blip, _strip(state, "blip."), strict, name),
-                          _load_parts(model, state, strict))
+        return LoadResult(fmt, add(model.blip, _blip_report(model.blip, _strip(state, "blip."))),
+                          add(model, _parts_report(model, state)))
     if fmt != Format.CONTEXTBLIP_TRAINABLE:
-        raise CheckpointError(f"{name} is a {fmt!r} checkpoint; a ContextBLIP loads BLIP, ContextBLIP "
+        raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a ContextBLIP loads BLIP, ContextBLIP "
                               "pretraining or merged files")
     blip_report = None
     if base == "auto":
         base = (ckpt.get("config") or {}).get("pretrained")
         if not base:
-            raise CheckpointError(f"{name} holds only the adapter/decoder and its config names no "
+            raise CheckpointError(f"{role} {name} holds only the adapter/decoder and its config names no "
                                   "'pretrained' BLIP; pass base=<BLIP checkpoint> or load BLIP first (base=None)")
     if base:
         base_state = extract_state_dict(read_source(base, queue_size=model.blip.queue_size))
-        blip_report = _load_blip(model.blip, base_state, strict, str(base))
-    return LoadResult(fmt, blip_report, _load_parts(model, state, strict))
+        blip_report = add(model.blip, _blip_report(model.blip, base_state), str(base), f"the base BLIP of {role}")
+    return LoadResult(fmt, blip_report, add(model, _parts_report(model, state)))

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.errors import json_error
 from utils.checkpoint import (CheckpointError, atomic_write, extract_state_dict, load_checkpoint,
                               load_safetensors_checkpoint, safetensors_tensors)
 
@@ -298,17 +299,100 @@ def resolve_hf_folder(source) -> Path:
 
 
 def read_config(folder: Path, name: str) -> dict:
+    """The folder's ``config.json``, validated (:func:`validate_config`): every problem is one line
+    naming the file and the field."""
     path = folder / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{name}: no config.json in {folder}") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: {json_error(err)}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object of config fields")
     if config.get("model_type") != "blip":
         raise CheckpointError(f"{path}: model_type {config.get('model_type')!r}; only BLIP folders "
                               "(model_type 'blip') convert")
+    validate_config(config, path)
     return config
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "an object"}
+# Dimensions: positive integers (a 0 or a negative one builds no model).
+_DIM_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+               "max_position_embeddings", "image_size", "patch_size", "encoder_hidden_size", "image_text_hidden_size",
+               "projection_dim")
+
+
+def _json_type(value) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def validate_config(config: Mapping, path) -> None:
+    """Each field of a BLIP ``config.json`` that transformers' ``BlipConfig`` knows must have the
+    type of its default (a number for a float, an integer or a list for token ids, null where the
+    default is null), dimensions must be positive integers, and ``text_config`` / ``vision_config``
+    objects: else a CheckpointError naming the file and the field, before anything is built."""
+    from transformers import BlipConfig
+    defaults = BlipConfig().to_dict()
+    for section in ("", "text_config", "vision_config"):
+        values = config.get(section, {}) if section else config
+        if section and values is None:
+            continue
+        if not isinstance(values, Mapping):
+            raise CheckpointError(f"{path}: {section} is {_json_type(values)} ({values!r}); a BLIP config.json gives "
+                                  "an object there")
+        known = defaults.get(section, {}) if section else defaults
+        for key, value in values.items():
+            if key in ("text_config", "vision_config") and not section:
+                continue
+            if key not in known or known[key] is None:
+                continue
+            field = f"{section}.{key}" if section else key
+            want = type(known[key])
+            if key.endswith("_token_id"):
+                ok = value is None or (isinstance(value, int) and not isinstance(value, bool)) or (
+                    isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+            elif want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif want is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, want)
+            if not ok:
+                raise CheckpointError(f"{path}: {field} is {_json_type(value)} ({value!r}); a BLIP config.json gives "
+                                      f"{_TYPE_NAMES.get(want, want.__name__)} there")
+            if key in _DIM_FIELDS and value < 1:
+                raise CheckpointError(f"{path}: {field} is {value}; a dimension must be a positive integer")
+
+
+def check_weights_fit(config: Mapping, hf_state: Mapping[str, Tensor], path) -> None:
+    """config.json's widths and depths against the weights of the folder: a config that does not
+    describe its weights is an error naming both (transformers would fail on it, or load another
+    model)."""
+    from transformers import BlipConfig
+    full = BlipConfig.from_dict(dict(config)).to_dict()
+    vision, text = full.get("vision_config") or {}, full.get("text_config") or {}
+    checks = []
+    cls = hf_state.get("vision_model.embeddings.class_embedding")
+    if cls is not None:
+        checks.append(("vision_config.hidden_size", vision.get("hidden_size"), int(cls.shape[-1])))
+    vit_layers = {int(k.split(".")[3]) for k in hf_state if k.startswith("vision_model.encoder.layers.")}
+    if vit_layers:
+        checks.append(("vision_config.num_hidden_layers", vision.get("num_hidden_layers"), max(vit_layers) + 1))
+    emb = next((v for k, v in hf_state.items() if k.endswith("embeddings.word_embeddings.weight")), None)
+    if emb is not None:
+        checks.append(("text_config.hidden_size", text.get("hidden_size"), int(emb.shape[1])))
+        checks.append(("text_config.vocab_size", text.get("vocab_size"), int(emb.shape[0])))
+    layers = {int(k.split("encoder.layer.")[1].split(".")[0]) for k in hf_state if ".encoder.layer." in k}
+    if layers:
+        checks.append(("text_config.num_hidden_layers", text.get("num_hidden_layers"), max(layers) + 1))
+    for field, said, found in checks:
+        if said is not None and said != found:
+            raise CheckpointError(f"{path}: {field} is {said}, but the folder's weights have {found}: config.json "
+                                  "does not describe these weights (a config from another model?)")
 
 
 def _load_safetensors(path: Path) -> Dict[str, Tensor]:
@@ -415,6 +499,7 @@ def load_official(source, queue_size: Optional[int] = None, copy: bool = False,
     if expect:
         check_dims(config, expect, name)
     hf_state = read_weights(folder, name)
+    check_weights_fit(config, hf_state, folder / "config.json")
     layout = layout_of(hf_state, config, name)
     extras, meta = read_extras(folder)
     if meta is not None:

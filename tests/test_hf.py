@@ -150,6 +150,26 @@ def test_caption_folder_loads_in_transformers_and_gives_the_original_logits(hf_c
     assert [t[len("a picture of "):] for t in texts] == list(CAP_REF["beam3_max20_min5"])
 
 
+def test_the_exported_folder_has_the_usual_file_modes_and_replaces_only_with_overwrite(hf_retrieval, tmp_path,
+                                                                                     fixture_config):
+    import os
+    import stat
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in hf_retrieval.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # model.safetensors too (transformers writes it 0600)
+    # --overwrite replaces the folder whole (a stray file of the old one does not survive).
+    out = tmp_path / "hf"
+    shutil.copytree(hf_retrieval, out)
+    (out / "stray.txt").write_text("old")
+    _convert("--to", "hf", "--config", fixture_config(tmp_path), "--output_dir", out, "--overwrite")
+    assert not (out / "stray.txt").exists() and (out / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".hf.*"))  # no temp or old folder left beside it
+    back = _convert("--to", "blip", "--input", out, "--output", tmp_path / "a.pth")
+    again = _convert("--to", "blip", "--input", out, "--output", back, "--overwrite")
+    _assert_identical(_official(back), _official(again))
+
+
 # ----------------------------------------------------------------------------- HF -> official
 
 def test_round_trip_official_hf_official_is_bit_identical(hf_retrieval, hf_caption, tmp_path):

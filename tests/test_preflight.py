@@ -63,13 +63,18 @@ def data(tmp_path) -> Path:
 
 @pytest.fixture
 def run(tmp_path, data, tiny_train_config):
-    """``run(*opts, evaluate=False, out="out") -> (record, output dir)``: train_retrieval.main on ``data``."""
+    """``run(*opts, evaluate=False, out="out") -> (record, output dir)``: train_retrieval.main on ``data``
+    (an evaluation scores a checkpoint of random weights of the config, unless ``pretrained=`` is given)."""
     import train_retrieval
+    from tests.scripts.bad_inputs import random_checkpoint
     cfg = tiny_train_config(tmp_path, data, batch_size_train=4, batch_size_test=4, max_epoch=1)
+    weights = random_checkpoint(cfg, tmp_path / "random.pth")
 
     def go(*opts, evaluate=False, out="out"):
         argv = ["--config", str(cfg), "--output_dir", str(tmp_path / out), "--no_progress"]
         argv += ["--evaluate", "--eval_splits", "test"] if evaluate else []
+        if evaluate and not any(o.startswith("pretrained=") for o in opts):
+            opts = (f"pretrained={weights}", *opts)
         return train_retrieval.main(argv + (["--opts", *opts] if opts else [])), tmp_path / out
     return go
 
@@ -160,7 +165,7 @@ def test_an_image_that_fails_to_decode_is_evaluated_as_if_absent(data, run):
     """Left out with its captions, the metrics are those of the test file without it."""
     _truncate(data / "retrieval" / "images" / "test_2.png")
     with pytest.raises(BadImageError, match=r"test_2.png \(entry 2 of .*synthetic_test.json\)"):
-        run("pretrained=''", evaluate=True, out="strict")
+        run(evaluate=True, out="strict")
     skipped, out = run("skip_bad_images=true", "--save_scores", evaluate=True, out="skipped")
     entries = json.loads(_ann(data, "test").read_text())
     without = _ann(data, "test").with_name("without.json")
@@ -178,7 +183,10 @@ def test_a_tokenizer_that_does_not_know_the_captions_is_warned_about(data, run, 
     small.mkdir()
     (small / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "the", "red", "square"]) + "\n")
     (small / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
-    _, out = run(f"tokenizer={small}", evaluate=True)
+    from tests.scripts.bad_inputs import random_checkpoint
+    cfg = tmp_path / "train.yaml"
+    weights = random_checkpoint(cfg, tmp_path / "small_vocab.pth", tokenizer=str(small))  # embeddings of its size
+    _, out = run(f"tokenizer={small}", f"pretrained={weights}", evaluate=True)
     log = (out / "run.log").read_text()
     assert "of the words of the test captions become [UNK] with the tokenizer" in log
     assert "'bert-base-uncased'" in log and "WARNING" in log

@@ -43,7 +43,7 @@ def setup(tmp_path_factory, synthetic_small):
     cfg = {
         "train_file": f"[{data / 'annotation' / 'synthetic_train.json'}]", "image_root": str(data / "images"),
         "tokenizer": str(synthetic_small / "tokenizer"), "med_config": str(med), "pretrained": str(base),
-        "strict_load": "false", "vit": vit, "image_size": 32, "embed_dim": 16, "adapter_taps": "[1, 2]",
+        "vit": vit, "image_size": 32, "embed_dim": 16, "adapter_taps": "[1, 2]",
         "decoder_depth": 1, "decoder_heads": 2, "mask_rate": 0.25, "batch_size_train": 32, "init_lr": 1e-3,
         "warmup_steps": 4, "warmup_lr": 1e-5, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 5,
         "log_every": 1000, "train_resize_only": "true", "visualize_samples": 3, "max_tokens": 30,

@@ -35,7 +35,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from utils.errors import UserError
+from utils.errors import UserError, json_error
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class CheckpointDownloadError(CheckpointError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The pickle needs more than `torch.load(weights_only=True)` allows."""
+
+
+class CheckpointValueError(CheckpointError, ValueError):
+    """A checkpoint location or tensor that cannot be used as given (a ValueError too)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -226,7 +230,7 @@ def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
     """
     if not _is_url(source):
         if isinstance(source, str) and "://" in source:
-            raise ValueError(f"unsupported checkpoint location {source!r}: give a local path "
+            raise CheckpointValueError(f"unsupported checkpoint location {source!r}: give a local path "
                              "or an http(s):// URL")
         path = Path(source).expanduser()
         if not path.exists():
@@ -386,7 +390,7 @@ def safetensors_metadata(path: str | Path) -> dict:
     try:
         return json.loads(raw[META_KEY])
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{str(path)!r}: its metadata block {META_KEY!r} is not JSON ({err})") from None
+        raise CheckpointError(f"{str(path)!r}: its metadata block {META_KEY!r} is not JSON ({json_error(err)})") from None
 
 
 def load_safetensors_checkpoint(path: str | Path, map_location: Any = "cpu", with_state: bool = False,
@@ -561,7 +565,7 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens:
     old_n = pos_embed.shape[1] - num_extra_tokens
     old_g, new_g = math.isqrt(old_n), math.isqrt(num_patches)
     if old_g * old_g != old_n or new_g * new_g != num_patches:
-        raise ValueError(f"position embedding grids must be square: checkpoint has {old_n} patch "
+        raise CheckpointValueError(f"position embedding grids must be square: checkpoint has {old_n} patch "
                          f"positions, model wants {num_patches}")
     if old_n == num_patches:
         return pos_embed
@@ -594,7 +598,8 @@ def _collapse(keys: list[str], max_items: int) -> list[str]:
 
 @dataclass
 class LoadReport:
-    """What happened when a state dict was mapped onto a model."""
+    """What happens when a state dict is mapped onto a model (``models/factory.py`` decides what
+    of it is an error: its loading policy)."""
 
     missing: list[str] = field(default_factory=list)      # model keys the checkpoint lacks
     unexpected: list[str] = field(default_factory=list)   # checkpoint keys the model lacks
@@ -602,6 +607,9 @@ class LoadReport:
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     expected_extra: list[str] = field(default_factory=list)  # known unused checkpoint keys
     num_loaded: int = 0
+    new: list[str] = field(default_factory=list)          # model keys the layout declares new (initialised here)
+    fresh: list[str] = field(default_factory=list)        # bookkeeping buffers started afresh (queue labels, pointer)
+    loadable: dict = field(default_factory=dict, repr=False, compare=False)  # until applied
 
     @property
     def is_clean(self) -> bool:
@@ -610,9 +618,10 @@ class LoadReport:
     def summary(self, max_items: int = 10) -> str:
         lines = [f"checkpoint load: {self.num_loaded} loaded, {len(self.missing)} missing, "
                  f"{len(self.unexpected)} unexpected, {len(self.mismatched)} shape-mismatched "
-                 f"(not loaded), {len(self.expected_extra)} expected extra (unused)"]
+                 f"(not loaded), {len(self.expected_extra)} expected extra (unused)"
+                 + (f", {len(self.new)} new (initialised here)" if self.new else "")]
         for title, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("expected extra", self.expected_extra)):
+                            ("new (initialised here)", self.new), ("expected extra", self.expected_extra)):
             if keys:
                 lines.append(f"  {title}:")
                 lines += [f"    {k}" for k in _collapse(keys, max_items)]
@@ -628,18 +637,28 @@ class LoadReport:
         return self.summary()
 
 
+def collapse_keys(keys: list[str], max_items: int = 4) -> str:
+    """``a.b.* (12 keys), c`` : a short list of keys for a one-line message."""
+    return ", ".join(_collapse(list(keys), max_items))
+
+
 def load_state_dict_with_report(model: nn.Module, state_dict: Mapping[str, Tensor], *,
                                 strict: bool = False,
                                 expected_extra_prefixes: tuple[str, ...] = (),
                                 expected_extra_keys: tuple[str, ...] = (),
-                                ignore_missing_prefixes: tuple[str, ...] = ()) -> LoadReport:
-    """Load every key whose name and shape match `model.state_dict()` and report the rest.
+                                ignore_missing_prefixes: tuple[str, ...] = (),
+                                new_prefixes: tuple[str, ...] = (),
+                                apply: bool = True) -> LoadReport:
+    """Map `state_dict` onto `model.state_dict()`: every key whose name and shape match is loadable,
+    the rest reported.
 
     Shape-mismatched keys are not loaded but are reported. Checkpoint keys matching
     `expected_extra_*` (e.g. a pretraining file's `text_decoder.*` when building a retrieval model)
-    go to `expected_extra`; model keys under `ignore_missing_prefixes` (deliberately new modules)
-    are not reported missing. With `strict=True` anything missing, unexpected or mismatched raises
-    `CheckpointMismatchError` before the model is touched.
+    go to `expected_extra`; model keys under `ignore_missing_prefixes` (bookkeeping started afresh)
+    go to `fresh`, those under `new_prefixes` (parts the layout declares new) to `new`, not to
+    `missing`. With `strict=True` anything missing, unexpected or mismatched raises
+    `CheckpointMismatchError` before the model is touched. `apply=False`: nothing is loaded yet
+    (:func:`apply_load` does it, once the caller has judged the report).
     """
     model_sd = model.state_dict()  # parameters and persistent buffers
     report = LoadReport()
@@ -654,15 +673,30 @@ def load_state_dict_with_report(model: nn.Module, state_dict: Mapping[str, Tenso
             report.expected_extra.append(key)
         else:
             report.unexpected.append(key)
-    report.missing = [k for k in model_sd
-                      if k not in state_dict and not k.startswith(ignore_missing_prefixes)]
+    for k in model_sd:
+        if k in state_dict:
+            continue
+        if ignore_missing_prefixes and k.startswith(ignore_missing_prefixes):
+            report.fresh.append(k)
+        elif new_prefixes and k.startswith(new_prefixes):
+            report.new.append(k)
+        else:
+            report.missing.append(k)
     report.num_loaded = len(to_load)
+    report.loadable = to_load
 
     if strict and not report.is_clean:
         raise CheckpointMismatchError(report.summary())
-    model.load_state_dict(to_load, strict=False)  # to_load holds only model keys of model shapes
-    (logger.info if report.is_clean else logger.warning)("%s", report.summary())
+    if apply:
+        apply_load(model, report)
     return report
+
+
+def apply_load(model: nn.Module, report: LoadReport) -> None:
+    """Load what :func:`load_state_dict_with_report` found loadable (names and shapes of the model)."""
+    model.load_state_dict(report.loadable, strict=False)
+    report.loadable = {}
+    (logger.info if report.is_clean else logger.warning)("%s", report.summary())
 
 
 def save_checkpoint_atomic(obj: Any, path: str | Path) -> Path:

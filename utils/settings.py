@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import model_validator
+from pydantic import ValidationInfo, model_validator
 
-from utils.config import Config, Device, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
+from utils.config import Config, Device, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, unused
 
 
 class RunSettings(Config):
@@ -20,7 +20,10 @@ class RunSettings(Config):
 
 class WeightsSettings(Config):
     pretrained: str = ''                        # checkpoint path, URL, or '' for random init
-    strict_load: bool = False                   # fail on missing/unexpected/mismatched weights
+    strict_load: Optional[bool] = None          # null: the loading policy (models/factory.py): other shapes,
+                                                # stray or missing weights are errors, parts the layout
+                                                # declares new allowed only to start training; true: every
+                                                # weight from the file; false: load what fits (warned)
 
 
 class TextSettings(Config):
@@ -55,7 +58,10 @@ class LoopSettings(Config):
     report_to: Literal['none', 'tensorboard'] = 'none'      # tensorboard: events in output_dir/tensorboard (rank 0)
 
     @model_validator(mode='after')
-    def _retention(self):
+    def _retention(self, info: ValidationInfo):
+        if self.max_epoch < 1 and 'max_epoch' not in unused(info):
+            raise ValueError(f'max_epoch: {self.max_epoch} trains nothing; a training run needs max_epoch >= 1 '
+                             '(to evaluate, use --evaluate)')
         if self.keep_checkpoints is not None and not self.save_every:
             raise ValueError(f'keep_checkpoints: {self.keep_checkpoints} keeps epoch checkpoints, which only '
                              'save_every > 0 writes; set save_every too')
@@ -66,7 +72,7 @@ class StreamSettings(Config):
     """Streamed training data (tar / parquet shards in ``train_file``; data/stream.py, docs/FORMATS.md 2c)."""
     train_num_samples: Optional[PosInt] = None  # samples per epoch over all ranks (None: every record once)
     shuffle_buffer: PosInt = 1000               # records shuffled together per worker (a block)
-    max_bad_fraction: Fraction = 0.01           # bad records tolerated per source (checked after 1000 read)
+    max_bad_fraction: Fraction = 0.01           # bad records tolerated per source (judged after 1000 read, or at its end)
     log_sample_keys: bool = False               # write output_dir/samples_rank<R>.txt: "epoch step key" per sample
 
 
