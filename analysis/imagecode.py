@@ -21,6 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from utils.errors import json_error
+
 TAG_NAMES = {
     "s": "spatial", "col": "colour", "q": "quantity", "n": "nuance", "con": "context", "img": "image quality",
     "neg": "negation", "v": "visibility", "cor": "co-reference", "t": "temporal",
@@ -41,7 +43,7 @@ def load_predictions(path) -> Dict[Key, dict]:
     except FileNotFoundError:
         raise FileNotFoundError(f"predictions file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"malformed json in {path}: {e.msg} at line {e.lineno}") from None
+        raise ValueError(f"{path}: {json_error(e)}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a list of predictions, got {type(data).__name__}")
     out: Dict[Key, dict] = {}

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from utils.errors import DataError
+from utils.errors import DataError, json_error
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +219,7 @@ def read_json(path: PathLike) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise DataError(
-            f"malformed json in {path}: {exc.msg} at line {exc.lineno}, column {exc.colno} "
-            f"(char {exc.pos})"
-        ) from exc
+        raise DataError(f"{path}: {json_error(exc)} (char {exc.pos})") from exc
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from models.losses import itc_momentum_loss, sample_hard_negatives
 from utils import dist as du
+from utils.config import ConfigError
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -63,7 +64,7 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
     the enqueue and with each micro-batch's ITM. Returns the virtual batch's ``loss_ita``,
     ``loss_itm`` and ``extra``'s terms (detached)."""
     if model.negative_all_rank:
-        raise ValueError("accum_freq > 1 with negative_all_rank is not supported: the hard negatives are drawn "
+        raise ConfigError("accum_freq > 1 with negative_all_rank is not supported: the hard negatives are drawn "
                          "from the virtual batch of each rank")
     device = micro[0]["pixel_values"].device
     with torch.no_grad():

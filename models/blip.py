@@ -19,7 +19,7 @@ from models.losses import itc_momentum_loss, itm_loss, sample_hard_negatives
 from models.med import KV, MedArch, MedConfig, MedEncoder, med_config_for
 from models.vit import BlipViT, ViTSettings, build_vit
 from utils import dist as du
-from utils.config import Config, PosInt, UnitFloat
+from utils.config import ConfigError, Config, PosInt, UnitFloat
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class BLIPRetrieval(nn.Module):
 
     def check_queue(self, global_batch: int) -> None:
         if self.queue_size % global_batch:
-            raise ValueError(f"queue_size {self.queue_size} must be a multiple of the global batch "
+            raise ConfigError(f"queue_size {self.queue_size} must be a multiple of the global batch "
                              f"{global_batch} (batch_size_train x world size)")
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from models.distill import (DistillSettings, Views, cosine_distill, distillation
                             soft_itc_terms, teacher_views)
 from models.med import MedEncoder, med_config_for
 from models.vit import BlipViT, build_vit
+from utils.config import ConfigError
 
 IGNORE = -100
 
@@ -36,7 +37,7 @@ def tie_decoder_to_encoder(encoder: MedEncoder, decoder: MedEncoder) -> None:
     """Make ``decoder`` share every module of ``encoder`` except the self-attention blocks (BLIP's
     ``tie_encoder_decoder_weights(..., skip_key='/attention')``: cross-attention is shared)."""
     if len(encoder.layers) != len(decoder.layers):
-        raise ValueError(f"cannot tie a {len(decoder.layers)}-layer decoder to a {len(encoder.layers)}-layer encoder")
+        raise ConfigError(f"cannot tie a {len(decoder.layers)}-layer decoder to a {len(encoder.layers)}-layer encoder")
     decoder.embeddings = encoder.embeddings
     for enc, dec in zip(encoder.layers, decoder.layers):
         dec.crossattention = enc.crossattention

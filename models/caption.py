@@ -30,7 +30,9 @@ from models.generation import (CachedDecoder, GenerationSettings, RecomputeDecod
                                greedy_or_sample)
 from models.med import KV, MedArch, MedConfig, MedEncoder, med_config_for
 from models.vit import BlipViT, ViTSettings, build_vit
-from utils.config import Config, NonNegInt, PosFloat, PosInt, Probability
+from pydantic import model_validator
+
+from utils.config import Config, ConfigError, Fraction, NonNegInt, PosFloat, PosInt
 
 LABEL_SMOOTHING = 0.1
 IGNORE = -100
@@ -50,8 +52,15 @@ class GenerationConfig(Config):
     min_length: NonNegInt = 5                   # tokens, prompt included, before [SEP] may end it
     repetition_penalty: PosFloat = 1.0
     sample: bool = False                        # nucleus sampling instead of beam/greedy search
-    top_p: Probability = 0.9                    # nucleus mass when sampling
+    top_p: Fraction = 0.9                       # nucleus mass when sampling, in (0, 1] (1: no nucleus filter)
     top_k: NonNegInt = 50                       # top-k filter before top-p (HuggingFace's default; 0: off)
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length: {self.min_length} is above max_length {self.max_length} (both count the "
+                             "prompt's tokens); no caption could end")
+        return self
 
     def generation_settings(self, **overrides) -> GenerationSettings:
         values = dict(num_beams=1 if self.sample else self.num_beams, max_length=self.max_length,
@@ -129,6 +138,23 @@ def prompt_ids(tokenizer, prompt: str) -> List[int]:
     ids = tokenizer(prompt).input_ids[:-1]
     ids[0] = tokenizer.bos_token_id
     return ids
+
+
+def check_prompt(tokenizer, prompt: str, max_length: int, max_tokens: Optional[int] = None,
+                 where: str = "the config") -> int:
+    """The prompt must leave room: fewer tokens (``[DEC]`` included) than ``max_length`` (which
+    counts them: else nothing is generated) and, for training, than ``max_tokens`` (else no
+    caption token is left to learn from). Returns its length; a ConfigError naming the keys."""
+    n = len(prompt_ids(tokenizer, prompt))
+    if n >= max_length:
+        raise ConfigError(f"prompt {prompt!r} is {n} tokens ([DEC] included) and max_length is {max_length} in "
+                          f"{where}: max_length counts the prompt, so no caption token could be generated; raise "
+                          f"max_length above {n} or shorten the prompt")
+    if max_tokens is not None and n >= max_tokens:
+        raise ConfigError(f"prompt {prompt!r} is {n} tokens ([DEC] included) and max_tokens is {max_tokens} in "
+                          f"{where}: training text is truncated at max_tokens, so no caption token would be left; "
+                          f"raise max_tokens above {n} or shorten the prompt")
+    return n
 
 
 class BLIPCaptioner(nn.Module):

@@ -96,7 +96,7 @@ class ContextBLIP(nn.Module):
         super().__init__()
         depth = len(blip.visual_encoder.blocks)
         if not taps or any(not 1 <= t <= depth for t in taps):
-            raise ValueError(f"adapter taps {list(taps)} must be 1-based block numbers in [1, {depth}]")
+            raise ConfigError(f"adapter taps {list(taps)} must be 1-based block numbers in [1, {depth}]")
         self.blip = blip
         self.taps = tuple(taps)
         self.use_adapter = use_adapter
@@ -199,7 +199,7 @@ class ContextBLIP(nn.Module):
                                     s.mask_noise, generator)
         if s.mask_strategy == "random":
             return random_mask(batch, self.vit.num_patches, s.mask_rate, device, generator)
-        raise ValueError(f"mask_strategy must be 'text' or 'random', got {s.mask_strategy!r}")
+        raise ConfigError(f"mask_strategy must be 'text' or 'random', got {s.mask_strategy!r}")
 
     @torch.no_grad()
     def compute_mask(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.contextblip import ContextBLIP, ContextBLIPArch, build_contextblip
-from utils.config import Config, PosFloat, PosInt, Probability
+from utils.config import ConfigError, Config, PosFloat, PosInt, Probability
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class InterContextEncoder(nn.Module):
                  dropout: float = 0.1, max_candidates: int = 10, zero_init: bool = False):
         super().__init__()
         if width % heads:
-            raise ValueError(f"context_heads {heads} must divide the text width {width}")
+            raise ConfigError(f"context_heads {heads} must divide the text width {width}")
         self.position = nn.Embedding(max_candidates, width)
         layer = nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout, activation="gelu",
                                            batch_first=True)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.config import Config
+from utils.config import ConfigError, Config
+from utils.errors import json_error
 
 # BLIP's masks are additive with -10000 (not -inf): identical after softmax in fp32, and it keeps
 # rows that are fully masked finite.
@@ -60,18 +61,18 @@ class MedConfig:
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"med_config {path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise ConfigError(f"med_config {path}: {json_error(e)}") from None
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         kwargs.update(overrides)
         if "vocab_size" not in kwargs:
-            raise ValueError(f"med_config {path}: missing 'vocab_size' (use null to take it from the tokenizer)")
+            raise ConfigError(f"med_config {path}: missing 'vocab_size' (use null to take it from the tokenizer)")
         cfg = cls(**kwargs)
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"med_config {path}: hidden_size {cfg.hidden_size} is not divisible by "
+            raise ConfigError(f"med_config {path}: hidden_size {cfg.hidden_size} is not divisible by "
                              f"num_attention_heads {cfg.num_attention_heads}")
         if cfg.hidden_act != "gelu":
-            raise ValueError(f"med_config {path}: hidden_act {cfg.hidden_act!r} is not supported (BLIP uses 'gelu')")
+            raise ConfigError(f"med_config {path}: hidden_act {cfg.hidden_act!r} is not supported (BLIP uses 'gelu')")
         return cfg
 
 
@@ -88,7 +89,7 @@ def med_config_for(path, tokenizer, encoder_width: int) -> MedConfig:
     if med.vocab_size is None:
         med.vocab_size = len(tokenizer)
     elif med.vocab_size < len(tokenizer):
-        raise ValueError(f"med_config {path}: vocab_size {med.vocab_size} is smaller than the "
+        raise ConfigError(f"med_config {path}: vocab_size {med.vocab_size} is smaller than the "
                          f"tokenizer's {len(tokenizer)} tokens (incl. [DEC] and [ENC])")
     return med
 

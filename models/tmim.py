@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapter import TextAdapter
+from utils.config import ConfigError
 
 GUIDE_MODES = ("words", "any")
 
@@ -33,7 +34,7 @@ def num_masked(mask_rate: float, num_patches: int) -> int:
     """``int(mask_rate * num_patches)``, checked to leave at least one patch on each side."""
     m = int(mask_rate * num_patches)
     if not 1 <= m < num_patches:
-        raise ValueError(f"mask_rate {mask_rate} masks {m} of {num_patches} patches; it must mask at "
+        raise ConfigError(f"mask_rate {mask_rate} masks {m} of {num_patches} patches; it must mask at "
                          "least one and keep at least one")
     return m
 
@@ -185,7 +186,7 @@ class TMIMDecoder(nn.Module):
                  heads: int = 8, mlp_ratio: float = 4.0, text_adapter_reduction: int = 2, channels: int = 3):
         super().__init__()
         if width % heads:
-            raise ValueError(f"decoder_heads {heads} must divide the decoder width {width}")
+            raise ConfigError(f"decoder_heads {heads} must divide the decoder width {width}")
         self.num_patches = num_patches
         self.patch_size = patch_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))

@@ -9,6 +9,8 @@ import logging
 import os
 from pathlib import Path
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ def _load_folder(folder: Path):
     # check that the vocabulary really is the file's.
     expected = sum(1 for line in vocab.open(encoding="utf-8") if line.strip())
     if tok.vocab_size != expected:
-        raise ValueError(f"tokenizer from {folder}: loaded {tok.vocab_size} tokens but vocab.txt has {expected}")
+        raise UserError(f"tokenizer from {folder}: loaded {tok.vocab_size} tokens but vocab.txt has {expected}")
     return tok
 
 

@@ -27,13 +27,14 @@ from data.collate import CaptionCollator
 from data.preflight import caption_texts, check_splits, log_unk_rate
 from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
-from models.caption import CaptionArch, GenerationConfig
+from models.caption import CaptionArch, GenerationConfig, check_prompt
+from models.tokenizer import build_tokenizer
 from tasks.caption_metrics import (caption_scores, ground_truth, image_id_for, read_gt_file, require_java,
                                    write_results)
 from utils.errors import DataError
 from tasks.retrieval import RetrievalData, train_transform
 from utils import dist as du
-from utils.config import PosInt
+from utils.config import ConfigError, PosInt
 from utils.engine import Trainer, autocast
 from utils.logging import Heartbeat
 from utils.schedule import CosineSchedule, build_adamw
@@ -74,14 +75,16 @@ def eval_splits(cfg: CaptionConfig) -> tuple:
 
 def build_datasets(cfg: CaptionConfig, splits: Sequence[str], dry_run: bool = False) -> Dict[str, Dataset]:
     """The datasets of ``splits`` (train: the train transform; ``dry_run``: the test transform),
-    parsed and with every image checked before any model is built (``data/preflight.py``). A
-    collective under torchrun."""
+    parsed and with every image checked before any model is built (``data/preflight.py``), then the
+    prompt against ``max_length`` (and, for training, ``max_tokens``). A collective under torchrun."""
     datasets = build_retrieval_datasets(cfg, splits=splits,
                                         train_transform=train_transform(cfg, cfg.image_size, dry_run),
                                         test_transform=build_test_transform(cfg.image_size), shuffle=not dry_run)
     check_splits(datasets, cfg.skip_bad_images)
+    check_prompt(build_tokenizer(cfg.tokenizer), cfg.prompt, cfg.max_length,
+                 cfg.max_tokens if 'train' in splits else None)
     if 'train' in datasets and not cfg.eval_metrics and cfg.has_val:
-        raise ValueError("eval_metrics: false leaves nothing to choose the best epoch by; it is for --evaluate")
+        raise ConfigError("eval_metrics: false leaves nothing to choose the best epoch by; it is for --evaluate")
     evaluated = [split for split in datasets if split != 'train'] if cfg.eval_metrics else []
     for split in evaluated:
         references(cfg, split, datasets[split])  # bad references stop the run now, not after an epoch

@@ -51,7 +51,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from utils.errors import DataError, UserError
+from utils.errors import DataError, UserError, json_error
 
 logger = logging.getLogger(__name__)
 
@@ -465,8 +465,10 @@ def read_gt_file(path: str | os.PathLike) -> dict[ImageId, list[str]]:
             data = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{path}: no such ground-truth file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read it as json ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: cannot read it as json: {json_error(exc)}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         got = f"keys {sorted(data)[:8]}" if isinstance(data, dict) else type(data).__name__
         raise DataError(f"{path}: expected a COCO caption-annotation object with an 'annotations' list "
