@@ -38,10 +38,11 @@ same number of ranks and workers (checked).
 **Bad records** (undecodable image, empty caption, no image in the sample, a missing file of a list
 entry, an unreadable shard) are skipped and counted per shard; the trainer writes the counts into
 ``log.txt``. A slot that skipped records completes its quota from the start of its own range (the
-repeats are counted too), so ranks stay in step. When more than ``max_bad_fraction`` of the first
-``BAD_CHECK_AFTER`` records a slot read from one source are bad, the run stops with a DataError
-naming the source and the reasons: a wrong root or a wrong format is a configuration problem, not
-noise.
+repeats are counted too), so ranks stay in step; a shard that broke off mid-read is not opened again
+on those later passes. When more than ``max_bad_fraction`` of the first ``BAD_CHECK_AFTER`` records
+a slot read from one source are bad (or of all its records in the slot's range, for a source with
+fewer: judged at its end), the run stops with a DataError naming the source and the reasons: a wrong
+root or a wrong format is a configuration problem, not noise.
 """
 from __future__ import annotations
 
@@ -390,9 +391,10 @@ def _shard_records(shards: Sequence[Shard], idx: int) -> Iterator[Record]:
         n += 1
 
 
-def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int) -> Iterator[Record]:
+def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int, failed=()) -> Iterator[Record]:
     """The records of ``plan``'s range from record ``pos`` of the range on (earlier records of the
-    first shard are read and dropped, not decoded)."""
+    first shard are read and dropped, not decoded). A shard in ``failed`` (one that broke off on an
+    earlier pass of this epoch) is not opened again: its records come as unreadable."""
     g = plan.start + pos
     k = 0
     while k < len(plan.order) and plan.offsets[k] + shards[plan.order[k]].count <= g:
@@ -400,7 +402,9 @@ def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int) -> Iterato
     while k < len(plan.order) and g < plan.stop:
         idx = plan.order[k]
         skip = g - plan.offsets[k]
-        for rec in _shard_records(shards, idx):
+        records = (Record(idx, n, f"#{n}", UNREADABLE_SHARD) for n in range(shards[idx].count)) if idx in failed \
+            else _shard_records(shards, idx)
+        for rec in records:
             if rec.index < skip:
                 continue
             yield rec
@@ -408,6 +412,17 @@ def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int) -> Iterato
             if g >= plan.stop:
                 return
         k += 1
+
+
+def range_sources(plan: SlotPlan, shards: Sequence[Shard]) -> Counter:
+    """Records per source in ``plan``'s range (what ``max_bad_fraction`` is judged against when a
+    source has fewer than ``BAD_CHECK_AFTER`` records there)."""
+    sizes: Counter = Counter()
+    for idx, offset in zip(plan.order, plan.offsets):
+        lo, hi = max(offset, plan.start), min(offset + shards[idx].count, plan.stop)
+        if hi > lo:
+            sizes[shards[idx].source] += hi - lo
+    return sizes
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -598,6 +613,8 @@ class PairStream(IterableDataset):
         slot = self.rank * workers + (worker + self.rotate) % workers
         plan = self.plan(self.epoch)[slot]
         state = dict(self.states.get(slot) or {"pass": 0, "pos": 0, "item": 0, "yielded": 0})
+        state["failed"] = list(state.get("failed", []))  # shards that broke off this epoch: not re-read
+        sizes = range_sources(plan, self.shards)
         target = plan.quota * self.batch_size
         size = plan.stop - plan.start
         pending: Counter = Counter()
@@ -606,7 +623,7 @@ class PairStream(IterableDataset):
         bad: Counter = Counter()
         while state["yielded"] < target:
             good_this_pass = 0
-            records = _range_records(plan, self.shards, state["pos"])
+            records = _range_records(plan, self.shards, state["pos"], set(state["failed"]))
             while state["pos"] < size and state["yielded"] < target:
                 block = []
                 for rec in records:
@@ -638,19 +655,27 @@ class PairStream(IterableDataset):
                     if reason is not None and state["pass"] > 0:
                         continue  # skipped and counted on the first pass
                     if reason is not None:
+                        if reason == UNREADABLE_SHARD and rec.shard not in state["failed"]:
+                            state["failed"].append(rec.shard)
                         bad[shard.source] += 1
                         pending[(shard.name, reason)] += 1
                         named = examples.setdefault((shard.name, reason), [])
                         if len(named) < EXAMPLES:
                             named.append(rec.key)
-                        failure = self._check_bad(shard.source, read, bad)
+                        failure = self._check_bad(shard.source, read, bad, sizes)
                         if failure is not None:
                             yield failure
                             return
                         continue
+                    if state["pass"] == 0 and read[shard.source] == sizes[shard.source]:
+                        failure = self._check_bad(shard.source, read, bad, sizes)  # the source's end
+                        if failure is not None:
+                            yield failure
+                            return
                     state["yielded"] += 1
                     good_this_pass += 1
-                    meta = {"key": f"{shard.name}/{rec.key}", "slot": slot, "state": dict(state),
+                    meta = {"key": f"{shard.name}/{rec.key}", "slot": slot,
+                            "state": {**state, "failed": list(state["failed"])},
                             "skipped": dict(pending), "examples": examples, "repeat": state["pass"] > 0}
                     pending, examples = Counter(), {}
                     yield image, caption, self._idx(rec), meta
@@ -667,9 +692,11 @@ class PairStream(IterableDataset):
                 state["pass"] += 1
                 state["pos"], state["item"] = 0, 0
 
-    def _check_bad(self, source: str, read: Counter, bad: Counter) -> Optional[StreamFailure]:
+    def _check_bad(self, source: str, read: Counter, bad: Counter, sizes: Counter) -> Optional[StreamFailure]:
+        """After ``BAD_CHECK_AFTER`` records of a source, or all of them where the slot's range holds
+        fewer (a small source is judged too), too many bad ones stop the run."""
         n = read[source]
-        if n >= BAD_CHECK_AFTER and bad[source] > self.max_bad_fraction * n:
+        if n >= min(BAD_CHECK_AFTER, sizes[source] or BAD_CHECK_AFTER) and bad[source] > self.max_bad_fraction * n:
             return StreamFailure(
                 f"train_file entry {source!r}: {bad[source]} of the first {n} records read were bad "
                 f"({100 * bad[source] / n:.1f}% > max_bad_fraction {self.max_bad_fraction:g}); a wrong image_root, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_two_ranks_two_workers_seven_shards_read_every_record_once_and_resume_ex
 def test_bad_records_are_skipped_counted_per_shard_and_the_quota_refilled(tmp_path, write_shards):
     bad = {(0, 1): "corrupt", (0, 4): "empty_caption", (1, 2): "no_image"}
     good = write_shards(tmp_path / "s", 2, 6, bad=bad)
-    keys, _, _, extra = _epoch([tmp_path / "s"], 0, 1, 0, batch=3)
+    # 3 bad of this 12-record source: above 1%, judged at its end; told to train on anyway.
+    keys, _, _, extra = _epoch([tmp_path / "s"], 0, 1, 0, batch=3, max_bad_fraction=0.5)
     flat = [k for b in keys for k in b]
     assert len(flat) == 12  # 12 records (stats count them all) -> 4 batches of 3
     skipped = Counter()
@@ -96,6 +98,36 @@ def test_bad_records_are_skipped_counted_per_shard_and_the_quota_refilled(tmp_pa
     # Every good record once, then 3 repeats from the start of the slot's range to fill the quota.
     assert set(flat) == set(good) and len(set(flat)) == 9
     assert sum(e["_repeats"] for e in extra) == 3
+
+
+def test_a_small_source_is_judged_at_its_end_and_a_broken_shard_is_read_once_per_epoch(tmp_path, write_shards,
+                                                                                      monkeypatch):
+    import data.stream as S
+    write_shards(tmp_path / "s", 2, 6, size=4)
+    tar = tmp_path / "s" / "00001.tar"
+    with tarfile.open(tar) as t:  # cut after the first sample's members: 1 record readable, then damage
+        third = t.getmembers()[2]
+        end = third.offset_data + -(-third.size // 512) * 512
+    tar.write_bytes(tar.read_bytes()[:end] + b"\x00broken" * 64)
+    opened = Counter()
+    real = S._tar_records
+
+    def counting(url):
+        opened[url] += 1
+        return real(url)
+
+    monkeypatch.setattr(S, "_tar_records", counting)
+    # 5 of the 12 records of this source are unreadable: fewer than BAD_CHECK_AFTER records, so judged at its end.
+    loader = _stream([tmp_path / "s"], shuffle=False).make_loader(3, _collate, 0, 0, 1)
+    loader.set_epoch(0)
+    failure = next(b["_failure"] for b in loader if "_failure" in b)
+    assert f"train_file entry '{tmp_path / 's'}': 5 of the first 12 records read were bad" in failure
+    # Told to train on, the slot goes round its range again for its quota (7 good of 12): the
+    # damaged shard is opened on the first pass only.
+    opened.clear()
+    keys, _, _, extra = _epoch([tmp_path / "s"], 0, 1, 0, batch=3, max_bad_fraction=0.5, shuffle=False)
+    assert sum(len(b) for b in keys) == 12 and sum(e["_repeats"] for e in extra) == 5
+    assert opened[str(tar)] == 1 and opened[str(tmp_path / "s" / "00000.tar")] == 2
 
 
 def test_max_bad_fraction_stops_with_the_source_named(tmp_path, write_shards):
