@@ -232,24 +232,10 @@ def synthetic_small(tmp_path_factory) -> Path:
 
 def _tiny_train_config(tmp_path: Path, data: Path, **overrides) -> Path:
     """A very small from-scratch retrieval run on the synthetic data (seconds per epoch)."""
+    from tests.scripts.tiny import TINY_MED, tiny_values, write_yaml
     med = tmp_path / "med_tiny.json"
-    med.write_text('{"vocab_size": null, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,'
-                   ' "intermediate_size": 64, "max_position_embeddings": 40, "encoder_width": 32}')
-    cfg = {
-        "dataset": "custom", "image_root": str(data / "retrieval" / "images"),
-        "ann_root": str(data / "retrieval" / "annotation"), "train_file": "synthetic_train.json",
-        "val_file": "synthetic_val.json", "test_file": "synthetic_test.json",
-        "tokenizer": str(data / "tokenizer"), "med_config": str(med), "pretrained": "''",
-        "vit": "{width: 32, depth: 1, heads: 2, patch_size: 16}", "image_size": 32, "embed_dim": 16,
-        "queue_size": 64, "k_test": 4, "batch_size_train": 16, "batch_size_test": 16, "init_lr": 1e-3,
-        "min_lr": 1e-4, "max_epoch": 2, "num_workers": 0, "device": "cpu", "seed": 3, "log_every": 1000,
-        "train_resize_only": True, "deterministic": "true",
-    }
-    cfg.update(overrides)
-    cfg = {k: v for k, v in cfg.items() if v is not None}  # an override of None drops the key
-    path = tmp_path / "train.yaml"
-    path.write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
-    return path
+    med.write_text(TINY_MED)
+    return write_yaml(tmp_path / "train.yaml", tiny_values(data, med, **overrides))
 
 
 class _FullDisk:
