@@ -243,63 +243,62 @@ def _imagecode_stage(ckpt: Mapping, state: Mapping) -> int:
 
 PURPOSES = ("train", "eval")
 
-# Which config keys set the dimensions of a key's tensor: (pattern, {dim index or None: keys}).
+# Which config keys set the dimensions of a key's tensor: (pattern, {dim index or None: [key or
+# "key:field"]}): the dims that differ pick their keys (None: any other dim).
 _DIM_KEYS = (
-    (r"visual_encoder(_m)?\.pos_embed$", {1: "image_size / vit (patch_size)", None: "vit (width)"}),
-    (r"visual_encoder(_m)?\.patch_embed\.", {0: "vit (width)", None: "vit (patch_size)"}),
-    (r"visual_encoder(_m)?\.", {None: "vit (width, mlp_ratio)"}),
-    (r"\.word_embeddings\.weight$", {0: "tokenizer / med_config (vocab_size)", None: "med_config (hidden_size)"}),
-    (r"\.predictions\.(bias|decoder\.weight|decoder\.bias)$", {0: "tokenizer / med_config (vocab_size)",
-                                                                None: "med_config (hidden_size)"}),
-    (r"\.position_embeddings\.weight$", {0: "med_config (max_position_embeddings)", None: "med_config (hidden_size)"}),
-    (r"\.position_ids$", {None: "med_config (max_position_embeddings)"}),
-    (r"crossattention\.self\.(key|value)\.weight$", {1: "vit (width)", None: "med_config (hidden_size)"}),
-    (r"(^|\.)vision_proj(_m)?\.weight$", {0: "embed_dim", None: "vit (width)"}),
-    (r"(^|\.)text_proj(_m)?\.weight$", {0: "embed_dim", None: "med_config (hidden_size)"}),
-    (r"(^|\.)(vision|text)_proj(_m)?\.bias$", {None: "embed_dim"}),
-    (r"(^|\.)(image|text)_queue$", {0: "embed_dim", None: "queue_size"}),
-    (r"(^|\.)idx_queue$", {None: "queue_size"}),
-    (r"(^|\.)itm_head\.", {None: "med_config (hidden_size)"}),
-    (r"(^|\.)(text_encoder|text_decoder)(_m)?\.", {None: "med_config (hidden_size, intermediate_size)"}),
-    (r"(^|\.)adapter\.", {None: "vit (width) / adapter_taps, adapter_reduction"}),
-    (r"(^|\.)decoder\.", {None: "vit (width) / decoder_depth, decoder_heads, decoder_mlp_ratio, "
-                                "text_adapter_reduction"}),
-    (r"(^|\.)prediction\.", {None: "med_config (hidden_size)"}),
-    (r"(^|\.)context\.|(^|\.)stage1\.", {None: "context_layers, context_heads, context_mlp_ratio / med_config"}),
+    (r"visual_encoder(_m)?\.pos_embed$", {1: ["image_size", "vit:patch_size"], None: ["vit:width"]}),
+    (r"visual_encoder(_m)?\.patch_embed\.", {0: ["vit:width"], None: ["vit:patch_size"]}),
+    (r"visual_encoder(_m)?\.", {None: ["vit:width", "vit:mlp_ratio"]}),
+    (r"\.word_embeddings\.weight$", {0: ["tokenizer", "med_config:vocab_size"], None: ["med_config:hidden_size"]}),
+    (r"\.predictions\.(bias|decoder\.weight|decoder\.bias)$", {0: ["tokenizer", "med_config:vocab_size"],
+                                                                None: ["med_config:hidden_size"]}),
+    (r"\.position_embeddings\.weight$", {0: ["med_config:max_position_embeddings"],
+                                         None: ["med_config:hidden_size"]}),
+    (r"\.position_ids$", {None: ["med_config:max_position_embeddings"]}),
+    (r"crossattention\.self\.(key|value)\.weight$", {1: ["vit:width"], None: ["med_config:hidden_size"]}),
+    (r"(^|\.)vision_proj(_m)?\.weight$", {0: ["embed_dim"], None: ["vit:width"]}),
+    (r"(^|\.)text_proj(_m)?\.weight$", {0: ["embed_dim"], None: ["med_config:hidden_size"]}),
+    (r"(^|\.)(vision|text)_proj(_m)?\.bias$", {None: ["embed_dim"]}),
+    (r"(^|\.)(image|text)_queue$", {0: ["embed_dim"], None: ["queue_size"]}),
+    (r"(^|\.)idx_queue$", {None: ["queue_size"]}),
+    (r"(^|\.)itm_head\.", {None: ["med_config:hidden_size"]}),
+    (r"(^|\.)(text_encoder|text_decoder)(_m)?\.", {None: ["med_config:hidden_size", "med_config:intermediate_size"]}),
+    (r"(^|\.)adapter\.", {None: ["vit:width", "adapter_taps", "adapter_reduction"]}),
+    (r"(^|\.)decoder\.", {None: ["vit:width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio",
+                                   "text_adapter_reduction"]}),
+    (r"(^|\.)prediction\.", {None: ["med_config:hidden_size"]}),
+    (r"(^|\.)context\.|(^|\.)stage1\.", {None: ["context_layers", "context_heads", "context_mlp_ratio"]}),
 )
 # Layers a file has and the model has not (or the reverse): the depth keys.
-_DEPTH_KEYS = ((r"visual_encoder(_m)?\.blocks\.\d+\.", "vit (depth)"),
-               (r"(text_encoder|text_decoder)(_m)?\.(bert\.)?encoder\.layer\.\d+\.", "med_config (num_hidden_layers)"),
+_DEPTH_KEYS = ((r"visual_encoder(_m)?\.blocks\.\d+\.", "vit:depth"),
+               (r"(text_encoder|text_decoder)(_m)?\.(bert\.)?encoder\.layer\.\d+\.", "med_config:num_hidden_layers"),
                (r"(^|\.)decoder\.blocks?\.\d+\.", "decoder_depth"))
 
 
-def _role_keys(text: str, role: str) -> str:
-    """A teacher's dims come from ``teacher_vit`` / ``teacher_med_config``."""
-    if role.startswith("teacher"):
-        text = re.sub(r"\bvit\b", "teacher_vit", text)
-        text = re.sub(r"\bmed_config\b", "teacher_med_config", text)
-    return text
-
-
-def _dims_keys(key: str, file_shape: tuple, model_shape: tuple) -> Optional[str]:
+def _dims_keys(key: str, file_shape: tuple, model_shape: tuple) -> list:
     for pattern, by_dim in _DIM_KEYS:
         if re.search(pattern, key):
             differs = [i for i in range(min(len(file_shape), len(model_shape))) if file_shape[i] != model_shape[i]]
-            named = [by_dim[i] for i in differs if i in by_dim]
-            return ", ".join(dict.fromkeys(named)) if named else by_dim[None]
-    return None
-
-
-def _depth_keys(keys) -> list:
-    return list(dict.fromkeys(name for k in keys for pattern, name in _DEPTH_KEYS if re.search(pattern, k)))
+            named = [t for i in differs if i in by_dim for t in by_dim[i]]
+            return named or by_dim[None]
+    return []
 
 
 def config_keys_of(report: LoadReport, role: str = "pretrained") -> str:
-    """The config keys that set the dims a report found different (for its error message)."""
-    named = [_dims_keys(k, a, b) for k, a, b in report.mismatched]
-    named += _depth_keys(report.unexpected + report.missing)
-    named = [_role_keys(n, role) for n in named if n]
-    return ", ".join(dict.fromkeys(named)) or "the model's architecture keys (vit, image_size, med_config, embed_dim)"
+    """The config keys that set the dims a report found different (for its error message), e.g.
+    ``vit (width, mlp_ratio), embed_dim``; a teacher's are ``teacher_vit`` / ``teacher_med_config``."""
+    tokens = [t for k, a, b in report.mismatched for t in _dims_keys(k, a, b)]
+    tokens += [name for k in report.unexpected + report.missing for pattern, name in _DEPTH_KEYS if re.search(pattern, k)]
+    fields: Dict[str, list] = {}
+    for token in tokens:
+        key, _, part = token.partition(":")
+        if role.startswith("teacher") and key in ("vit", "med_config"):
+            key = f"teacher_{key}"
+        parts = fields.setdefault(key, [])
+        if part and part not in parts:
+            parts.append(part)
+    return ", ".join(f"{k} ({', '.join(v)})" if v else k for k, v in fields.items()) or \
+        "the model's architecture keys (vit, image_size, med_config, embed_dim)"
 
 
 def _shapes(items) -> str:
@@ -328,8 +327,9 @@ def check_report(report: LoadReport, name: str, role: str = "pretrained", purpos
     missing = report.missing + (report.new if new_is_missing else [])
     problems = []
     if report.mismatched:
+        more = len(report.mismatched) - 2
         problems.append(f"{len(report.mismatched)} tensor(s) have other shapes: {_shapes(report.mismatched[:2])}"
-                        + (", ..." if len(report.mismatched) > 2 else ""))
+                        + (f" (and {more} more)" if more > 0 else ""))
     if report.unexpected:
         problems.append(f"{len(report.unexpected)} tensor(s) of the file have no place in the model: "
                         f"{collapse_keys(report.unexpected)}")
