@@ -32,10 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils import dist as du
-from utils.checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, CheckpointMismatchError, find_checkpoint,
-                              link_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint_atomic,
-                              save_safetensors_checkpoint)
-from utils.config import ConfigError, config_to_dict
+from utils.checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, CheckpointMismatchError, LoadReport, collapse_keys,
+                              find_checkpoint, link_checkpoint, load_checkpoint, remove_checkpoint,
+                              save_checkpoint_atomic, save_safetensors_checkpoint)
+from utils.config import ConfigError, config_diff, config_to_dict, describe_diff
 from utils.errors import DataError, UserError
 from utils.logging import Heartbeat, TensorBoard, append_json_line
 from utils.rundir import TENSORBOARD_DIR, commit_run, epoch_checkpoints
@@ -312,8 +312,6 @@ class Trainer:
         """Resume restores strictly: every tensor of this run's checkpoint layout, shape for shape,
         else one line naming the file, the first differing keys and the config keys that differ
         between the checkpoint's config and this run's. Other config changes are logged."""
-        from utils.checkpoint import LoadReport, collapse_keys
-        from utils.config import config_diff, describe_diff
         own = getattr(self.raw_model, "checkpoint_state_dict", self.raw_model.state_dict)()
         state = ckpt.get("model") or {}
         if any(k.startswith("blip.") for k in state) and not any(k.startswith("blip.") for k in own):
