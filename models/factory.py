@@ -7,6 +7,7 @@
     model, tokenizer = create_model(cfg, "zero_shot")              # ContextBLIP; a plain BLIP file -> BLIP itself
     model, tokenizer = create_model(cfg, "imagecode")              # ImageCoDe stage 1 or 2 (cfg.stage)
     model, tokenizer = create_model(cfg, "caption")                # BLIP captioner (ViT + text decoder)
+    model, tokenizer = create_model(cfg, "vqa")                    # BLIP VQA (ViT + question encoder + answer decoder)
     load_weights(model, "any checkpoint")                          # dispatches on the file's format
 
 Every checkpoint we write carries a ``format`` tag (:class:`Format`); official BLIP files carry
@@ -19,10 +20,14 @@ none and are recognised by their layout (and so are files written before the tag
 | ``contextblip-merged`` | ``blip.*``, ``adapter.*``, ``decoder.*`` | ContextBLIP; stage 1's backbone |
 | ``imagecode`` | a whole stage-1 or stage-2 model (``stage`` in its config) | the same stage; stage 1 into stage 2's frozen part |
 | ``blip-caption`` (official or ours) | ``visual_encoder.*``, ``text_decoder.*`` | the captioner |
+| ``blip-vqa`` (official or ours) | ``visual_encoder.*``, ``text_encoder.*``, ``text_decoder.*`` (no projections) | the VQA model |
 
 A pretraining checkpoint (``model_base.pth``: encoder, decoder, momentum copies, queues) is a
 ``blip`` file: a retrieval model takes all but ``text_decoder.*``, a captioner takes
-``visual_encoder.*`` and ``text_decoder.*``; what each leaves is reported as an expected extra.
+``visual_encoder.*`` and ``text_decoder.*``, a VQA model all three towers (as BLIP's ``blip_vqa``
+initialises from ``model_base.pth``; decoder cross-attention weights of another width, a ViT wider
+than the text, start afresh as BLIP's loader drops them); what each leaves is reported as an
+expected extra.
 
 Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
 
@@ -47,6 +52,7 @@ from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
 from models.tokenizer import build_tokenizer
+from models.vqa import BLIPVQA, build_vqa
 from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
                               extract_state_dict, interpolate_pos_embed, load_checkpoint,
                               load_state_dict_with_report)
@@ -61,10 +67,11 @@ class Format:
     CONTEXTBLIP_MERGED = "contextblip-merged"
     IMAGECODE = "imagecode"
     CAPTION = "blip-caption"
-    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION)
+    VQA = "blip-vqa"
+    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION, VQA)
 
 
-KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption")
+KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption", "vqa")
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
@@ -79,6 +86,9 @@ CONTEXTBLIP_PARTS = ("adapter.", "decoder.")
 # What a captioner leaves unused in a pretraining (or retrieval) checkpoint.
 ENCODER_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.") + MOMENTUM_PREFIXES
 ENCODER_KEYS = ("temp",) + QUEUE_KEYS
+# What a VQA model leaves unused in a pretraining (or retrieval) checkpoint: BLIP's blip_vqa takes
+# visual_encoder, text_encoder and text_decoder only.
+HEAD_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "vl_proj.")
 
 
 class LoadResult(NamedTuple):
@@ -106,6 +116,8 @@ def build_model(cfg, kind: str, tokenizer) -> nn.Module:
         return build_imagecode_model(cfg, tokenizer)
     if kind == "caption":
         return build_captioner(cfg, tokenizer)
+    if kind == "vqa":
+        return build_vqa(cfg, tokenizer)
     raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
 
 
@@ -219,6 +231,8 @@ def checkpoint_format(ckpt: Mapping) -> str:
         return Format.CONTEXTBLIP_TRAINABLE
     if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith("text_encoder.") for k in state):
         return Format.CAPTION
+    if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith(HEAD_PREFIXES) for k in state):
+        return Format.VQA  # BLIP_VQA's layout: the three towers, no projections or ITM head
     return Format.BLIP
 
 
@@ -355,7 +369,7 @@ def check_report(report: LoadReport, name: str, role: str = "pretrained", purpos
 def _model_name(model: nn.Module) -> str:
     return {"BLIPRetrieval": "BLIP retrieval model", "BLIPCaptioner": "captioner", "ContextBLIP": "ContextBLIP model",
             "CandidateScorer": "ImageCoDe stage-1 model", "ContextualScorer": "ImageCoDe stage-2 model",
-            "BLIPPretrain": "BLIP pretraining model"}.get(type(model).__name__, type(model).__name__)
+            "BLIPPretrain": "BLIP pretraining model", "BLIPVQA": "VQA model"}.get(type(model).__name__, type(model).__name__)
 
 
 def load_weights(model: nn.Module, source, strict: Optional[bool] = None, base: Optional[str] = "auto",
@@ -394,6 +408,14 @@ def _plan(model, ckpt, state, fmt, base, name, role, plans) -> LoadResult:
             raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a captioner loads BLIP caption or "
                                   "pretraining files")
         return LoadResult(fmt, add(model, _captioner_report(model, state, name)), None)
+    if isinstance(model, BLIPVQA):
+        if fmt not in (Format.VQA, Format.BLIP, Format.CAPTION):
+            raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a VQA model loads BLIP VQA, pretraining, "
+                                  "retrieval or caption files")
+        return LoadResult(fmt, add(model, _vqa_report(model, state, fmt)), None)
+    if fmt == Format.VQA:
+        raise CheckpointError(f"{role} {name} is a BLIP VQA checkpoint (visual_encoder, question encoder, answer "
+                              f"decoder): use it with train_vqa.py, not with {type(model).__name__}")
     if fmt == Format.CAPTION:
         raise CheckpointError(f"{role} {name} is a BLIP captioning checkpoint (visual_encoder + text_decoder): it has "
                               f"no text encoder for {type(model).__name__}; use it with train_caption.py")
@@ -494,6 +516,35 @@ def _captioner_report(model: BLIPCaptioner, state: Dict[str, torch.Tensor], name
     return load_state_dict_with_report(model, state, expected_extra_prefixes=ENCODER_PREFIXES,
                                        expected_extra_keys=ENCODER_KEYS,
                                        new_prefixes=("text_decoder.",) if fresh_decoder else (), apply=False)
+
+
+def _vqa_report(model: BLIPVQA, state: Dict[str, torch.Tensor], fmt: str) -> LoadReport:
+    """A VQA checkpoint key for key. A pretraining file gives all three towers (its projections, ITM
+    head, momentum copies and queues are expected extras); its decoder attended to images, so when
+    the ViT is wider than the text its cross-attention keys/values do not fit the answer decoder
+    (which attends to question states) and start afresh, as BLIP's ``load_checkpoint`` drops them.
+    A file without a decoder (retrieval) or without a text encoder (caption) gives that part
+    fresh: allowed to start training, never to evaluate. ``pos_embed`` is resized to the model's grid."""
+    state = dict(state)
+    key = "visual_encoder.pos_embed"
+    own = model.state_dict()
+    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
+            and state[key].shape[-1] == own[key].shape[-1]:
+        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    new = [p for p in ("text_decoder.", "text_encoder.") if not any(k.startswith(p) for k in state)]
+    if fmt != Format.VQA:
+        cross = [k for k in state if re.match(r"text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\."
+                                              r"(key|value)\.weight$", k)
+                 and k in own and state[k].shape != own[k].shape and state[k].shape[0] == own[k].shape[0]]
+        if cross:
+            logger.info("the file's decoder attended to %d-wide image tokens: its cross-attention keys/values "
+                        "start afresh for the %d-wide question states, as BLIP's loader does",
+                        state[cross[0]].shape[1], own[cross[0]].shape[1])
+        for k in cross:  # their biases fit, and load (BLIP's loader drops only what mismatches)
+            del state[k]
+        new += cross
+    return load_state_dict_with_report(model, state, expected_extra_prefixes=HEAD_PREFIXES + MOMENTUM_PREFIXES,
+                                       expected_extra_keys=ENCODER_KEYS, new_prefixes=tuple(new), apply=False)
 
 
 def _parts_report(model: ContextBLIP, state: Mapping[str, torch.Tensor]) -> LoadReport:

@@ -1,0 +1,247 @@
+"""BLIP's question answering (``BLIP_VQA``'s state-dict layout): ViT + question encoder + answer decoder.
+
+Parts, with BLIP's keys:
+
+- ``visual_encoder``: the ViT (drop path 0.1 by default, as ``BLIP_VQA`` builds it for any size);
+- ``text_encoder``: the question encoder, a :class:`~models.med.MedEncoder` in ``multimodal`` mode
+  (``[ENC]`` first, cross-attention to every image token; its ``encoder_width`` is the ViT's);
+- ``text_decoder``: the answer decoder (:class:`~models.caption.TextDecoder`: ``bert.*`` in
+  ``decoder`` mode + the LM head ``cls.predictions.*``), whose cross-attention attends to the
+  *question states*. Its config is ``med_config.json`` unchanged: the release does not set its
+  ``encoder_width``, so the json's value must equal the text ``hidden_size`` (both 768 in BLIP's).
+
+Semantics (docs/BLIP.md, "VQA"), pinned by ``tests/fixtures/blip_vqa_tiny``:
+
+- **Training** (:meth:`BLIPVQA.forward`): every question's states are repeated for each of its
+  ``n`` answers; per answer the *sum* over its tokens (``[SEP]`` included, padding not) of the
+  label-smoothed (0.1) cross-entropy; the loss is ``sum(weights * answer_losses) / B`` (B questions).
+- **Ranking** (:meth:`BLIPVQA.rank`): one decoder step from ``[DEC]`` gives every candidate's
+  first-token probability; the top ``k`` candidates are re-scored by ``-(their summed smoothed
+  loss)`` and the best is the answer (the release's ``rank_answer``).
+- **Generation** (:meth:`BLIPVQA.generate_ids`): beam search (3 beams, max 10 tokens, min 1) from
+  ``[DEC]``. The release passes an all-ones question mask there, so the decoder also attends to the
+  states of the question's padding positions and a batched answer can depend on the batch's
+  padding; that is the default (``mask_question_padding: false``), the masked variant an option.
+  The question's cross-attention keys/values are projected once per question (not per beam) and
+  every decoder layer keeps its self-attention cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Literal, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.caption import IGNORE, LABEL_SMOOTHING, TextDecoder
+from models.generation import CachedDecoder, GenerationSettings, RecomputeDecoder, beam_search
+from models.med import MedArch, MedConfig, MedEncoder, med_config_for
+from models.vit import BlipViT, ViTSettings, build_vit
+from utils.config import Config, ConfigError, NonNegInt, PosInt, Probability
+
+MAX_QUESTION_TOKENS = 35  # the release's question truncation ([ENC] and [SEP] included)
+
+
+class VQAArch(ViTSettings, MedArch):
+    """BLIP's VQA model: the ViT keys (drop path 0.1, as ``BLIP_VQA``) and the med config of both text towers."""
+
+    vit_drop_path_rate: Optional[Probability] = 0.1
+
+
+class VQASettings(Config):
+    """Inference keys (BLIP's ``configs/vqa.yaml``: ``inference: rank``, ``k_test: 128``) and the
+    answer search (the release's fixed beam 3, max 10, min 1)."""
+
+    inference: Literal["rank", "generate"] = "rank"
+    k_test: PosInt = 128                 # candidates re-scored per question (rank)
+    answer_list: str = ""                # candidate answers for rank ('' -> <ann_root>/answer_list.json)
+    num_beams: PosInt = 3                # generate
+    answer_max_length: PosInt = 10       # generate: tokens, [DEC] included
+    answer_min_length: NonNegInt = 1     # generate: tokens, [DEC] included, before [SEP] may end it
+    mask_question_padding: bool = False  # generate: hide the question's padding from the decoder (the release does not)
+
+    def answer_generation(self) -> GenerationSettings:
+        if self.answer_min_length > self.answer_max_length:
+            raise ConfigError(f"answer_min_length {self.answer_min_length} is above answer_max_length "
+                              f"{self.answer_max_length}: no answer could end")
+        return GenerationSettings(num_beams=self.num_beams, max_length=self.answer_max_length,
+                                  min_length=self.answer_min_length)
+
+
+class RankOutput(NamedTuple):
+    answer_ids: torch.Tensor   # [B] indices into the candidate list
+    topk_ids: torch.Tensor     # [B, k] the candidates kept by first-token probability, in topk order
+    scores: torch.Tensor       # [B, k] -(summed label-smoothed token losses) of those candidates
+
+
+def answer_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row: the sum over its tokens of the label-smoothed (0.1) cross-entropy, position ``t``
+    predicting token ``t + 1``, targets ``-100`` ignored (BertLMHeadModel's ``reduction='none'``)."""
+    B, T, V = logits.shape
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING, reduction="none")
+    return loss.view(B, T - 1).sum(1)
+
+
+class BLIPVQA(nn.Module):
+    checkpoint_format = "blip-vqa"  # the tag checkpoints of this model carry (models/factory.py)
+
+    def __init__(self, visual_encoder: BlipViT, encoder_config: MedConfig, decoder_config: MedConfig, tokenizer):
+        super().__init__()
+        if encoder_config.encoder_width != visual_encoder.width:
+            encoder_config = dataclasses.replace(encoder_config, encoder_width=visual_encoder.width)
+        self.visual_encoder = visual_encoder
+        self.text_encoder = MedEncoder(encoder_config)
+        self.text_decoder = TextDecoder(decoder_config)
+        self.tokenizer = tokenizer
+        self.enc_token_id = tokenizer.enc_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.sep_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    # ------------------------------------------------------------------ questions
+    def encode_questions(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+        """Question states ``[B, T, D]`` (the first token becomes ``[ENC]``; the question attends
+        to every image token)."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.enc_token_id
+        image_embeds = self.visual_encoder(pixel_values)
+        return self.text_encoder(ids, attention_mask, mode="multimodal",
+                                 encoder_hidden_states=image_embeds).last_hidden_state
+
+    def _decode(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cross_kv, index: Optional[torch.Tensor],
+                question_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Decoder logits ``[R, T, V]``; row r attends to question ``index[r]`` (its keys/values in
+        ``cross_kv``, projected once per question) under that question's mask."""
+        out = self.text_decoder.bert(ids, mask, mode="decoder", cross_kv=cross_kv, cross_index=index,
+                                     encoder_attention_mask=question_mask)
+        return self.text_decoder.cls.predictions(out.last_hidden_state)
+
+    def answer_losses(self, question_states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
+                      answer_mask: torch.Tensor, question_index: torch.Tensor) -> torch.Tensor:
+        """Per answer ``[A]``: its summed label-smoothed token loss given question ``question_index[a]``."""
+        ids = answer_ids.clone()
+        ids[:, 0] = self.bos_token_id
+        targets = ids.masked_fill(ids == self.pad_token_id, IGNORE)
+        cross_kv = self.text_decoder.bert.project_cross_kv(question_states)
+        logits = self._decode(ids, answer_mask, cross_kv, question_index, question_mask[question_index])
+        return answer_token_losses(logits, targets)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_input_ids: torch.Tensor, answer_attention_mask: torch.Tensor, n: torch.Tensor,
+                weights: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``loss_vqa``: ``sum(weights * answer_losses) / B``; ``n`` ``[B]`` answers per question (the
+        answers of question b are consecutive), ``weights`` ``[A]``."""
+        states = self.encode_questions(pixel_values, input_ids, attention_mask)
+        index = torch.repeat_interleave(torch.arange(len(n), device=states.device), n.to(states.device))
+        losses = self.answer_losses(states, attention_mask, answer_input_ids, answer_attention_mask, index)
+        return {"loss_vqa": (weights.to(losses.dtype) * losses).sum() / pixel_values.shape[0]}
+
+    # ------------------------------------------------------------------ ranking
+    @torch.no_grad()
+    def rank(self, question_states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
+             answer_mask: torch.Tensor, k: int) -> RankOutput:
+        """The release's ``rank_answer``: candidates ``answer_ids`` ``[C, L]`` (``[DEC]`` first,
+        padded with 0) -> the best of the top ``k`` by first-token probability, re-scored whole."""
+        B, C = question_states.shape[0], answer_ids.shape[0]
+        k = min(k, C)
+        cross_kv = self.text_decoder.bert.project_cross_kv(question_states)
+        start = answer_ids[:1, :1].expand(B, 1)
+        first = self._decode(start, None, cross_kv, None, question_mask)[:, 0, :]
+        probs = first.float().softmax(dim=1).index_select(1, answer_ids[:, 1])
+        _, topk_ids = probs.topk(k, dim=1)
+        ids = answer_ids[topk_ids.reshape(-1)]
+        mask = answer_mask[topk_ids.reshape(-1)]
+        targets = ids.masked_fill(ids == self.pad_token_id, IGNORE)
+        index = torch.arange(B, device=ids.device).repeat_interleave(k)
+        logits = self._decode(ids, mask, cross_kv, index, question_mask[index])
+        scores = -answer_token_losses(logits, targets).view(B, k)
+        best = scores.argmax(dim=1)
+        return RankOutput(topk_ids.gather(1, best[:, None]).squeeze(1), topk_ids, scores)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_ids(self, question_states: torch.Tensor, question_mask: torch.Tensor, settings: GenerationSettings,
+                     mask_question_padding: bool = False, use_cache: bool = True) -> torch.Tensor:
+        """Answer ids ``[B, L]`` (``[DEC]`` first, ``[SEP]`` then padding) by beam search."""
+        settings.check()
+        B, nb = question_states.shape[0], settings.num_beams
+        rows_mask = question_mask.repeat_interleave(nb, dim=0) if mask_question_padding else None
+        start = torch.full((B * nb, 1), self.bos_token_id, dtype=torch.long, device=question_states.device)
+        if use_cache:
+            cross_kv = [(k.repeat_interleave(nb, dim=0), v.repeat_interleave(nb, dim=0))
+                        for k, v in self.text_decoder.bert.project_cross_kv(question_states)]
+
+            def step(ids, past):
+                out = self.text_decoder.bert(ids, None, mode="decoder", cross_kv=cross_kv, past_key_values=past,
+                                             use_cache=True, encoder_attention_mask=rows_mask)
+                return self.text_decoder.cls.predictions(out.last_hidden_state[:, -1]), out.past_key_values
+            decoder = CachedDecoder(step)
+        else:  # the release's way: the whole prefix and the keys/values recomputed at every step
+            rows = question_states.repeat_interleave(nb, dim=0)
+
+            def step(ids, _):
+                out = self.text_decoder.bert(ids, None, mode="decoder", encoder_hidden_states=rows,
+                                             encoder_attention_mask=rows_mask)
+                return self.text_decoder.cls.predictions(out.last_hidden_state[:, -1]), None
+            decoder = RecomputeDecoder(step)
+        return beam_search(decoder, start, B, settings, self.eos_token_id, self.pad_token_id)
+
+    def decode(self, ids: torch.Tensor) -> List[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ convenience
+    @torch.no_grad()
+    def answer(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               inference: str = "generate", candidates: Optional[Sequence[str]] = None,
+               candidate_ids: Optional[torch.Tensor] = None, candidate_mask: Optional[torch.Tensor] = None,
+               k_test: int = 128, settings: Optional[GenerationSettings] = None,
+               mask_question_padding: bool = False) -> List[str]:
+        """Answers of a batch of images and tokenised questions, by ``generate`` or ``rank`` over
+        ``candidates`` (strings; their ids from :func:`tokenize_candidates` when not given)."""
+        states = self.encode_questions(pixel_values, input_ids, attention_mask)
+        if inference == "generate":
+            ids = self.generate_ids(states, attention_mask, settings or VQASettings().answer_generation(),
+                                    mask_question_padding)
+            return self.decode(ids)
+        if inference != "rank":
+            raise ValueError(f"inference {inference!r}: 'rank' or 'generate'")
+        if not candidates:
+            raise ValueError("inference 'rank' needs the candidate answers (answer_list)")
+        if candidate_ids is None:
+            candidate_ids, candidate_mask = tokenize_candidates(self.tokenizer, candidates)
+        out = self.rank(states, attention_mask, candidate_ids.to(states.device), candidate_mask.to(states.device),
+                        k_test)
+        return [candidates[i] for i in out.answer_ids.tolist()]
+
+
+def tokenize_candidates(tokenizer, answers: Sequence[str]):
+    """The candidate list as ``train_vqa.evaluation`` tokenises it: padded to the longest, the
+    first id set to ``[DEC]`` -> (``input_ids``, ``attention_mask``) ``[C, L]``."""
+    enc = tokenizer(list(answers), padding="longest", return_tensors="pt")
+    ids = enc["input_ids"]
+    ids[:, 0] = tokenizer.bos_token_id
+    return ids, enc["attention_mask"]
+
+
+def decoder_med_config(path, tokenizer) -> MedConfig:
+    """The answer decoder's config: ``med_config.json`` as it is (its ``encoder_width`` is what the
+    decoder's cross-attention reads: the question states, so it must be the text ``hidden_size``)."""
+    probe = med_config_for(path, tokenizer, encoder_width=0)
+    raw = MedConfig.from_json(path)
+    cfg = dataclasses.replace(probe, encoder_width=raw.encoder_width)
+    if cfg.encoder_width != cfg.hidden_size:
+        raise ConfigError(f"med_config {path}: encoder_width {cfg.encoder_width} differs from hidden_size "
+                          f"{cfg.hidden_size}; BLIP's VQA answer decoder attends to the question states (width "
+                          "hidden_size) with the json's encoder_width, so both must be equal")
+    return cfg
+
+
+def build_vqa(arch: VQAArch, tokenizer) -> BLIPVQA:
+    """A BLIP VQA model with random weights."""
+    vit = build_vit(arch)
+    return BLIPVQA(vit, med_config_for(arch.med_config, tokenizer, vit.width),
+                   decoder_med_config(arch.med_config, tokenizer), tokenizer)

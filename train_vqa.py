@@ -1,0 +1,58 @@
+"""BLIP visual question answering: fine-tuning and evaluation (VQA v2, Visual Genome QA, OK-VQA, custom json/CSV).
+
+    python train_vqa.py --config configs/vqa.yaml --output_dir outputs/vqa
+    torchrun --nproc_per_node 8 train_vqa.py --config configs/vqa.yaml
+    python train_vqa.py --config configs/vqa.yaml --evaluate          # answer the test split: vqa_result.json
+    python train_vqa.py --config configs/vqa.yaml --resume auto
+    python train_vqa.py --config configs/vqa.yaml --dry_run           # check a config: dry_run.json
+
+``inference: rank`` (BLIP's default: the best of the top ``k_test`` candidates of ``answer_list``)
+or ``generate`` (beam search). The test split's answers go to ``vqa_result.json``
+(``[{"question_id", "answer"}]``, what the VQA v2 evaluation server takes); a split whose entries
+carry their annotators' answers is also scored (VQA accuracy, overall and per answer type;
+``--evaluate`` appends it to ``evaluate.txt``). The task's wiring is ``tasks/vqa.py``. Every split
+is parsed and its images checked before the model is built.
+"""
+from __future__ import annotations
+
+import utils  # noqa: F401  (first: one clear line on an unsupported Python)
+
+import logging
+
+from models.factory import create_model
+from tasks.vqa import VQAConfig, build_datasets, eval_splits, evaluate_split, train
+from utils import dist as du
+from utils.config import parse_config
+from utils.logging import append_json_line
+from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+                          start_run, unused_when_evaluating)
+
+logger = logging.getLogger("train_vqa")
+
+
+def main(argv=None) -> dict:
+    args, cfg, doc = parse_config(VQAConfig, argv, description=__doc__.splitlines()[0],
+                                  extra_args=add_train_eval_args, unused_keys=unused_when_evaluating)
+    refuse_dry_run_with(args, "--evaluate")
+    info, output_dir = start_run(cfg, doc, args, trains=not (args.evaluate or args.dry_run))
+    try:
+        datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
+        model, tokenizer = create_model(cfg, "vqa", info.device, purpose="eval" if args.evaluate else "train")
+        if args.evaluate:
+            commit_run()  # checked and loaded: the run's files are written from here on
+            record = {}
+            for split, dataset in datasets.items():
+                record.update(evaluate_split(model, dataset, cfg, split, output_dir))
+                logger.info("%s: %d questions answered (%s)%s", split, len(dataset), cfg.inference,
+                            "".join(f", {k} {v:.2f}" for k, v in record.items() if k.startswith(split)))
+            if du.is_main_process() and record:
+                append_json_line(output_dir / "evaluate.txt", record)
+            return record
+        return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
+                     dry_run=args.dry_run)
+    finally:
+        du.cleanup()
+
+
+if __name__ == "__main__":
+    run_entry(main, logger)
