@@ -15,6 +15,7 @@ COMMANDS = {
     "captions": ("tools.captions", "caption variants: clean (BLIP's pre_caption) or template a caption column"),
     "sweep": ("tools.sweep", "evaluate checkpoints x caption columns on one split; one table (CSV + markdown)"),
     "convert": ("tools.convert", "convert checkpoints: official BLIP .pth <-> HuggingFace folder"),
+    "vqa": ("tools.vqa", "official VQA v2 / OK-VQA question + annotation files -> BLIP's vqa json layout"),
 }
 
 
