@@ -10,8 +10,9 @@ The output is a pure function of the arguments (same json bytes, same pixels); a
 `DIR/.complete` holding the arguments, written last, makes a repeated call return at once.
 
 Parts: `retrieval` (BLIP retrieval json, docs/FORMATS.md section 1), `imagecode` (ImageCoDe sets,
-docs/FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, docs/FORMATS.md section 4). Further parts are
-(spec, writer, paths) entries of `PARTS` built on `scenes`.
+docs/FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, docs/FORMATS.md section 4), `vqa` (BLIP VQA json:
+questions with 10 annotator answers, docs/FORMATS.md section 6). Further parts are (spec, writer, paths)
+entries of `PARTS` built on `scenes`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .imagecode import ImageCodeSpec, imagecode_paths, write_imagecode
 from .mmvp import MMVPSpec, mmvp_paths, write_mmvp
 from .retrieval import PartOutput, RetrievalSpec, retrieval_paths, write_retrieval
 from .vocab import N_ADDED_TOKENS, write_tokenizer
+from .vqa import VQASpec, vqa_paths, write_vqa
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ PARTS: dict[str, Part] = {
     "retrieval": Part(RetrievalSpec, write_retrieval, retrieval_paths),
     "imagecode": Part(ImageCodeSpec, write_imagecode, imagecode_paths),
     "mmvp": Part(MMVPSpec, write_mmvp, mmvp_paths),
+    "vqa": Part(VQASpec, write_vqa, vqa_paths),
 }
 
 
@@ -135,6 +138,11 @@ def _readme(args: dict, part_meta: dict[str, dict], n_tokens: int) -> str:
         m = part_meta["mmvp"]
         lines.append(f"- `mmvp/`: MMVP-VLM layout (`Questions.csv`, `MLLM_VLM Images/<Type>/<qid>.jpg`): {m['pairs']}")
         lines.append(f"  pairs, {m['pairs_per_pattern']} per pattern, the two images of a pair differ in that pattern.")
+    if "vqa" in part_meta:
+        lines.append("- `vqa/`: BLIP VQA json (`annotation/vqa_{train,val,test}.json`, `annotation/answer_list.json`,")
+        lines.append("  vqa_root `vqa`): count/colour/shape/position/exists questions, 10 annotator answers each.")
+        for split, c in part_meta["vqa"]["splits"].items():
+            lines.append(f"  - {split}: {c['images']} images, {c['questions']} questions")
     lines += [
         f"- `tokenizer/`: BERT WordPiece vocab of {n_tokens} tokens built from the captions",
         f"  (model vocab_size = {n_tokens + N_ADDED_TOKENS} with [DEC] and [ENC]).",
@@ -200,4 +208,4 @@ def generate(
     return _result(out_dir, parts, n_tokens, skipped=False)
 
 
-__all__ = ["GENERATOR_VERSION", "MMVPSpec", "PARTS", "RetrievalSpec", "generate"]
+__all__ = ["GENERATOR_VERSION", "MMVPSpec", "PARTS", "RetrievalSpec", "VQASpec", "generate"]

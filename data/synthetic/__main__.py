@@ -1,4 +1,4 @@
-"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval,imagecode,mmvp] [--image_size 64] ...`."""
+"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval,imagecode,mmvp,vqa] [--image_size 64] ...`."""
 
 from __future__ import annotations
 
@@ -39,12 +39,20 @@ def main(argv: list[str] | None = None) -> dict:
     imagecode.add_argument("--n_valid_sets", type=int, help="valid sets (default 150)")
     imagecode.add_argument("--n_test_sets", type=int, help="unlabelled test sets (default 80)")
     imagecode.add_argument("--static_frac", type=float, help="share of static (open-images) sets (0.3)")
+    vqa = ap.add_argument_group("vqa part")
+    vqa.add_argument("--n_train_images", type=int, help="train images (default 1200)")
+    vqa.add_argument("--n_val_images", type=int, help="val images (default 100)")
+    vqa.add_argument("--n_test_images", type=int, help="test images (default 150)")
+    vqa.add_argument("--questions_per_image", type=int, help="questions per train image (default 4)")
+    vqa.add_argument("--eval_questions_per_image", type=int, help="questions per val/test image (default 3)")
+    vqa.add_argument("--annotator_accuracy", type=float, help="chance an annotator answers right (0.8)")
+    vqa.add_argument("--scene_count_weights", type=_weights, help="weights of 1,2,3 shapes (1,1,1)")
     args = ap.parse_args(argv)
 
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Unset part flags fall back to the part's own defaults (one place to change them).
-    options = {a.dest: getattr(args, a.dest) for g in (retrieval, mmvp, imagecode) for a in g._group_actions}
+    options = {a.dest: getattr(args, a.dest) for g in (retrieval, mmvp, imagecode, vqa) for a in g._group_actions}
     options = {k: v for k, v in options.items() if v is not None}
     result = generate(
         args.out, seed=args.seed, parts=args.parts, image_size=args.image_size, force=args.force, **options
