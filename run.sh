@@ -5,6 +5,7 @@
 #   bash run.sh retrieval CONFIG [args...]    train_retrieval.py under torchrun (NPROC processes)
 #   bash run.sh eval CONFIG [args...]         evaluation only (--evaluate)
 #   bash run.sh caption CONFIG [args...]      train_caption.py under torchrun (NPROC processes)
+#   bash run.sh vqa CONFIG [args...]          train_vqa.py under torchrun (NPROC processes)
 #   bash run.sh pretrain [CONFIG] [args...]   ContextBLIP adapter pretraining (default configs/pretrain.yaml)
 #   bash run.sh sweep-mask "0.1 0.25 0.5 0.75" [CONFIG] [args...]
 #                                             one pretraining per mask rate (+ random) into SWEEP_DIR
@@ -73,6 +74,11 @@ dlip_demo() {  # the DLIP part of the demo (needs $DEMO, $D, $SEED and stage fro
         --config configs/demo/dlip_caption.yaml --output_dir "$1/caption" --no_progress --opts "${@:2}"' \
       "$PYTHON" "$DL/$model" "${FT[@]}" "${ARCH[@]}" "pretrained=$DL/$model/pretrain/checkpoint_last.pth" \
       ${SEED[@]+"${SEED[@]}"}
+    # VQA (the DLIP paper's third task): the same for every model, from its pretraining checkpoint
+    # (all three towers: ViT, question encoder and answer decoder).
+    stage "8 DLIP VQA fine-tuning: $model" "$PYTHON" train_vqa.py --config configs/demo/dlip_vqa.yaml \
+      --output_dir "$DL/$model/vqa" --no_progress --opts "vqa_root=$D/vqa" "ann_root=$D/vqa/annotation" \
+      "tokenizer=$D/tokenizer" "${ARCH[@]}" "pretrained=$DL/$model/pretrain/checkpoint_last.pth" ${SEED[@]+"${SEED[@]}"}
   done
   stage "DLIP summary" "$PYTHON" -m analysis.dlip_summary "$DL"
 }
@@ -131,6 +137,13 @@ case "$cmd" in
     stage "caption report" "$PYTHON" -m analysis.caption_report "$DEMO/caption" --image_root "$D/retrieval/images" \
       --train_file "$D/retrieval/annotation/synthetic_train.json" --test_file "$D/retrieval/annotation/synthetic_test.json"
     dlip_demo
+    # A VQA model whose ViT and question encoder start from stage 1's BLIP (its answer decoder
+    # afresh); then its test accuracy per question type against the best constant answer per type.
+    stage "9 VQA" "$PYTHON" train_vqa.py --config configs/demo/vqa.yaml --output_dir "$DEMO/vqa" --no_progress \
+      --overwrite --opts "vqa_root=$D/vqa" "ann_root=$D/vqa/annotation" "tokenizer=$D/tokenizer" \
+      "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
+    stage "VQA report" "$PYTHON" -m analysis.vqa_report "$DEMO/vqa" --train_file "$D/vqa/annotation/vqa_train.json" \
+      --test_file "$D/vqa/annotation/vqa_test.json"
     "$PYTHON" -m analysis.demo_report "$DEMO"
     echo "Report: $DEMO/REPORT.md"
     ;;
@@ -141,6 +154,7 @@ case "$cmd" in
   retrieval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" "$@" ;;
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
   caption) cfg=$1; shift; launch train_caption.py --config "$cfg" "$@" ;;
+  vqa) cfg=$1; shift; launch train_vqa.py --config "$cfg" "$@" ;;
   pretrain)
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
@@ -150,5 +164,5 @@ case "$cmd" in
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
     "$PYTHON" -m tasks.sweep_mask --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 1 ;;
+  *) sed -n '2,13p' "$0"; exit 1 ;;
 esac

@@ -129,12 +129,23 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
                             ("student_scratch", "8 DLIP student, scratch (control)")):
             e = dl.get(name, {})
             mean = (e["test_txt_r1"] + e["test_img_r1"]) / 2 if "test_txt_r1" in e else None
-            rows.append((label, "mean test R@1 / test CIDEr / params (M) / eval images/s",
-                         f"{_fmt(mean)} / {_fmt(e.get('test_CIDEr'), 3)} / {_fmt(e.get('params', 0) / 1e6, 3)} / "
+            rows.append((label, "mean test R@1 / test CIDEr / test VQA acc / params (M) / eval images/s",
+                         f"{_fmt(mean)} / {_fmt(e.get('test_CIDEr'), 3)} / {_fmt(e.get('test_vqa_acc'))} / "
+                         f"{_fmt(e.get('params', 0) / 1e6, 3)} / "
                          f"{_fmt(e.get('eval_images_per_s'))}",
                          _link(demo, demo / "dlip" / "summary.json", "summary") if name == "teacher" else ""))
     else:
         rows.append(("8 DLIP", "not run", "-", ""))
+
+    vqa_file = demo / "vqa" / "vqa_report.json"
+    if vqa_file.is_file():
+        vq = json.loads(vqa_file.read_text())
+        rows.append(("9 VQA (BLIP VQA, answers ranked)", f"test VQA accuracy ({vq['questions']} questions)",
+                     _fmt(vq["overall"]["ours"]), _link(demo, demo / "vqa" / "vqa_result.json", "answers")))
+        rows.append(("", "best constant answer per question type", _fmt(vq["overall"]["constant"]),
+                     _link(demo, demo / "vqa" / "vqa_report.md", "by type")))
+    else:
+        rows.append(("9 VQA", "not run", "-", ""))
 
     lines += ["| stage | metric | value | files |", "|---|---|---|---|"]
     lines += [f"| {s} | {m} | {v} | {f} |" for s, m, v, f in rows]
@@ -150,6 +161,7 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
                         ("Retrieval epoch checkpoints x caption columns (tools sweep, test split)",
                          demo / "sweep" / "sweep.md"),
                         ("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
+                        ("VQA by question type (test split)", demo / "vqa" / "vqa_report.md"),
                         ("MMVP-VLM per pattern", demo / "mmvp" / "mmvp_results.md")):
         if path.is_file():
             body = path.read_text().strip().splitlines()

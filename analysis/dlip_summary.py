@@ -1,14 +1,15 @@
 """The demo's DLIP comparison: teacher, distilled student and scratch student, each fine-tuned the
-same way, on retrieval (R@1 both ways) and captioning (CIDEr), with parameter counts and retrieval
+same way, on retrieval (R@1 both ways), captioning (CIDEr) and VQA (accuracy), with parameter counts and retrieval
 evaluation speed. Writes ``DLIP_DIR/summary.json`` and ``DLIP_DIR/summary.md``.
 
     python -m analysis.dlip_summary outputs/demo/dlip
 
-Expects ``DLIP_DIR/<model>/{pretrain,retrieval,caption}/`` for ``teacher``, ``student_distilled``
+Expects ``DLIP_DIR/<model>/{pretrain,retrieval,caption,vqa}/`` for ``teacher``, ``student_distilled``
 and ``student_scratch`` (run.sh demo writes them):
 
 - ``test_txt_r1`` / ``test_img_r1``: the retrieval fine-tuning's ``log.txt`` (test split, best epoch);
 - ``test_CIDEr``: the caption fine-tuning's ``log.txt`` (pycocoevalcap's value, x100 in papers);
+- ``test_vqa_acc``: the VQA fine-tuning's ``log.txt`` (test split VQA accuracy, 0-100);
 - ``params``: the pretrained model's parameters without momentum copies and queues (ViT, text
   encoder, the decoder's own self-attention and LM head: tied tensors counted once);
 - ``eval_images_per_s``: test-split retrieval evaluation (features + ITM rerank of the top k_test)
@@ -83,6 +84,9 @@ def summarise(dlip: Path) -> Dict[str, dict]:
         captioned = [r for r in _records(root / "caption" / "log.txt") if "test_CIDEr" in r]
         if captioned:
             entry["test_CIDEr"] = captioned[-1]["test_CIDEr"]
+        answered = [r for r in _records(root / "vqa" / "log.txt") if "test_acc" in r]
+        if answered:
+            entry["test_vqa_acc"] = answered[-1]["test_acc"]
         pretrain = find_checkpoint(root / "pretrain", "checkpoint_last")
         if pretrain.is_file():
             entry["params"] = count_params(pretrain)
@@ -103,12 +107,13 @@ def to_markdown(summary: Dict[str, dict]) -> str:
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
     lines = ["| model | params (M) | test R@1 image->text | test R@1 text->image | mean R@1 | test CIDEr | "
-             "eval images/s |", "|---|---|---|---|---|---|---|"]
+             "test VQA acc | eval images/s |", "|---|---|---|---|---|---|---|---|"]
     for name, e in summary.items():
         mean = (e["test_txt_r1"] + e["test_img_r1"]) / 2 if "test_txt_r1" in e else None
         lines.append(f"| {name} | {f(e.get('params', 0) / 1e6 if 'params' in e else None, '.3f')} | "
                      f"{f(e.get('test_txt_r1'), '.1f')} | {f(e.get('test_img_r1'), '.1f')} | {f(mean, '.1f')} | "
-                     f"{f(e.get('test_CIDEr'), '.3f')} | {f(e.get('eval_images_per_s'), '.1f')} |")
+                     f"{f(e.get('test_CIDEr'), '.3f')} | {f(e.get('test_vqa_acc'), '.1f')} | "
+                     f"{f(e.get('eval_images_per_s'), '.1f')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,9 @@ Parts, with BLIP's keys:
   (``[ENC]`` first, cross-attention to every image token; its ``encoder_width`` is the ViT's);
 - ``text_decoder``: the answer decoder (:class:`~models.caption.TextDecoder`: ``bert.*`` in
   ``decoder`` mode + the LM head ``cls.predictions.*``), whose cross-attention attends to the
-  *question states*. Its config is ``med_config.json`` unchanged: the release does not set its
-  ``encoder_width``, so the json's value must equal the text ``hidden_size`` (both 768 in BLIP's).
+  *question states*. Its config is ``med_config.json`` with ``encoder_width`` = the text
+  ``hidden_size`` (the release reads the json's ``encoder_width``, 768 = hidden 768 in BLIP's; a
+  loader that used the ViT width would fail on the fixture, whose ViT is 64 and text 32 wide).
 
 Semantics (docs/BLIP.md, "VQA"), pinned by ``tests/fixtures/blip_vqa_tiny``:
 
@@ -28,6 +29,7 @@ Semantics (docs/BLIP.md, "VQA"), pinned by ``tests/fixtures/blip_vqa_tiny``:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Dict, List, Literal, NamedTuple, Optional, Sequence
 
 import torch
@@ -39,6 +41,8 @@ from models.generation import CachedDecoder, GenerationSettings, RecomputeDecode
 from models.med import MedArch, MedConfig, MedEncoder, med_config_for
 from models.vit import BlipViT, ViTSettings, build_vit
 from utils.config import Config, ConfigError, NonNegInt, PosInt, Probability
+
+logger = logging.getLogger(__name__)
 
 MAX_QUESTION_TOKENS = 35  # the release's question truncation ([ENC] and [SEP] included)
 
@@ -228,16 +232,18 @@ def tokenize_candidates(tokenizer, answers: Sequence[str]):
 
 
 def decoder_med_config(path, tokenizer) -> MedConfig:
-    """The answer decoder's config: ``med_config.json`` as it is (its ``encoder_width`` is what the
-    decoder's cross-attention reads: the question states, so it must be the text ``hidden_size``)."""
-    probe = med_config_for(path, tokenizer, encoder_width=0)
+    """The answer decoder's config: ``med_config.json`` with its cross-attention reading the question
+    states, i.e. ``encoder_width`` = the text ``hidden_size``. The release takes the json's
+    ``encoder_width`` as it is, which works only where the two are equal (768 in BLIP's json); a json
+    written for a ViT of another width (``encoder_width`` = the ViT's) is read the only way that
+    runs, and logged."""
+    cfg = med_config_for(path, tokenizer, encoder_width=0)
     raw = MedConfig.from_json(path)
-    cfg = dataclasses.replace(probe, encoder_width=raw.encoder_width)
-    if cfg.encoder_width != cfg.hidden_size:
-        raise ConfigError(f"med_config {path}: encoder_width {cfg.encoder_width} differs from hidden_size "
-                          f"{cfg.hidden_size}; BLIP's VQA answer decoder attends to the question states (width "
-                          "hidden_size) with the json's encoder_width, so both must be equal")
-    return cfg
+    if raw.encoder_width != cfg.hidden_size:
+        logger.info("med_config %s: encoder_width %d, hidden_size %d: the VQA answer decoder attends to the "
+                    "question states, so its cross-attention reads %d-wide inputs", path, raw.encoder_width,
+                    cfg.hidden_size, cfg.hidden_size)
+    return dataclasses.replace(cfg, encoder_width=cfg.hidden_size)
 
 
 def build_vqa(arch: VQAArch, tokenizer) -> BLIPVQA:

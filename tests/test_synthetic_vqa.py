@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train_images=40, n_val_images=8, n_test_images=10)
 KEYS = {"question_id", "question", "answer", "image", "dataset", "answer_type", "question_type"}
 ANSWER_TYPES = {"count": "number", "colour": "other", "shape": "other", "position": "other", "exists": "yes/no"}
-RIGHT = {"count": {"one", "two", "three"}, "colour": set(COLOURS), "shape": set(SHAPES),
+RIGHT = {"count": {"1", "2", "3"}, "colour": set(COLOURS), "shape": set(SHAPES),
          "position": set(POSITIONS), "exists": {"yes", "no"}}
 
 
@@ -101,8 +101,8 @@ def test_majority_answer_is_right_and_in_answer_list(vqa):
             types[e["question_type"]] += 1
             if e["question_type"] == "exists":
                 yes_no[top] += 1
-            if e["question_type"] == "count":  # digits of a number word are the same answer for VQA
-                assert set(e["answer"]) <= {"one", "two", "three", "four", "1", "2", "3", "4"}
+            if e["question_type"] == "count":  # normalised as VQA v2's annotations: digits
+                assert set(e["answer"]) <= {"1", "2", "3", "4"}
     assert set(answer_list) == majorities
     assert set(types) == set(ANSWER_TYPES) and max(types.values()) - min(types.values()) <= 3
     assert abs(yes_no["yes"] - yes_no["no"]) <= 3
@@ -113,9 +113,9 @@ def test_answers_are_right_for_the_scene(tmp_path):
     out = generate(tmp_path, seed=4, parts="vqa", n_train_images=30, n_val_images=1, n_test_images=1,
                    annotator_accuracy=1.0, scene_count_weights=(1.0,))
     for e in _load(out["vqa"]["train_file"]):
-        assert len(set(e["answer"]) - {"1"}) == 1  # all annotators agree (digits aside)
+        assert len(set(e["answer"])) == 1  # all annotators agree
         if e["question_type"] == "count":
-            assert set(e["answer"]) <= {"one", "1"}
+            assert set(e["answer"]) == {"1"}
     with pytest.raises(ValueError, match="annotator_accuracy"):
         VQASpec(annotator_accuracy=0.0)
 

@@ -9,14 +9,16 @@ Layout under `<out>/vqa/` (BLIP's `vqa_root` = this folder, `ann_root` = `annota
     annotation/answer_list.json         the sorted majority answers of all splits (BLIP's candidates)
     meta.json                           counts, vocab size, seed and arguments (written by `generate`)
 
-Question types: count ("How many shapes are there?" -> one/two/three), colour ("What color is the
+Question types: count ("How many shapes are there?" -> 1/2/3), colour ("What color is the
 circle?" / "... the shape on the left?"), shape ("What shape is at the top?"), position ("Where is
 the red circle?" -> left/right/top/bottom/center) and exists ("Is there a blue square?" -> yes/no,
 balanced). Only unambiguous questions are asked: a shape referred to by its kind is the only one of
 that kind in the scene, and positions are distinct in every scene. Each of the 10 annotators gives
 the right answer with probability `annotator_accuracy`, else a plausible wrong one of the same type;
-the answers are redrawn until the right one is the strict majority. Count annotators sometimes
-write digits ("2"): the VQA normaliser maps number words to digits, so both forms are right. The
+the answers are redrawn until the right one is the strict majority. Answers are stored as VQA v2's
+annotation files store them, already normalised: counts are digits ("2"). The standard evaluation
+normalises the *prediction* (number words -> digits, articles, punctuation) but the annotators'
+answers only for punctuation, so a file holding "two" would never match any prediction. The
 test split keeps its answers (BLIP's test reader ignores them), so accuracy can be computed.
 """
 
@@ -27,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .captions import NUMBER_WORDS, POSITION_PHRASES
+from .captions import POSITION_PHRASES
 from .retrieval import PartOutput, _clear_split_images, _write_json
 from .scenes import COLOURS, POSITIONS, SHAPES, Scene, render_scene, sample_scene
 
@@ -35,7 +37,6 @@ SPLITS = ("train", "val", "test")
 QUESTION_TYPES = ("count", "colour", "shape", "position", "exists")
 ANSWER_TYPES = {"count": "number", "colour": "other", "shape": "other", "position": "other", "exists": "yes/no"}
 N_ANSWERS = 10  # annotators per question, as in VQA v2
-DIGIT_PROB = 0.2  # share of count answers written as digits
 # Question ids are SPLIT_BASE[split] + running index: unique over the splits, and a split's ids do
 # not depend on the other splits' sizes.
 SPLIT_BASE = {"train": 0, "val": 100_000_000, "test": 200_000_000}
@@ -60,7 +61,7 @@ class VQASpec:
     n_test_images: int = 150
     questions_per_image: int = 4  # train
     eval_questions_per_image: int = 3  # val and test
-    annotator_accuracy: float = 0.8  # chance that one annotator gives the right answer
+    annotator_accuracy: float = 0.9  # chance that one annotator gives the right answer
     # Relative weights of 1, 2, 3 shapes per image: even, so "how many" has balanced answers.
     scene_count_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
 
@@ -102,7 +103,7 @@ def _candidates(scene: Scene) -> dict[str, list[tuple[tuple, tuple[str, ...], di
     Questions with one key ask the same thing (about one shape, or the count): one per image.
     """
     out: dict[str, list] = {t: [] for t in QUESTION_TYPES if t != "exists"}
-    out["count"].append((("count",), _COUNT_PHRASES, {}, NUMBER_WORDS[len(scene)]))
+    out["count"].append((("count",), _COUNT_PHRASES, {}, str(len(scene))))
     shape_counts = Counter(s.shape for s in scene)
     kind_counts = Counter((s.colour, s.shape) for s in scene)
     for s in scene:
@@ -176,7 +177,7 @@ def _wrong_answers(qtype: str, scene: Scene, right: str) -> tuple[list[str], lis
     elif qtype == "position":
         seen, every = [s.position for s in scene], list(POSITIONS)
     elif qtype == "count":
-        seen, every = [], [NUMBER_WORDS[n] for n in (1, 2, 3, 4)]
+        seen, every = [], ["1", "2", "3", "4"]
     else:
         seen, every = [], ["yes", "no"]
     return sorted({a for a in seen if a != right}), [a for a in every if a != right]
@@ -185,13 +186,10 @@ def _wrong_answers(qtype: str, scene: Scene, right: str) -> tuple[list[str], lis
 def _annotate(qtype: str, scene: Scene, right: str, accuracy: float, rng: random.Random) -> list[str]:
     """10 answers whose most common string is `right`, strictly (redrawn until it is)."""
     seen, other = _wrong_answers(qtype, scene, right)
-    digits = {w: str(n) for n, w in NUMBER_WORDS.items()}
     for _ in range(MAX_ANSWER_TRIES):
         answers = []
         for _ in range(N_ANSWERS):
             answer = right if rng.random() < accuracy else rng.choice(seen if seen and rng.random() < 0.5 else other)
-            if qtype == "count" and rng.random() < DIGIT_PROB:
-                answer = digits[answer]
             answers.append(answer)
         top = Counter(answers).most_common(2)
         if top[0][0] == right and (len(top) == 1 or top[1][1] < top[0][1]):
