@@ -9,6 +9,8 @@ Hugging Face processors expect)::
     blip.image_features(images)   # [B, E] L2-normalised ITC features (retrieval / pretraining files)
     blip.text_features(texts)     # [B, E]
     blip.itm(images, texts)       # [B] match probability of pair i: softmax(ITM logits)[:, 1]
+    blip.answer(images, questions, inference="generate")                  # VQA files -> list[str]
+    blip.answer(images, questions, inference="rank", answer_list=["yes", "no", "2"])
     blip.transform, blip.tokenizer, blip.model, blip.config
 
 ``images``: PIL images, file paths, or a ``[B, 3, H, W]`` tensor already transformed (``blip.transform``).
@@ -18,7 +20,8 @@ What a checkpoint serves follows from its layout (``models.factory.checkpoint_fo
 |---|---|---|
 | ``blip-caption`` (``model_*_caption*.pth``, train_caption.py runs) | captioner | ``caption`` |
 | ``blip`` with ``text_encoder.*`` (``model_*_retrieval_*.pth``, train_retrieval.py runs) | retrieval model without momentum encoders | ``image_features``, ``text_features``, ``itm`` |
-| ``blip`` with ``text_encoder.*`` and ``text_decoder.*`` (``model_base.pth``, ``model_large.pth``) | both | everything |
+| ``blip`` with ``text_encoder.*`` and ``text_decoder.*`` (``model_base.pth``, ``model_large.pth``) | both | ``caption``, features, ``itm`` |
+| ``blip-vqa`` (``model_*_vqa*.pth``, train_vqa.py runs) | VQA model | ``answer`` |
 
 The architecture: our own checkpoints (written through ``utils/engine.py``) carry the run's config and
 it is used (``vit``, ``image_size``, ``med_config``, ``tokenizer``, ``prompt``, ``embed_dim``). Official
@@ -54,6 +57,7 @@ from models.caption import BLIPCaptioner, CaptionArch
 from models.factory import Format, build_model, checkpoint_format, load_weights, read_source
 from models.tokenizer import build_tokenizer
 from models.vit import VIT_PRESETS, ViTArch
+from models.vqa import MAX_QUESTION_TOKENS, BLIPVQA, VQAArch, VQASettings
 from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict
 from utils.config import ConfigError
 
@@ -224,21 +228,23 @@ class BLIP:
     """
 
     def __init__(self, captioner: Optional[BLIPCaptioner], retrieval: Optional[BLIPRetrieval], tokenizer,
-                 config: Dict[str, Any], device: torch.device, load_reports: Dict[str, Any]):
+                 config: Dict[str, Any], device: torch.device, load_reports: Dict[str, Any],
+                 vqa: Optional[BLIPVQA] = None):
         self.captioner = captioner
         self.retrieval = retrieval
+        self.vqa = vqa
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
         self.load_reports = load_reports
         self.image_size = config["image_size"]
         self.transform = build_test_transform(self.image_size)
-        self.kind = "pretrain" if captioner is not None and retrieval is not None else \
+        self.kind = "vqa" if vqa is not None else "pretrain" if captioner is not None and retrieval is not None else \
             "caption" if captioner is not None else "retrieval"
 
     @property
     def model(self) -> nn.Module:
-        return self.retrieval if self.retrieval is not None else self.captioner
+        return self.vqa or (self.retrieval if self.retrieval is not None else self.captioner)
 
     def __repr__(self) -> str:
         vit = self.config["vit"]
@@ -248,6 +254,9 @@ class BLIP:
 
     # ------------------------------------------------------------------ inputs
     def _need_captioner(self) -> BLIPCaptioner:
+        if self.vqa is not None:
+            raise CheckpointKindError(f"this is a VQA checkpoint ({self.config['source']}): it answers questions "
+                                      "(blip.answer); load a captioning or pretraining checkpoint to caption")
         if self.captioner is None:
             raise CheckpointKindError(
                 f"this is a retrieval checkpoint ({self.config['source']}): it has no text decoder to write "
@@ -256,6 +265,9 @@ class BLIP:
         return self.captioner.eval()
 
     def _need_retrieval(self, what: str) -> BLIPRetrieval:
+        if self.vqa is not None:
+            raise CheckpointKindError(f"this is a VQA checkpoint ({self.config['source']}): it has no {what} "
+                                      "(blip.answer answers questions); load a retrieval or pretraining checkpoint")
         if self.retrieval is None:
             raise CheckpointKindError(
                 f"this is a captioning checkpoint ({self.config['source']}): it has no {what}; load a "
@@ -392,12 +404,54 @@ class BLIP:
         return logits if return_logits else logits.softmax(-1)[:, 1]
 
 
+    # ------------------------------------------------------------------ question answering
+    @torch.no_grad()
+    def answer(self, images: ImageInput, questions: TextInput, *, inference: str = "generate",
+               answer_list: Optional[Sequence[str]] = None, k_test: int = 128, batch_size: int = 16,
+               mask_question_padding: bool = False) -> List[str]:
+        """One answer per (image ``i``, question ``i``) (one image with several questions: each
+        about it). ``inference='generate'``: the release's beam search (3 beams, at most 10 tokens;
+        unmasked question padding unless ``mask_question_padding``, so an answer can depend on the
+        batch); ``'rank'``: the best of the ``k_test`` candidates of ``answer_list`` with the highest
+        first-token probability, re-scored whole. Questions get BLIP's ``pre_question``."""
+        from data.vqa import pre_question, tokenize_questions
+        from models.vqa import tokenize_candidates
+        if self.vqa is None:
+            raise CheckpointKindError(f"{self.config['source']} is not a VQA checkpoint: it has no question encoder "
+                                      "and answer decoder; load model_base_vqa_capfilt_large.pth or a train_vqa.py run")
+        if inference not in ("generate", "rank"):
+            raise ValueError(f"inference {inference!r}: 'generate' or 'rank'")
+        if inference == "rank" and not answer_list:
+            raise ValueError("inference='rank' needs answer_list (the candidate answers, BLIP's answer_list.json)")
+        questions = self._text_list(questions)
+        items = self._image_list(images)
+        if len(items) == 1 and len(questions) > 1:
+            items = items.expand(len(questions), -1, -1, -1) if isinstance(items, torch.Tensor) else items * len(questions)
+        if len(items) != len(questions):
+            raise ValueError(f"answer takes one question per image: got {len(items)} images and {len(questions)} "
+                             "questions (or one image with several questions)")
+        model = self.vqa.eval()
+        candidates = None
+        if inference == "rank":
+            candidates = [c.to(self.device) for c in tokenize_candidates(self.tokenizer, list(answer_list))]
+        settings = VQASettings().answer_generation()
+        out: List[str] = []
+        for start, pixels in zip(range(0, len(questions), batch_size), self._image_batches(items, batch_size)):
+            ids, mask = (t.to(self.device) for t in tokenize_questions(
+                self.tokenizer, [pre_question(q) for q in questions[start:start + batch_size]], MAX_QUESTION_TOKENS))
+            out += model.answer(pixels, ids, mask, inference=inference, candidates=answer_list,
+                                candidate_ids=candidates[0] if candidates else None,
+                                candidate_mask=candidates[1] if candidates else None, k_test=k_test,
+                                settings=settings, mask_question_padding=mask_question_padding)
+        return out
+
+
 # ---------------------------------------------------------------------- loading
 
 def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Optional[int] = None,
               vit: Any = None, med_config: Optional[str] = None, tokenizer: Optional[str] = None,
               prompt: Optional[str] = None, strict: bool = True, vit_heads: Optional[int] = None) -> BLIP:
-    """Load a BLIP captioning, retrieval or pretraining checkpoint (a path, an http(s) URL, or a
+    """Load a BLIP captioning, retrieval, pretraining or VQA checkpoint (a path, an http(s) URL, or a
     checkpoint of train_caption.py / train_retrieval.py, a HuggingFace BLIP folder or hub id) with its
     transform and tokenizer.
 
@@ -418,6 +472,8 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
     has_decoder = any(k.startswith("text_decoder.") for k in state)
     if fmt == Format.CAPTION:
         parts = ("caption",)
+    elif fmt == Format.VQA:
+        parts = ("vqa",)
     elif fmt == Format.BLIP and has_encoder:
         parts = ("retrieval", "caption") if has_decoder else ("retrieval",)
     elif fmt == Format.BLIP:
@@ -425,7 +481,7 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
                                   "captioning, retrieval or pretraining checkpoint")
     else:
         raise CheckpointKindError(
-            f"{name} is a {fmt!r} checkpoint; load_blip loads BLIP captioning, retrieval and pretraining "
+            f"{name} is a {fmt!r} checkpoint; load_blip loads BLIP captioning, retrieval, pretraining and VQA "
             "checkpoints (official files, train_caption.py / train_retrieval.py runs). ContextBLIP and "
             "ImageCoDe checkpoints load through models.factory (create_model / model_from_checkpoint)")
 
@@ -437,7 +493,8 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
     models: Dict[str, nn.Module] = {}
     reports: Dict[str, Any] = {}
     for part in parts:
-        group, kind = (BlipArch, "blip_inference") if part == "retrieval" else (CaptionArch, "caption")
+        group, kind = {"retrieval": (BlipArch, "blip_inference"), "caption": (CaptionArch, "caption"),
+                       "vqa": (VQAArch, "vqa")}[part]
         model = build_model(_arch(group, values), kind, tok)
         try:
             reports[part] = load_weights(model, ckpt, strict=strict, source_name=name).blip
@@ -454,8 +511,8 @@ def load_blip(path: Union[str, os.PathLike], device: Any = None, image_size: Opt
     vit_value = values["vit"] if isinstance(values["vit"], str) else values["vit"].model_dump()
     config = {**values, "vit": vit_value, "source": name, "format": fmt, "kind": None}
     if "retrieval" not in models:
-        config["embed_dim"] = None  # a captioner has no ITC projection
-    blip = BLIP(models.get("caption"), models.get("retrieval"), tok, config, dev, reports)
+        config["embed_dim"] = None  # a captioner or VQA model has no ITC projection
+    blip = BLIP(models.get("caption"), models.get("retrieval"), tok, config, dev, reports, vqa=models.get("vqa"))
     blip.config["kind"] = blip.kind
     logger.info("loaded %r", blip)
     return blip

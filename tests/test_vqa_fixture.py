@@ -138,3 +138,24 @@ def test_train_vqa_evaluate_as_a_user_runs_it(tmp_path, monkeypatch, ref, infere
     results = _evaluate(tmp_path, f"inference={inference}", f"k_test={k}")
     assert [r["question_id"] for r in results] == ref["question_ids"]
     assert [r["answer"] for r in results] == ref[key]
+
+
+def test_load_blip_answers_as_the_release(ref):
+    from models.inference import CheckpointKindError, load_blip
+    blip = load_blip(FIX / "checkpoint.pth", device="cpu", vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16},
+                     med_config=str(FIX / "med_config.json"), tokenizer=str(FIX / "tokenizer"))
+    assert blip.kind == "vqa" and blip.image_size == 64
+    entries = json.loads((FIX / "vqa_test.json").read_text())
+    images = [FIX / e["image"] for e in entries]
+    questions = [e["question"] for e in entries]  # raw: load_blip applies pre_question
+    assert blip.answer(images, questions, batch_size=8) == ref["generate_answers"]
+    assert blip.answer(images, questions, batch_size=1) == ref["generate_single_answers"]
+    assert blip.answer(images, questions, inference="rank", answer_list=ref["answer_list"], k_test=4) == \
+        ref["rank_k4_answers"]
+    assert blip.answer(ref["pixel_values"][:1], questions[:2], inference="rank", answer_list=ref["answer_list"]) \
+        == ["three", blip.answer(ref["pixel_values"][:1], questions[1:2], inference="rank",
+                                 answer_list=ref["answer_list"])[0]]
+    with pytest.raises(CheckpointKindError, match="VQA checkpoint"):
+        blip.caption(images[:1])
+    with pytest.raises(ValueError, match="answer_list"):
+        blip.answer(images[:1], questions[:1], inference="rank")
