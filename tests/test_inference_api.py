@@ -217,7 +217,7 @@ def test_missing_file_and_foreign_kinds_are_clear_errors(tmp_path):
     path = tmp_path / "adapter.pth"
     torch.save({"model": {"adapter.weight": torch.zeros(2)}, "format": "contextblip-trainable"}, path)
     with pytest.raises(CheckpointKindError, match="'contextblip-trainable' checkpoint; load_blip loads BLIP "
-                                                  "captioning, retrieval and pretraining"):
+                                                  "captioning, retrieval, pretraining and VQA"):
         load_blip(path)
 
 
