@@ -10,6 +10,7 @@ An HF folder holds ``config.json`` (a ``BlipConfig``), ``model.safetensors`` (or
 |---|---|---|
 | ``BlipForImageTextRetrieval`` | retrieval: ``visual_encoder``, ``text_encoder``, projections, ``itm_head`` | ``blip`` |
 | ``BlipForConditionalGeneration`` | caption: ``visual_encoder``, ``text_decoder`` | ``caption`` |
+| ``BlipForQuestionAnswering`` | VQA: ``visual_encoder``, ``text_encoder``, ``text_decoder`` | ``vqa`` (``models/hf_vqa.py``) |
 
 Key mapping (ours -> HF): the ViT is renamed (``visual_encoder.cls_token`` ->
 ``vision_model.embeddings.class_embedding``, ``pos_embed`` -> ``embeddings.position_embedding``,
@@ -49,8 +50,9 @@ from utils.checkpoint import (CheckpointError, atomic_write, extract_state_dict,
 
 logger = logging.getLogger(__name__)
 
-RETRIEVAL, CAPTION = "retrieval", "caption"
-HF_CLASS = {RETRIEVAL: "BlipForImageTextRetrieval", CAPTION: "BlipForConditionalGeneration"}
+RETRIEVAL, CAPTION, VQA = "retrieval", "caption", "vqa"
+HF_CLASS = {RETRIEVAL: "BlipForImageTextRetrieval", CAPTION: "BlipForConditionalGeneration",
+            VQA: "BlipForQuestionAnswering"}
 EXTRAS_FILE = "blip_extras.safetensors"
 EXTRAS_META = "blip_extras"          # the metadata field holding the JSON block
 EXTRAS_VERSION = 1
@@ -105,7 +107,13 @@ def vit_from_hf(suffix: str) -> Optional[str]:
 
 
 def _hf_parts(layout: str) -> Tuple[str, ...]:
-    return ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.") if layout == RETRIEVAL else ("text_decoder.",)
+    return {RETRIEVAL: ("text_encoder.", "vision_proj.", "text_proj.", "itm_head."), CAPTION: ("text_decoder.",),
+            VQA: ("text_encoder.", "text_decoder.")}[layout]
+
+
+# The text towers of each layout (their ``embeddings.position_ids`` are rebuilt on the way back).
+_TEXT_TOWERS = {RETRIEVAL: ("text_encoder.",), CAPTION: ("text_decoder.bert.",),
+                VQA: ("text_encoder.", "text_decoder.bert.")}
 
 
 def key_to_hf(key: str, layout: str) -> Optional[str]:
@@ -160,9 +168,11 @@ def layout_of(hf_state: Mapping[str, Tensor], config: Mapping, name: str) -> str
         return RETRIEVAL
     if dec and not enc:
         return CAPTION
+    if enc and dec and not any(k.startswith(("itm_head.", "vision_proj.", "text_proj.")) for k in hf_state):
+        return VQA
     raise CheckpointError(f"{name}: architectures {arch or '(none)'} with "
                           f"{'a text encoder' if enc else 'no text encoder'} and {'a' if dec else 'no'} "
-                          f"text decoder: only {HF_CLASS[RETRIEVAL]} and {HF_CLASS[CAPTION]} folders convert")
+                          f"text decoder: only {', '.join(HF_CLASS.values())} folders convert")
 
 
 def official_from_hf(hf_state: Mapping[str, Tensor], layout: str, queue_size: Optional[int] = None,
@@ -170,6 +180,9 @@ def official_from_hf(hf_state: Mapping[str, Tensor], layout: str, queue_size: Op
     """The official BLIP state dict of an HF ``layout`` state, in the official key order, and the
     list of what was synthesised (not in the HF weights). ``copy``: momentum copies and tied
     weights are clones (for a file); else they share the online tensors (for loading)."""
+    if layout == VQA:
+        from models import hf_vqa
+        hf_vqa.check_widths(hf_state, name, hf_names=True)
     state: Dict[str, Tensor] = {}
     synth: List[str] = []
     unknown, dropped = [], []
@@ -192,17 +205,19 @@ def official_from_hf(hf_state: Mapping[str, Tensor], layout: str, queue_size: Op
     if dropped:
         logger.info("%s: dropped %d pooler weights (BLIP's text encoder has no pooler)", name, len(dropped))
     clone = (lambda t: t.clone()) if copy else (lambda t: t)
-    text = "text_encoder." if layout == RETRIEVAL else "text_decoder.bert."
-    emb = text + "embeddings.position_embeddings.weight"
-    needed = [emb, "visual_encoder.cls_token"] + (["vision_proj.weight"] if layout == RETRIEVAL else [])
+    towers = _TEXT_TOWERS[layout]
+    needed = [t + "embeddings.position_embeddings.weight" for t in towers] + ["visual_encoder.cls_token"] + (
+        ["vision_proj.weight"] if layout == RETRIEVAL else [])
     absent = [k for k in needed if k not in state]
     if absent:
         raise CheckpointError(f"{name}: no {', '.join(absent)} (not a complete BLIP {layout} model)")
-    pid = text + "embeddings.position_ids"
-    if pid not in state:
-        state[pid] = torch.arange(state[emb].shape[0], dtype=torch.long).unsqueeze(0)
-        synth.append(pid)
-    if layout == CAPTION:
+    for text in towers:
+        pid = text + "embeddings.position_ids"
+        if pid not in state:
+            state[pid] = torch.arange(state[text + "embeddings.position_embeddings.weight"].shape[0],
+                                      dtype=torch.long).unsqueeze(0)
+            synth.append(pid)
+    if layout in (CAPTION, VQA):
         for key, src in TIED.items():
             if key not in state and src in state:
                 state[key] = clone(state[src])
@@ -544,7 +559,7 @@ def _apply_extras(state: Mapping[str, Tensor], extras: Mapping[str, Tensor], met
 def hf_config(layout: str, vit_arch, image_size: int, med, tokenizer, embed_dim: Optional[int]):
     """The ``BlipConfig`` of our architecture: ViT dims and BLIP's 1e-6 LayerNorm, the text dims
     of the med config, [DEC] as bos, [SEP] as eos/sep (HF's generate stops on sep), BLIP's label
-    smoothing 0.1 for the captioner's LM loss."""
+    smoothing 0.1 for the captioner's and the answer decoder's LM loss."""
     from transformers import BlipConfig
     sep = tokenizer.sep_token_id
     text = dict(vocab_size=med.vocab_size, hidden_size=med.hidden_size, encoder_hidden_size=vit_arch.width,
@@ -554,7 +569,8 @@ def hf_config(layout: str, vit_arch, image_size: int, med, tokenizer, embed_dim:
                 hidden_dropout_prob=med.hidden_dropout_prob,
                 attention_probs_dropout_prob=med.attention_probs_dropout_prob,
                 initializer_range=med.initializer_range, bos_token_id=tokenizer.bos_token_id, eos_token_id=sep,
-                sep_token_id=sep, pad_token_id=med.pad_token_id, label_smoothing=0.1 if layout == CAPTION else 0.0)
+                sep_token_id=sep, pad_token_id=med.pad_token_id,
+                label_smoothing=0.0 if layout == RETRIEVAL else 0.1)
     vision = dict(hidden_size=vit_arch.width, intermediate_size=int(vit_arch.width * vit_arch.mlp_ratio),
                   num_hidden_layers=vit_arch.depth, num_attention_heads=vit_arch.heads, image_size=image_size,
                   patch_size=vit_arch.patch_size, hidden_act="gelu", layer_norm_eps=VIT_LAYER_NORM_EPS)
@@ -619,11 +635,15 @@ def export_hf(model, layout: str, arch, med, tokenizer, ckpt: Mapping, out_dir, 
     config.json, model.safetensors (through transformers' own ``save_pretrained``), the tokenizer,
     the image processor, and ``blip_extras.safetensors``. Returns the folder."""
     import transformers
+    if layout == VQA:  # refused before anything is written; the processor puts [ENC] first
+        from models import hf_vqa
+        hf_vqa.check_widths(model.state_dict(), name, hf_names=False)
+        tokenizer = hf_vqa.question_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(layout, arch.vit_arch, arch.image_size, med, tokenizer, embed_dim)
     hf_state = to_hf_state(model.state_dict(), layout)
-    if layout == CAPTION:
+    if layout in (CAPTION, VQA):
         tok_emb = hf_state["text_decoder.bert.embeddings.word_embeddings.weight"]
         orig = extract_state_dict(ckpt)
         head = orig.get("text_decoder.cls.predictions.decoder.weight")
@@ -719,7 +739,7 @@ def check_dims(config: Mapping, expect: Mapping[str, Tuple[Any, str]], name: str
     hf = BlipConfig.from_dict(dict(config)).to_dict()
     layout = layout_of({}, config, name) if config.get("architectures") else None
     for field, (ours, key) in expect.items():
-        if field == "image_text_hidden_size" and layout == CAPTION:
+        if field == "image_text_hidden_size" and layout in (CAPTION, VQA):
             continue
         node = hf
         for part in field.split("."):

@@ -4,20 +4,24 @@
     python -m tools convert --to hf --config configs/retrieval_coco.yaml --output_dir hf/blip-coco \\
         --opts pretrained=model_base_retrieval_coco.pth
     python -m tools convert --to hf --config configs/caption_coco.yaml --output_dir hf/blip-caption
+    python -m tools convert --to hf --config configs/vqa.yaml --output_dir hf/blip-vqa
     # HF folder or hub id -> the official layout ({'model': state_dict, ...})
     python -m tools convert --to blip --input hf/blip-coco --output model_base_retrieval_coco.pth
     python -m tools convert --to blip --input Salesforce/blip-itm-base-coco --output blip_itm_coco.pth
 
 ``--to hf``: a retrieval config (train_retrieval.py's; the model kind ``blip``) writes a
 ``BlipForImageTextRetrieval`` folder, a caption config (train_caption.py's; kind ``caption``) a
-``BlipForConditionalGeneration`` one (``--task``: which, when a config would validate as both; by
-default the checkpoint's layout decides). The model is built from the config's architecture and the
-checkpoint loaded as training would (``strict_load``; position embeddings resized to ``image_size``),
-and the HF weights are that model's. The folder also gets the tokenizer (``[DEC]`` bos, ``[ENC]``),
-the image processor (``image_size``, bicubic, BLIP's mean/std) and ``blip_extras.safetensors`` (what
-HF has no place for: momentum encoders, queues, ``temp``, another part's weights, ``epoch`` /
-``config``, the key order), which makes the way back exact; the round trip is checked before the
-command ends.
+``BlipForConditionalGeneration`` one, a VQA config (train_vqa.py's; kind ``vqa``) a
+``BlipForQuestionAnswering`` one (``--task``: which, when a config would validate as several; by
+default the checkpoint's layout decides). A VQA model converts only when its ViT width equals its
+text hidden size (HF's answer decoder cross-attends inputs of the ViT width; ``models/hf_vqa.py``);
+its folder's tokenizer puts ``[ENC]`` first, as BLIP's question encoder reads. The model is built
+from the config's architecture and the checkpoint loaded as training would (``strict_load``;
+position embeddings resized to ``image_size``), and the HF weights are that model's. The folder
+also gets the tokenizer (``[DEC]`` bos, ``[ENC]``), the image processor (``image_size``, bicubic,
+BLIP's mean/std) and ``blip_extras.safetensors`` (what HF has no place for: momentum encoders,
+queues, ``temp``, another part's weights, ``epoch`` / ``config``, the key order), which makes the
+way back exact; the round trip is checked before the command ends.
 
 ``--to blip``: an HF folder (or a hub id from the local HF cache; downloaded when not cached unless
 ``HF_HUB_OFFLINE`` is set) -> ``.pth``. With the extras file the original file comes back bit for
@@ -40,7 +44,7 @@ from utils.rundir import NOT_TRAINING
 
 logger = logging.getLogger("tools")
 
-TASKS = ("auto", "retrieval", "caption")
+TASKS = ("auto", "retrieval", "caption", "vqa")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -48,12 +52,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=("hf", "blip"), help="hf: BLIP checkpoint -> HF folder; "
                    "blip: HF folder / hub id -> official .pth")
     g = p.add_argument_group("--to hf")
-    g.add_argument("--config", metavar="FILE", help="retrieval or caption YAML config (its `pretrained` is converted)")
+    g.add_argument("--config", metavar="FILE",
+                   help="retrieval, caption or VQA YAML config (its `pretrained` is converted)")
     g.add_argument("--output_dir", metavar="DIR", help="the HF folder to write")
     g.add_argument("--opts", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="config overrides, e.g. --opts pretrained=model.pth image_size=384")
     g.add_argument("--task", default="auto", choices=TASKS,
-                   help="retrieval (BlipForImageTextRetrieval) or caption (BlipForConditionalGeneration)")
+                   help="retrieval (BlipForImageTextRetrieval), caption (BlipForConditionalGeneration) or vqa "
+                        "(BlipForQuestionAnswering); auto: the checkpoint's layout decides")
     g = p.add_argument_group("--to blip")
     g.add_argument("--input", metavar="FOLDER_OR_HUB_ID", help="HF folder or hub id (owner/name)")
     g.add_argument("--output", metavar="FILE", help="the .pth to write")
@@ -91,11 +97,12 @@ def main(argv=None, prog: str = "python -m tools convert"):
 
 
 def _load_task_config(args, parser):
-    """(task, cfg): the config validated as a retrieval or a caption config."""
+    """{task: cfg}: the config validated as a retrieval, a caption and/or a VQA config."""
     from tasks.caption import CaptionConfig
     from tasks.retrieval import RetrievalConfig
-    schemas = {"retrieval": RetrievalConfig, "caption": CaptionConfig}
-    tried = [args.task] if args.task != "auto" else ["retrieval", "caption"]
+    from tasks.vqa import VQAConfig
+    schemas = {"retrieval": RetrievalConfig, "caption": CaptionConfig, "vqa": VQAConfig}
+    tried = [args.task] if args.task != "auto" else list(schemas)
     found, errors = {}, {}
     for task in tried:
         try:
@@ -105,8 +112,8 @@ def _load_task_config(args, parser):
     if not found:
         if len(tried) == 1:
             parser.error(errors[tried[0]])
-        parser.error(f"{args.config} is neither a retrieval config ({errors['retrieval']}) nor a caption "
-                     f"config ({errors['caption']})")
+        parser.error(f"{args.config} is neither a retrieval config ({errors['retrieval']}), nor a caption "
+                     f"config ({errors['caption']}), nor a VQA config ({errors['vqa']})")
     return found
 
 
@@ -121,18 +128,23 @@ def to_hf(args, parser) -> Path:
     source = cfg.pretrained
     ckpt = read_source(source, cfg)
     fmt = checkpoint_format(ckpt)
-    if fmt not in (Format.BLIP, Format.CAPTION):
-        raise CheckpointError(f"{source} is a {fmt!r} checkpoint; --to hf converts BLIP retrieval, pretraining "
-                              "and caption checkpoints")
-    if len(found) > 1:  # a config that fits both: the checkpoint's layout decides
-        task = "caption" if fmt == Format.CAPTION else "retrieval"
+    if fmt not in (Format.BLIP, Format.CAPTION, Format.VQA):
+        raise CheckpointError(f"{source} is a {fmt!r} checkpoint; --to hf converts BLIP retrieval, pretraining, "
+                              "caption and VQA checkpoints")
+    if len(found) > 1:  # a config that fits several: the checkpoint's layout decides
+        task = {Format.CAPTION: "caption", Format.VQA: "vqa"}.get(fmt, "retrieval")
+        task = task if task in found else next(iter(found))
         cfg = found[task]
     else:
         task = next(iter(found))
-    if task == "retrieval" and fmt == Format.CAPTION:
+    if task in ("retrieval", "vqa") and fmt == Format.CAPTION:
         raise CheckpointError(f"{source} is a caption checkpoint (no text encoder): convert it with a caption "
                               "config (--task caption)")
-    kind, layout = ("blip", hf.RETRIEVAL) if task == "retrieval" else ("caption", hf.CAPTION)
+    if task != "vqa" and fmt == Format.VQA:
+        raise CheckpointError(f"{source} is a BLIP VQA checkpoint (question encoder + answer decoder): convert it "
+                              "with a VQA config (train_vqa.py's, --task vqa)")
+    kind, layout = {"retrieval": ("blip", hf.RETRIEVAL), "caption": ("caption", hf.CAPTION),
+                    "vqa": ("vqa", hf.VQA)}[task]
     model, tokenizer = create_model(cfg, kind, load=False)
     load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), purpose="eval")
     med = med_config_for(cfg.med_config, tokenizer, model.visual_encoder.width)
