@@ -34,13 +34,14 @@ from typing import Dict, List, Literal, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
 from models.caption import IGNORE, LABEL_SMOOTHING, TextDecoder
 from models.generation import CachedDecoder, GenerationSettings, RecomputeDecoder, beam_search
 from models.med import MedArch, MedConfig, MedEncoder, med_config_for
 from models.vit import BlipViT, ViTSettings, build_vit
-from utils.config import Config, ConfigError, NonNegInt, PosInt, Probability
+from utils.config import Config, NonNegInt, PosInt, Probability
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +66,14 @@ class VQASettings(Config):
     answer_min_length: NonNegInt = 1     # generate: tokens, [DEC] included, before [SEP] may end it
     mask_question_padding: bool = False  # generate: hide the question's padding from the decoder (the release does not)
 
-    def answer_generation(self) -> GenerationSettings:
+    @model_validator(mode="after")
+    def _lengths(self):
         if self.answer_min_length > self.answer_max_length:
-            raise ConfigError(f"answer_min_length {self.answer_min_length} is above answer_max_length "
-                              f"{self.answer_max_length}: no answer could end")
+            raise ValueError(f"answer_min_length: {self.answer_min_length} is above answer_max_length "
+                             f"{self.answer_max_length} (both count [DEC]); no answer could end")
+        return self
+
+    def answer_generation(self) -> GenerationSettings:
         return GenerationSettings(num_beams=self.num_beams, max_length=self.answer_max_length,
                                   min_length=self.answer_min_length)
 

@@ -32,6 +32,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 OFFICIAL = FIXTURES / "blip_official_tiny"
 CAPTION = FIXTURES / "blip_caption_tiny"
 DLIP = FIXTURES / "dlip_tiny"
+VQA = FIXTURES / "blip_vqa_tiny"
 
 
 # ----------------------------------------------------------------------------- runs
@@ -398,6 +399,54 @@ def _dlip(out: Path, **extra) -> List[str]:
 def _caption_train(w: World, out: Path, *opts) -> List[str]:
     return ["train_caption.py", "--config", str(w.caption_train), "--output_dir", str(out), "--no_progress",
             "--opts", *opts]
+
+
+def _vqa(out: Path, *opts, evaluate: bool = True) -> List[str]:
+    """train_vqa.py with BLIP's configs/vqa.yaml over the VQA fixture, as the fixture test runs it."""
+    return ["train_vqa.py", "--config", str(REPO / "configs" / "vqa.yaml"), "--output_dir", str(out),
+            "--no_progress", *(["--evaluate"] if evaluate else []), "--opts", f"ann_root={VQA}", f"vqa_root={VQA}",
+            f"pretrained={VQA / 'checkpoint.pth'}", "vit={width: 64, depth: 2, heads: 4, patch_size: 16}",
+            "image_size=64", f"med_config={VQA / 'med_config.json'}", f"tokenizer={VQA / 'tokenizer'}",
+            "num_workers=0", "device=cpu", "k_test=4", *opts]
+
+
+def _vqa_files(tmp: Path, train=None, answer_list=None) -> Path:
+    """A copy of the fixture's annotation files (images stay in the fixture), some replaced."""
+    ann = tmp / "ann"
+    ann.mkdir(parents=True, exist_ok=True)
+    for name in ("vqa_train.json", "vqa_test.json", "answer_list.json"):
+        shutil.copy(VQA / name, ann / name)
+    if train is not None:
+        (ann / "vqa_train.json").write_text(json.dumps(train))
+    if answer_list is not None:
+        (ann / "answer_list.json").write_text(json.dumps(answer_list))
+    return ann
+
+
+def _v1(w, tmp):
+    entries = json.loads((VQA / "vqa_train.json").read_text())[:4]
+    del entries[3]["answer"]
+    out = tmp / "vqa"
+    return Run(_vqa(out, f"ann_root={_vqa_files(tmp, train=entries)}", "pretrained=/nonexistent.pth",
+                    evaluate=False), 1, ["entry 3 of", "vqa_train.json", "missing field 'answer'"], absent=[out])
+
+
+def _v2(w, tmp):
+    out = tmp / "vqa"
+    return Run(_vqa(out, f"ann_root={_vqa_files(tmp, answer_list=['yes', 'no', 'yes'])}"), 1,
+               ["answer_list.json, entry 2", "'yes' is also entry 0", "distinct"], absent=[out])
+
+
+def _v3(w, tmp):
+    import torch
+    state = {k: v for k, v in torch.load(VQA / "checkpoint.pth", weights_only=True)["model"].items()
+             if not k.startswith("text_decoder.")}
+    path = tmp / "no_decoder.pth"
+    torch.save({"model": state}, path)
+    out = tmp / "vqa"
+    return Run(_vqa(out, f"pretrained={path}"), 1,
+               ["pretrained", "does not fit the VQA model", "evaluation needs every weight", "text_decoder"],
+               absent=[out])
 
 
 def _r9(w, tmp):
@@ -880,6 +929,20 @@ CASES = [
     Case("O60", "--evaluate into the run's own folder (its config.yaml kept)", _o60),
     Case("O61", "fine-tune with another queue_size (odd but valid: queues start afresh)", _o61),
     Case("O62", "BLIP pretraining from a retrieval checkpoint (odd but valid: a fresh decoder, listed)", _o62),
+    Case("V1", "train_vqa.py, a training question without answers", _v1),
+    Case("V2", "train_vqa.py --evaluate, answer_list.json with a repeated answer", _v2),
+    Case("V3", "train_vqa.py --evaluate with a checkpoint without answer decoder", _v3),
+    Case("V4", "train_vqa.py --evaluate with a checkpoint of another width",
+         refused(lambda w, out: _vqa(out, f"pretrained={OFFICIAL / 'checkpoint.pth'}"),
+                 1, ["pretrained", "does not fit the VQA model", "other shapes", "med_config (vocab_size, hidden_size"], "vqa")),
+    Case("V5", "train_vqa.py, answer_min_length above answer_max_length",
+         refused(lambda w, out: _vqa(out, "inference=generate", "answer_min_length=12"),
+                 2, ["answer_min_length", "12 is above answer_max_length 10"], "vqa")),
+    Case("V6", "train_vqa.py, inference: beam",
+         refused(lambda w, out: _vqa(out, "inference=beam"), 2, ["inference", "rank", "generate"], "vqa")),
+    Case("V7", "train_vqa.py, a val_file without answers",
+         refused(lambda w, out: _vqa(out, "val_file=vqa_test", "train_files=[vqa_train]", evaluate=False),
+                 1, ["val_file vqa_test", "needs its annotators' answers"], "vqa")),
 ]
 
 
