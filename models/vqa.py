@@ -84,13 +84,18 @@ class RankOutput(NamedTuple):
     scores: torch.Tensor       # [B, k] -(summed label-smoothed token losses) of those candidates
 
 
-def answer_token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per row: the sum over its tokens of the label-smoothed (0.1) cross-entropy, position ``t``
-    predicting token ``t + 1``, targets ``-100`` ignored (BertLMHeadModel's ``reduction='none'``)."""
-    B, T, V = logits.shape
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, label_smoothing=LABEL_SMOOTHING, reduction="none")
-    return loss.view(B, T - 1).sum(1)
+def answer_losses_from_states(head: nn.Module, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row: the sum over its tokens of the label-smoothed (0.1) cross-entropy of ``head(states)``,
+    position ``t`` predicting token ``t + 1``, targets ``-100`` ignored (BertLMHeadModel's
+    ``reduction='none'``). The LM head and the cross-entropy run only at the positions that have a
+    target (not the last one, not padding, which adds 0 there): the vocabulary projection is most of
+    the cost of scoring candidates."""
+    shifted = targets[:, 1:]
+    keep = shifted != IGNORE
+    rows = keep.nonzero(as_tuple=True)[0]
+    logits = head(states[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), shifted[keep], label_smoothing=LABEL_SMOOTHING, reduction="none")
+    return torch.zeros(states.shape[0], dtype=loss.dtype, device=loss.device).index_add_(0, rows, loss)
 
 
 class BLIPVQA(nn.Module):
@@ -120,13 +125,16 @@ class BLIPVQA(nn.Module):
         return self.text_encoder(ids, attention_mask, mode="multimodal",
                                  encoder_hidden_states=image_embeds).last_hidden_state
 
-    def _decode(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cross_kv, index: Optional[torch.Tensor],
+    def _states(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cross_kv, index: Optional[torch.Tensor],
                 question_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Decoder logits ``[R, T, V]``; row r attends to question ``index[r]`` (its keys/values in
+        """Decoder states ``[R, T, D]``; row r attends to question ``index[r]`` (its keys/values in
         ``cross_kv``, projected once per question) under that question's mask."""
-        out = self.text_decoder.bert(ids, mask, mode="decoder", cross_kv=cross_kv, cross_index=index,
-                                     encoder_attention_mask=question_mask)
-        return self.text_decoder.cls.predictions(out.last_hidden_state)
+        return self.text_decoder.bert(ids, mask, mode="decoder", cross_kv=cross_kv, cross_index=index,
+                                      encoder_attention_mask=question_mask).last_hidden_state
+
+    def _decode(self, ids, mask, cross_kv, index, question_mask) -> torch.Tensor:
+        """Decoder logits ``[R, T, V]`` (see :meth:`_states`)."""
+        return self.text_decoder.cls.predictions(self._states(ids, mask, cross_kv, index, question_mask))
 
     def answer_losses(self, question_states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
                       answer_mask: torch.Tensor, question_index: torch.Tensor) -> torch.Tensor:
@@ -135,8 +143,8 @@ class BLIPVQA(nn.Module):
         ids[:, 0] = self.bos_token_id
         targets = ids.masked_fill(ids == self.pad_token_id, IGNORE)
         cross_kv = self.text_decoder.bert.project_cross_kv(question_states)
-        logits = self._decode(ids, answer_mask, cross_kv, question_index, question_mask[question_index])
-        return answer_token_losses(logits, targets)
+        states = self._states(ids, answer_mask, cross_kv, question_index, question_mask[question_index])
+        return answer_losses_from_states(self.text_decoder.cls.predictions, states, targets)
 
     # ------------------------------------------------------------------ training
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -166,8 +174,8 @@ class BLIPVQA(nn.Module):
         mask = answer_mask[topk_ids.reshape(-1)]
         targets = ids.masked_fill(ids == self.pad_token_id, IGNORE)
         index = torch.arange(B, device=ids.device).repeat_interleave(k)
-        logits = self._decode(ids, mask, cross_kv, index, question_mask[index])
-        scores = -answer_token_losses(logits, targets).view(B, k)
+        states = self._states(ids, mask, cross_kv, index, question_mask[index])
+        scores = -answer_losses_from_states(self.text_decoder.cls.predictions, states, targets).view(B, k)
         best = scores.argmax(dim=1)
         return RankOutput(topk_ids.gather(1, best[:, None]).squeeze(1), topk_ids, scores)
 
