@@ -162,20 +162,33 @@ class BLIPVQA(nn.Module):
     def rank(self, question_states: torch.Tensor, question_mask: torch.Tensor, answer_ids: torch.Tensor,
              answer_mask: torch.Tensor, k: int) -> RankOutput:
         """The release's ``rank_answer``: candidates ``answer_ids`` ``[C, L]`` (``[DEC]`` first,
-        padded with 0) -> the best of the top ``k`` by first-token probability, re-scored whole."""
+        padded with 0) -> the best of the top ``k`` by first-token probability, re-scored whole.
+
+        The ``[DEC]`` step is shared by every candidate of a question: it runs once (its logits
+        give the top k and each kept candidate's first-token loss; its self-attention keys/values
+        are the candidates' cache), and the candidates are decoded from their first answer token on."""
         B, C = question_states.shape[0], answer_ids.shape[0]
         k = min(k, C)
-        cross_kv = self.text_decoder.bert.project_cross_kv(question_states)
-        start = answer_ids[:1, :1].expand(B, 1)
-        first = self._decode(start, None, cross_kv, None, question_mask)[:, 0, :]
-        probs = first.float().softmax(dim=1).index_select(1, answer_ids[:, 1])
-        _, topk_ids = probs.topk(k, dim=1)
-        ids = answer_ids[topk_ids.reshape(-1)]
-        mask = answer_mask[topk_ids.reshape(-1)]
+        bert, head = self.text_decoder.bert, self.text_decoder.cls.predictions
+        cross_kv = bert.project_cross_kv(question_states)
+        start = bert(answer_ids[:1, :1].expand(B, 1), None, mode="decoder", cross_kv=cross_kv,
+                     encoder_attention_mask=question_mask, use_cache=True)
+        first = head(start.last_hidden_state[:, 0]).float()                      # [B, V]
+        first_tokens = answer_ids[:, 1]
+        _, topk_ids = first.softmax(dim=1).index_select(1, first_tokens).topk(k, dim=1)
+        # Position 0's label-smoothed loss of each kept candidate, from the shared logits.
+        logp = first.log_softmax(dim=1)
+        picked = logp.gather(1, first_tokens[topk_ids])                           # [B, k]
+        loss0 = -(1 - LABEL_SMOOTHING) * picked - LABEL_SMOOTHING * logp.mean(dim=1, keepdim=True)
+        rows = topk_ids.reshape(-1)
+        ids, mask = answer_ids[rows], answer_mask[rows]
         targets = ids.masked_fill(ids == self.pad_token_id, IGNORE)
         index = torch.arange(B, device=ids.device).repeat_interleave(k)
-        states = self._states(ids, mask, cross_kv, index, question_mask[index])
-        scores = -answer_losses_from_states(self.text_decoder.cls.predictions, states, targets).view(B, k)
+        past = [(pk[index], pv[index]) for pk, pv in start.past_key_values]
+        states = bert(ids[:, 1:], mask, mode="decoder", cross_kv=cross_kv, cross_index=index, past_key_values=past,
+                      encoder_attention_mask=question_mask[index]).last_hidden_state   # positions 1..L-1
+        rest = answer_losses_from_states(head, states, targets[:, 1:])
+        scores = -(loss0 + rest.view(B, k))
         best = scores.argmax(dim=1)
         return RankOutput(topk_ids.gather(1, best[:, None]).squeeze(1), topk_ids, scores)
 
