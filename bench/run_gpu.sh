@@ -39,5 +39,8 @@ for prec in fp32 bf16; do
 done
 run train_cuda_base384_bf16_ckpt "$PY" -m bench.bench_train --device cuda --precision bf16 --batch 32 \
   --width 768 --depth 12 --image_size 384 --grad_ckpt 12
+for prec in fp32 bf16; do
+  run vqa_cuda_mid_$prec "$PY" -m bench.bench_vqa --device cuda --size mid --precision $prec --out "$OUT/vqa_cuda_mid_$prec.full.json"
+done
 [ -n "$cpu_job" ] && wait $cpu_job
 cat "$OUT/all.txt"
