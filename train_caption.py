@@ -22,9 +22,8 @@ from models.factory import create_model
 from tasks.caption import CaptionConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+from utils.rundir import (add_train_eval_args, evaluate_splits, refuse_dry_run_with, run_entry, run_splits,
                           start_run, unused_when_evaluating)
-from utils.logging import append_json_line
 
 logger = logging.getLogger("train_caption")
 
@@ -41,15 +40,9 @@ def main(argv=None) -> dict:
     try:
         datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
         model, tokenizer = create_model(cfg, "caption", info.device, purpose="eval" if args.evaluate else "train")
-        if args.evaluate:
-            commit_run()  # checked and loaded: the run's files are written from here on
-            record = {}
-            for split, dataset in datasets.items():
-                record.update(evaluate_split(model, dataset, cfg, split, output_dir))
-                logger.info("%s: %s", split, {k: round(v, 2) for k, v in record.items() if k.startswith(split)})
-            if du.is_main_process() and record:  # eval_metrics: false -> captions files only
-                append_json_line(output_dir / "evaluate.txt", record)
-            return record
+        if args.evaluate:  # eval_metrics: false -> captions files only, no evaluate.txt
+            return evaluate_splits(datasets, lambda split, ds: evaluate_split(model, ds, cfg, split, output_dir),
+                                   output_dir, logger)
         return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
                      dry_run=args.dry_run)
     finally:

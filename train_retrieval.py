@@ -23,9 +23,8 @@ from models.factory import create_model
 from tasks.retrieval import RetrievalConfig, build_datasets, eval_splits, run_evaluation, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+from utils.rundir import (add_train_eval_args, evaluate_splits, refuse_dry_run_with, run_entry, run_splits,
                           start_run, unused_when_evaluating)
-from utils.logging import append_json_line
 
 logger = logging.getLogger("train_retrieval")
 
@@ -37,18 +36,14 @@ def _extra_args(parser) -> None:
 
 
 def evaluate_only(args, cfg, model, tokenizer, datasets, output_dir: Path) -> dict:
-    record = {}
-    for split, dataset in datasets.items():
+    def one(split, dataset) -> dict:
         log_unk_rate(tokenizer, dataset.text, f"the {split} captions")
         out = run_evaluation(model, dataset, tokenizer, cfg, progress=not args.no_progress)
-        record.update({f"{split}_{k}": v for k, v in out.metrics.items()})
         if du.is_main_process() and args.save_scores:
             np.savez(output_dir / f"scores_{split}.npz", score_i2t=out.score_i2t, score_t2i=out.score_t2i,
                      **out.index_arrays())
-        logger.info("%s: %s", split, {k: round(v, 2) for k, v in out.metrics.items()})
-    if du.is_main_process():
-        append_json_line(output_dir / "evaluate.txt", record)
-    return record
+        return {f"{split}_{k}": v for k, v in out.metrics.items()}
+    return evaluate_splits(datasets, one, output_dir, logger)
 
 
 def main(argv=None) -> dict:
@@ -62,7 +57,6 @@ def main(argv=None) -> dict:
         model, tokenizer = create_model(cfg, "blip_inference" if args.evaluate else "blip", info.device,
                                         purpose="eval" if args.evaluate else "train")
         if args.evaluate:
-            commit_run()  # checked and loaded: the run's files are written from here on
             return evaluate_only(args, cfg, model, tokenizer, datasets, output_dir)
         return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
                      dry_run=args.dry_run)

@@ -23,8 +23,7 @@ from models.factory import create_model
 from tasks.vqa import VQAConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.logging import append_json_line
-from utils.rundir import (add_train_eval_args, commit_run, refuse_dry_run_with, run_entry, run_splits,
+from utils.rundir import (add_train_eval_args, evaluate_splits, refuse_dry_run_with, run_entry, run_splits,
                           start_run, unused_when_evaluating)
 
 logger = logging.getLogger("train_vqa")
@@ -39,15 +38,8 @@ def main(argv=None) -> dict:
         datasets = build_datasets(cfg, run_splits(args, eval_splits(cfg)), dry_run=args.dry_run)
         model, tokenizer = create_model(cfg, "vqa", info.device, purpose="eval" if args.evaluate else "train")
         if args.evaluate:
-            commit_run()  # checked and loaded: the run's files are written from here on
-            record = {}
-            for split, dataset in datasets.items():
-                record.update(evaluate_split(model, dataset, cfg, split, output_dir))
-                logger.info("%s: %d questions answered (%s)%s", split, len(dataset), cfg.inference,
-                            "".join(f", {k} {v:.2f}" for k, v in record.items() if k.startswith(split)))
-            if du.is_main_process() and record:
-                append_json_line(output_dir / "evaluate.txt", record)
-            return record
+            return evaluate_splits(datasets, lambda split, ds: evaluate_split(model, ds, cfg, split, output_dir),
+                                   output_dir, logger)
         return train(cfg, model, tokenizer, info, datasets, resume=args.resume, progress=not args.no_progress,
                      dry_run=args.dry_run)
     finally:

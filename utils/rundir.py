@@ -41,7 +41,7 @@ from utils.checkpoint import (atomic_write, checkpoint_epoch, find_checkpoint, r
                               remove_stale_temp_files)
 from utils.config import ConfigError
 from utils.errors import UserError
-from utils.logging import debug_enabled, has_log_file, open_log_file, reset_logging
+from utils.logging import append_json_line, debug_enabled, has_log_file, open_log_file, reset_logging
 
 logger = logging.getLogger("utils.engine")
 
@@ -411,6 +411,23 @@ def add_train_eval_args(parser) -> None:
 # Config keys a run that does not train leaves unused (not cross-checked: an evaluation of a
 # training run's config.yaml never fails on them).
 NOT_TRAINING = ("vit_grad_ckpt", "max_epoch")
+
+
+def evaluate_splits(datasets: Dict[str, object], evaluate: Callable[[str, object], Dict[str, float]], output_dir: Path,
+                    log: logging.Logger) -> Dict[str, float]:
+    """An entry script's ``--evaluate``, once its inputs are checked and its model loaded: the run
+    is committed, ``evaluate(split, dataset) -> {<split>_<metric>: value}`` runs for every split
+    (logged), and the metrics of all splits go to ``evaluate.txt`` as one JSON line (rank 0; none
+    when no split produced a metric). Returns them."""
+    commit_run()  # checked and loaded: the run's files are written from here on
+    record: Dict[str, float] = {}
+    for split, dataset in datasets.items():
+        metrics = evaluate(split, dataset)
+        record.update(metrics)
+        log.info("%s: %s", split, {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()})
+    if du.is_main_process() and record:
+        append_json_line(Path(output_dir) / "evaluate.txt", record)
+    return record
 
 
 def unused_when_evaluating(args) -> tuple:
