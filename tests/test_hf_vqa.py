@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_hf import _assert_identical, _official  # the same bit-identity checks
+
 FIX = Path(__file__).resolve().parent / "fixtures" / "blip_vqa_tiny"
 TINY_VIT = "{width: 32, depth: 2, heads: 2, patch_size: 16}"
 ENC_ID, DEC_ID, SEP_ID = 70, 69, 6
@@ -22,21 +24,6 @@ BEAM = dict(num_beams=3, max_length=10, min_length=1)  # BLIP's VQA generate set
 def _convert(*args):
     from tools.convert import main
     return main([str(a) for a in args])
-
-
-def _official(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_identical(a: dict, b: dict) -> None:
-    assert list(a) == list(b)
-    for key in a:
-        if key == "model":
-            assert list(a[key]) == list(b[key])  # key order too
-            for k, v in a[key].items():
-                assert v.dtype == b[key][k].dtype and v.shape == b[key][k].shape and torch.equal(v, b[key][k]), k
-        else:
-            assert a[key] == b[key], key
 
 
 def _config(tmp: Path, pretrained, med_config, vit=TINY_VIT, **overrides) -> Path:
