@@ -15,13 +15,23 @@ Flickr30k ``results.csv`` (header ``image_name| comment_number| comment``; image
 ``image_root``; its malformed rows are skipped with a warning naming them). Any other ``.csv`` /
 ``.tsv`` is one pair per row, its columns chosen by ``columns`` (the config keys ``image_col``,
 ``caption_col``, ``image_dir_col``: ``data/columns.py``).
+
+BLIP's ``laion_path`` (``RotatingPairs``): a folder of such json lists (BLIP's LAION-115M split into
+files); epoch ``e`` trains on the ``train_file`` pairs plus the pairs of the folder's file
+``e mod n``, files sorted by name (BLIP globs ``*.json`` in the file system's order, which differs
+between machines). Only the current file is held in memory; every file is read and its images
+checked at pre-flight.
 """
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from torch.utils.data import Dataset
 
 from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
 from .corpora import is_kaggle_csv, pretrain_entries
@@ -29,6 +39,9 @@ from .stream import build_stream, split_train_files
 from .retrieval import (PathLike, RetrievalTrainDataset, Transform, Where, _captions, _join, _read_entries,
                         _require_dict, _require_image)
 from .utils import BadImageError, load_image, pre_caption
+from utils.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 class PretrainDataset(RetrievalTrainDataset):
@@ -83,7 +96,8 @@ class PretrainDataset(RetrievalTrainDataset):
 def build_pretrain_dataset(cfg_like: Any, transform: Transform | None, shuffle: bool = True):
     """From a config with ``train_file`` (str or list), ``image_root``, ``max_words``,
     ``skip_bad_images`` (and the CSV column keys of ``ColumnSettings``, if any): a
-    :class:`PretrainDataset`, or, when ``train_file`` names tar or parquet shards, a streamed
+    :class:`PretrainDataset` (with BLIP's ``laion_path``, if set: a :class:`RotatingPairs`), or,
+    when ``train_file`` names tar or parquet shards, a streamed
     ``data.stream.PairStream`` (with the ``StreamSettings`` keys and ``seed``; ``shuffle`` False:
     shards and records in order, for ``--dry_run``)."""
     files = cfg_like.train_file
@@ -93,8 +107,89 @@ def build_pretrain_dataset(cfg_like: Any, transform: Transform | None, shuffle: 
         return PretrainDataset(names, cfg_like.image_root or None, transform, max_words=cfg_like.max_words,
                                skip_bad_images=cfg_like.skip_bad_images, columns=Columns.of(cfg_like))
 
+    laion_path = getattr(cfg_like, "laion_path", "")
     if not split_train_files(files)[1]:
-        return lists(files)
+        base = lists(files)
+        return RotatingPairs(base, laion_files(laion_path), lambda f: lists([f])) if laion_path else base
+    if laion_path:
+        raise DataError("laion_path (BLIP's per-epoch json lists) goes with json train files; with tar/parquet shards "
+                        "list the LAION shards in train_file instead")
     return build_stream(files, transform, cfg_like.max_words, list_builder=lists, seed=cfg_like.seed,
                         shuffle=shuffle, shuffle_buffer=cfg_like.shuffle_buffer,
                         num_samples=cfg_like.train_num_samples, max_bad_fraction=cfg_like.max_bad_fraction)
+
+
+def laion_files(laion_path: str) -> list[str]:
+    """The json lists of BLIP's ``laion_path`` folder, sorted by name; an error names the folder
+    when it is missing or holds none."""
+    if not os.path.isdir(laion_path):
+        raise DataError(f"laion_path: {laion_path!r} is not a folder (BLIP's laion_path: a folder of json lists of "
+                        "pairs, one added to train_file's pairs per epoch in turn)")
+    files = sorted(glob.glob(os.path.join(glob.escape(laion_path), "*.json")))
+    if not files:
+        raise DataError(f"laion_path: no *.json file in {laion_path}")
+    return files
+
+
+class RotatingPairs(Dataset):
+    """``base`` (the ``train_file`` pairs) + the pairs of one of ``files`` per epoch, in turn: epoch
+    ``e`` holds file ``e mod len(files)`` (BLIP's ``reload_laion``). ``build(file)`` reads one file as
+    a :class:`PretrainDataset`. The engine calls :meth:`select_epoch` before each epoch (also on
+    resume), so epoch ``e`` of a resumed run sees the same pairs. An item's ``idx`` is the base's, or
+    the file's offset past every base id (two files never share an epoch)."""
+
+    def __init__(self, base: PretrainDataset, files: Sequence[str], build: Callable[[str], PretrainDataset]):
+        self.base, self.files, self._build = base, list(files), build
+        self._dropped: set[str] = set()  # images dropped at pre-flight (skip_bad_images)
+        self._current: int | None = None
+        self.extra: PretrainDataset | None = None
+        self.select_epoch(0)
+
+    def preflight(self, check: Callable[[dict], Any]) -> None:
+        """``check({name: dataset})`` (``data.preflight.check_splits``) on the base and on every file
+        in turn (one in memory at a time); images it drops stay dropped when a file is reloaded."""
+        def checked(name: str, dataset: PretrainDataset) -> None:
+            before = set(dataset.image_checks()[0])
+            check({name: dataset})
+            self._dropped |= before - set(dataset.image_checks()[0])
+        checked("train", self.base)
+        for k, path in enumerate(self.files):
+            checked(f"laion_path file {path}", self.extra if k == self._current else self._build(path))
+
+    def select_epoch(self, epoch: int) -> None:
+        k = epoch % len(self.files)
+        if k == self._current:
+            return
+        self.extra, self._current = self._build(self.files[k]), k
+        if self._dropped:
+            self.extra.drop_images(self._dropped)
+        logger.info("epoch %d: %d train_file pairs + %d pairs of %s", epoch, len(self.base), len(self.extra),
+                    self.files[k])
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    def _item(self, index: int) -> tuple[PretrainDataset, int]:
+        n = len(self.base)
+        return (self.base, index) if index < n else (self.extra, index - n)
+
+    def __getitem__(self, index: int):
+        dataset, i = self._item(index)
+        image, caption, idx = dataset[i]
+        return image, caption, idx if dataset is self.base else idx + len(self.base.img_ids)
+
+    @property
+    def captions(self) -> list:
+        return self.base.captions + self.extra.captions
+
+    @property
+    def num_images(self) -> int:
+        return self.base.num_images + self.extra.num_images
+
+    def source(self, index: int) -> str:
+        dataset, i = self._item(index)
+        return dataset.source(i)
+
+    def image_path(self, index: int) -> str:
+        dataset, i = self._item(index)
+        return dataset.image_path(i)

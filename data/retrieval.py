@@ -69,6 +69,7 @@ DEFAULT_FILES = {
              "test": "coco_karpathy_test.json"},
     "flickr": {"train": "flickr30k_train.json", "val": "flickr30k_val.json",
                "test": "flickr30k_test.json"},
+    "nocaps": {"val": "nocaps_val.json", "test": "nocaps_test.json"},  # images only (eval_nocaps.py)
     "custom": {},
 }
 SPLITS = ("train", "val", "test")
@@ -442,7 +443,8 @@ class RetrievalEvalDataset(Dataset):
 
     def __init__(self, ann_file: PathLike, image_root: PathLike | None,
                  transform: Transform | None, max_words: int = 30,
-                 skip_bad_images: bool = False, columns: Columns = DEFAULT_COLUMNS) -> None:
+                 skip_bad_images: bool = False, columns: Columns = DEFAULT_COLUMNS,
+                 need_captions: bool = True) -> None:
         self.ann_file = str(ann_file)
         self.image_root = image_root
         self.transform = transform
@@ -460,7 +462,9 @@ class RetrievalEvalDataset(Dataset):
             _require_dict(entry, where)
             self.annotation.append(entry)
             self.image.append(_require_image(entry, where))
-            self._captions.append([pre_caption(c, max_words) for c in _captions(entry, where)])
+            # need_captions False (NoCaps: its references stay on the evaluation server): images only.
+            raw = _captions(entry, where) if need_captions or "caption" in entry else []
+            self._captions.append([pre_caption(c, max_words) for c in raw])
             self._entry_index.append(index)
         self._flatten()
 
@@ -523,7 +527,7 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
                              test_transform: Transform | None = None, shuffle: bool = True) -> dict[str, Dataset]:
     """Build ``{split: dataset}`` from a retrieval config (``tasks.retrieval.RetrievalConfig``).
 
-    Reads ``dataset`` ('coco' | 'flickr' | 'custom'), ``ann_root``, ``image_root``, ``train_file``
+    Reads ``dataset`` ('coco' | 'flickr' | 'nocaps' | 'custom'), ``ann_root``, ``image_root``, ``train_file``
     (str or list of str), ``val_file``, ``test_file``, ``max_words``, ``skip_bad_images`` and
     ``image_size`` (only when a transform is not given). An explicit ``*_file``
     overrides the coco/flickr default; 'custom' requires one for each requested split. Relative
@@ -581,5 +585,5 @@ def build_retrieval_datasets(cfg_like: Any, splits: Sequence[str] = SPLITS,
         else:
             datasets[split] = RetrievalEvalDataset(
                 files[0], image_root, transform_for(test_transform, build_test_transform),
-                max_words=max_words, skip_bad_images=skip, columns=columns)
+                max_words=max_words, skip_bad_images=skip, columns=columns, need_captions=name != "nocaps")
     return datasets

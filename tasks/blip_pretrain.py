@@ -6,7 +6,8 @@ Pairs are docs/FORMATS.md 2 json lists (``train_file``: one file or a list, as B
 loss gives each row of a step a unique id, and queued features are never positives. ``alpha``
 ramps from 0 over the first ``alpha_ramp_epochs`` (2) epochs, per step. Schedule: linear warm-up from
 ``warmup_lr`` to ``init_lr`` over ``warmup_steps``, then ``init_lr * lr_decay_rate ** epoch`` down to
-``min_lr``. ``log.txt`` gets ``train_loss_ita``, ``train_loss_itm``, ``train_loss_lm``.
+``min_lr``. BLIP's ``laion_path`` adds one json list of its folder per epoch, in turn
+(``data/pretrain.py`` ``RotatingPairs``). ``log.txt`` gets ``train_loss_ita``, ``train_loss_itm``, ``train_loss_lm``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pydantic import model_validator
 
 from data.collate import RetrievalCollator
 from data.preflight import caption_texts, check_splits, log_unk_rate
-from data.pretrain import PretrainDataset, build_pretrain_dataset
+from data.pretrain import PretrainDataset, RotatingPairs, build_pretrain_dataset
 from data.transforms import build_test_transform
 from models.blip import BlipArch, ITCSettings
 from models.distill import DistillSettings, check_teacher
@@ -27,7 +28,7 @@ from utils import dist as du
 from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
 from utils.engine import Trainer
 from utils.schedule import WarmupStepSchedule, build_adamw
-from utils.settings import (AugmentSettings, ColumnSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
+from utils.settings import (AugmentSettings, batch_size_alias, ColumnSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
                             StreamSettings, TextSettings, WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class BlipPretrainConfig(BlipArch, ITCSettings, DistillSettings, TextSettings, W
     image_size: PosInt = 224
     max_tokens: PosInt = 30                     # BLIP pads/truncates pretraining text to 30 tokens
     batch_size_train: PosInt = 75               # per GPU
+    batch_size: Optional[PosInt] = None         # BLIP's pretraining key: batch_size_train (which wins if both)
+    laion_path: str = ''                        # BLIP's: a folder of json lists, one added to train_file per epoch
     init_lr: PosFloat = 3e-4
     min_lr: NonNegFloat = 1e-6
     warmup_steps: NonNegInt = 3000
@@ -51,6 +54,11 @@ class BlipPretrainConfig(BlipArch, ITCSettings, DistillSettings, TextSettings, W
     max_epoch: NonNegInt = 20
     train_crop_min_scale: Fraction = 0.2
     alpha_ramp_epochs: NonNegInt = 2            # alpha grows linearly from 0 over these epochs (per step)
+
+    @model_validator(mode='before')
+    @classmethod
+    def _batch_size_alias(cls, data):
+        return batch_size_alias(data, ('batch_size_train',))
 
     @model_validator(mode='after')
     def _has_pairs(self):
@@ -64,7 +72,10 @@ def build_dataset(cfg: BlipPretrainConfig, dry_run: bool = False) -> PretrainDat
     with their images checked before any model is built. A collective under torchrun."""
     transform = build_test_transform(cfg.image_size) if dry_run else train_transform(cfg, cfg.image_size)
     dataset = build_pretrain_dataset(cfg, transform, shuffle=not dry_run)
-    check_splits({"train": dataset}, cfg.skip_bad_images)
+    if isinstance(dataset, RotatingPairs):  # laion_path: train_file + every file of the folder, one at a time
+        dataset.preflight(lambda split: check_splits(split, cfg.skip_bad_images))
+    else:
+        check_splits({"train": dataset}, cfg.skip_bad_images)
     return dataset
 
 

@@ -34,11 +34,11 @@ from tasks.caption_metrics import (caption_scores, ground_truth, image_id_for, r
 from utils.errors import DataError
 from tasks.retrieval import RetrievalData, train_transform
 from utils import dist as du
-from utils.config import ConfigError, PosInt
+from utils.config import ConfigError, PosFloat, PosInt
 from utils.engine import Trainer, autocast
 from utils.logging import Heartbeat
 from utils.schedule import CosineSchedule, build_adamw
-from utils.settings import (EvalSettings, LoopSettings, OptimSettings, RunSettings, TextSettings,
+from utils.settings import (EvalSettings, batch_size_alias, LoopSettings, OptimSettings, RunSettings, TextSettings,
                             WarmupSettings, WeightsSettings)
 
 logger = logging.getLogger(__name__)
@@ -61,12 +61,23 @@ class CaptionConfig(CaptionArch, GenerationConfig, TextSettings, WeightsSettings
     @model_validator(mode='before')
     @classmethod
     def _batch_size_alias(cls, data):
-        # BLIP's caption configs give one `batch_size`; an explicit *_train / *_test wins.
-        if isinstance(data, dict) and data.get('batch_size') is not None:
-            data = dict(data)
-            data.setdefault('batch_size_train', data['batch_size'])
-            data.setdefault('batch_size_test', data['batch_size'])
-        return data
+        return batch_size_alias(data)  # BLIP's caption configs give one `batch_size`
+
+
+class NocapsConfig(CaptionConfig):
+    """NoCaps (``eval_nocaps.py``, BLIP's ``configs/nocaps.yaml``): captions for ``nocaps_val.json`` /
+    ``nocaps_test.json`` (``{"image", "img_id"}`` entries; the references stay on the evaluation
+    server, so nothing is scored here). BLIP's eval_nocaps decodes with repetition_penalty 1.1."""
+    dataset: Literal['nocaps', 'custom'] = 'nocaps'
+    eval_metrics: bool = False                  # NoCaps' references are not public: captions files only
+    repetition_penalty: PosFloat = 1.1          # BLIP's eval_nocaps.py
+
+    @model_validator(mode='after')
+    def _no_references(self):
+        if self.dataset == 'nocaps' and self.eval_metrics:
+            raise ValueError("eval_metrics: NoCaps' references are held by its evaluation server; the nocaps "
+                             "files have none to score against (write the captions, submit them)")
+        return self
 
 
 def eval_splits(cfg: CaptionConfig) -> tuple:
@@ -85,6 +96,8 @@ def build_datasets(cfg: CaptionConfig, splits: Sequence[str], dry_run: bool = Fa
                  cfg.max_tokens if 'train' in splits else None)
     if 'train' in datasets and not cfg.eval_metrics and cfg.has_val:
         raise ConfigError("eval_metrics: false leaves nothing to choose the best epoch by; it is for --evaluate")
+    for split in [split for split in datasets if split != 'train']:
+        image_ids(cfg, datasets[split])  # every results id (NoCaps: img_id) before the model is built
     evaluated = [split for split in datasets if split != 'train'] if cfg.eval_metrics else []
     for split in evaluated:
         references(cfg, split, datasets[split])  # bad references stop the run now, not after an epoch

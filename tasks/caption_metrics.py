@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 ImageId = Union[int, str]
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")  # SPICE: when computed
-DATASETS = ("coco", "flickr", "custom")
+DATASETS = ("coco", "flickr", "nocaps", "custom")
 
 JAVA_CHECK_TIMEOUT_S = 30     # `java -version` (a cold JVM on a busy machine takes a few seconds)
 SPICE_PROBE_TIMEOUT_S = 20    # can the CoreNLP download start at all? (offline: fails in well under 1 s)
@@ -390,12 +390,21 @@ def image_id_for(entry: Mapping[str, Any], dataset: str) -> ImageId:
     ``coco`` / ``flickr``: the number at the end of the image file's stem
     (``val2014/COCO_val2014_000000391895.jpg`` -> ``391895``, ``flickr30k-images/1007129816.jpg``
     -> ``1007129816``), the ids of BLIP's ``*_gt.json`` files. ``custom``: the entry's ``image_id``
-    (int or string) when present, else its ``image`` path exactly as written. A ``DataError``
+    (int or string) when present, else its ``image`` path exactly as written. ``nocaps``: the
+    entry's ``img_id`` (BLIP's NoCaps files; the evaluation server's ids). A ``DataError``
     names the entry and the field when there is no such id."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (expected one of {', '.join(DATASETS)})")
     if not isinstance(entry, Mapping):
         raise DataError(f"annotation entry {_short(entry)}: expected an object with an 'image' field")
+    if dataset == "nocaps":  # BLIP's nocaps_{val,test}.json: {"image", "img_id"}; the server's ids
+        image_id = entry.get("img_id")
+        if isinstance(image_id, str) and image_id.strip().isdigit():
+            image_id = int(image_id)
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise DataError(f"annotation entry {_short(entry)} field 'img_id': expected the NoCaps image id (an "
+                            f"int), got {_short(image_id)}")
+        return image_id
     if dataset == "custom" and "image_id" in entry:
         image_id = entry["image_id"]
         if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or image_id == "":

@@ -372,3 +372,62 @@ def test_bad_caption_annotation_stops_before_the_model_naming_entry_and_field(tm
     err = proc.stderr
     assert "entry 1" in err and "caption" in err and "test.json" in err
     assert "nonexistent" not in err  # stopped before the checkpoint was opened
+
+
+# ---------------------------------------------------------------------- eval_nocaps.py
+
+def _nocaps_root(tmp_path: Path) -> Path:
+    """BLIP's nocaps_{val,test}.json over the fixture's images ({"image", "img_id"}, no captions)."""
+    entries = json.loads((FIX / "test.json").read_text())
+    root = tmp_path / "nocaps_ann"
+    root.mkdir()
+    for split, part in (("val", entries[:2]), ("test", entries)):
+        (root / f"nocaps_{split}.json").write_text(json.dumps(
+            [{"image": e["image"], "img_id": 100 + i} for i, e in enumerate(part)]))
+    return root
+
+
+def _nocaps_opts(root: Path, **extra):
+    opts = {"image_root": FIX, "ann_root": root, "pretrained": FIX / "checkpoint.pth", "vit": TINY_VIT,
+            "image_size": 64, "med_config": FIX / "med_config.json", "tokenizer": FIX / "tokenizer",
+            "num_workers": 0, "device": "cpu", "batch_size": 3}
+    opts.update(extra)
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def test_eval_nocaps_writes_the_server_files_with_blips_decoding(tmp_path, run_script, ref):
+    from tasks.caption import NocapsConfig
+    from utils.config import load_config
+    cfg, _ = load_config(REPO / "configs" / "nocaps.yaml", NocapsConfig)
+    assert cfg.repetition_penalty == 1.1 and not cfg.eval_metrics and cfg.dataset == "nocaps"  # BLIP's eval_nocaps
+    root = _nocaps_root(tmp_path)
+    out = tmp_path / "nocaps"
+    # repetition_penalty 1.0: the fixture's reference captions were decoded with the release's defaults.
+    run_script("eval_nocaps.py", ["--config", REPO / "configs" / "nocaps.yaml", "--output_dir", out,
+                                  "--opts", *_nocaps_opts(root, repetition_penalty=1.0)])
+    test = json.loads((out / "captions_test.json").read_text())
+    assert [r["image_id"] for r in test] == list(range(100, 100 + len(test)))
+    assert [r["caption"] for r in test] == ref["beam3_max20_min5"]
+    assert [r["caption"] for r in json.loads((out / "captions_val.json").read_text())] == ref["beam3_max20_min5"][:2]
+    assert not (out / "evaluate.txt").exists()  # nothing scored: the references are the server's
+
+    dry = tmp_path / "dry"
+    run_script("eval_nocaps.py", ["--config", REPO / "configs" / "nocaps.yaml", "--output_dir", dry, "--dry_run",
+                                  "--opts", *_nocaps_opts(root)])
+    record = json.loads((dry / "dry_run.json").read_text())
+    assert record["split"] == "val" and record["batch"] == 2
+    assert sorted(p.name for p in dry.iterdir()) == ["config.yaml", "dry_run.json", "run.log"]  # no captions file
+
+
+def test_nocaps_refuses_scoring_and_an_entry_without_img_id(tmp_path, run_script):
+    from tasks.caption import NocapsConfig
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="eval_metrics"):
+        load_config(REPO / "configs" / "nocaps.yaml", NocapsConfig, ["eval_metrics=true"])
+    root = _nocaps_root(tmp_path)
+    (root / "nocaps_val.json").write_text(json.dumps([{"image": "images/img0.png"}]))
+    out = tmp_path / "bad"
+    proc = run_script("eval_nocaps.py", ["--config", REPO / "configs" / "nocaps.yaml", "--output_dir", out,
+                                         "--opts", *_nocaps_opts(root)], check=False)
+    assert proc.returncode != 0 and "field 'img_id'" in proc.stderr and "nocaps_val.json" in proc.stderr
+    assert not out.exists()

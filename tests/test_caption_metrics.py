@@ -315,7 +315,10 @@ def test_image_id_errors_name_the_entry_and_the_field():
         cm.image_id_for({"caption": ["a"]}, "flickr")
     with pytest.raises(DataError, match=r"field 'image_id': expected an int or a non-empty string, got 1\.5"):
         cm.image_id_for({"image": "a.jpg", "image_id": 1.5}, "custom")
-    with pytest.raises(ValueError, match="unknown dataset 'nocaps'"):
+    with pytest.raises(ValueError, match="unknown dataset 'vizwiz'"):
+        cm.image_id_for({"image": "a.jpg"}, "vizwiz")
+    assert cm.image_id_for({"image": "a.jpg", "img_id": 7}, "nocaps") == 7
+    with pytest.raises(DataError, match="field 'img_id'"):
         cm.image_id_for({"image": "a.jpg"}, "nocaps")
 
 

@@ -92,12 +92,18 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1, drop_last: bool = False):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last
         self.num_samples = n // world_size if drop_last else -(-n // world_size)
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
+
+    def resize(self, n: int) -> None:
+        """A dataset whose items change per epoch (BLIP's ``laion_path``): ``n`` items from now on."""
+        self.n = n
+        self.num_samples = n // self.world_size if self.drop_last else -(-n // self.world_size)
 
     def _indices(self):
         if self.shuffle:
@@ -374,6 +380,10 @@ class Trainer:
             self.my_slots = range(self.info.rank * per_rank, (self.info.rank + 1) * per_rank)
             loader.set_epoch(epoch, self.state.stream["states"], self.state.batch_in_epoch)
         else:
+            select = getattr(loader.dataset, "select_epoch", None)
+            if select is not None:  # a dataset of per-epoch items (data/pretrain.py RotatingPairs)
+                select(epoch)
+                loader.sampler.resize(len(loader.dataset))
             loader.sampler.set_epoch(epoch, self.state.batch_in_epoch * loader.batch_size)
             loader.dataset.epoch = epoch
             # log_sample_keys: the items of this rank's batches, in order (drop_last batches).

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -378,11 +379,12 @@ def _end_run() -> None:
 
 # ----------------------------------------------------------------------------- command-line helpers
 
-def add_dry_run_arg(parser) -> None:
-    """``--dry_run``, which every training entry script takes (``Trainer.dry_run``)."""
+def add_dry_run_arg(parser, help: Optional[str] = None) -> None:
+    """``--dry_run``, which every entry script takes (training: ``Trainer.dry_run``; evaluation-only
+    scripts: their first batch and :func:`write_dry_run`, described by ``help``)."""
     parser.add_argument("--dry_run", action="store_true",
-                        help="check the config: pre-flight, build, load, one eval-mode forward of the first "
-                             "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
+                        help=help or "check the config: pre-flight, build, load, one eval-mode forward of the first "
+                                     "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
 
 
 def refuse_dry_run_with(args, *flags: str) -> None:
@@ -395,6 +397,18 @@ def refuse_dry_run_with(args, *flags: str) -> None:
         if getattr(args, flag.lstrip("-")):
             raise UserError(f"--dry_run checks a training run (one forward of its first batch); it cannot be "
                             f"combined with {flag}: drop one of the two")
+
+
+def write_dry_run(output_dir: Path, record: Dict[str, object], log: logging.Logger) -> Dict[str, object]:
+    """``--dry_run`` of an evaluation-only entry script (``eval_nocaps.py``, ``eval_retrieval_video.py``),
+    once its inputs are checked, its model loaded and its first batch run: the run is committed and
+    ``record`` written to ``output_dir/dry_run.json`` (rank 0), its only output. Returns it."""
+    commit_run()
+    if du.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "dry_run.json").write_text(json.dumps(record, indent=1) + "\n")
+        log.info("dry run: %s", output_dir / "dry_run.json")
+    return record
 
 
 def add_train_eval_args(parser) -> None:

@@ -111,3 +111,14 @@ class ColumnSettings(Config):
             if getattr(self, key) is not None and not getattr(self, key).strip():
                 raise ValueError(f'{key}: must name a column, got {getattr(self, key)!r}')
         return self
+
+
+def batch_size_alias(data, keys=('batch_size_train', 'batch_size_test')):
+    """BLIP's single ``batch_size`` key (its caption, nocaps, pretraining and MSRVTT configs) for
+    the explicit ``keys`` it stands for; an explicit ``batch_size_train`` / ``_test`` wins. For a
+    config's ``model_validator(mode='before')``."""
+    if isinstance(data, dict) and data.get('batch_size') is not None:
+        data = dict(data)
+        for key in keys:
+            data.setdefault(key, data['batch_size'])
+    return data
