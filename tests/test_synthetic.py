@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.synthetic import generate
+from data.synthetic import PARTS, generate
 from data.synthetic.captions import MAX_WORDS, POSITION_PHRASES, clean
 from data.synthetic.scenes import COLOURS, SHAPES, SIZES
 from data.synthetic.vocab import SPECIAL_TOKENS
@@ -209,10 +209,15 @@ def test_cli(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "data.synthetic", "--out", str(out), "--seed", "1"]
     cmd += ["--n_train", "20", "--n_val", "5", "--n_test", "5"]
+    cmd += ["--n_train_pairs", "20", "--n_dev_pairs", "4", "--n_test_pairs", "4", "--n_clips", "3"]  # nlvr, video
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "written" in proc.stdout
+    # without --parts the CLI writes every part (what `make demo` generates)
+    assert list(PARTS) == ["retrieval", "imagecode", "mmvp", "vqa", "nlvr", "video"]
+    assert all((out / part / "meta.json").is_file() for part in PARTS)
+    assert _load(out / ".complete")["args"]["parts"] == list(PARTS)
     assert len(_load(out / "retrieval/annotation/synthetic_train.json")) == 60
     assert len(_load(out / "retrieval/annotation/synthetic_test.json")) == 5
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -11,8 +11,11 @@ The output is a pure function of the arguments (same json bytes, same pixels); a
 
 Parts: `retrieval` (BLIP retrieval json, docs/FORMATS.md section 1), `imagecode` (ImageCoDe sets,
 docs/FORMATS.md section 3), `mmvp` (MMVP-VLM pairs, docs/FORMATS.md section 4), `vqa` (BLIP VQA json:
-questions with 10 annotator answers, docs/FORMATS.md section 6). Further parts are (spec, writer, paths)
-entries of `PARTS` built on `scenes`.
+questions with 10 annotator answers, docs/FORMATS.md section 6), `nlvr` (BLIP's NLVR2 json, section 9: image
+pairs, a sentence and a True/False label, balanced per sentence), `video` (MSRVTT 1k-A test layout:
+.mp4 clips of moving shapes and a jsonl of captions; needs PyAV). Further parts are (spec, writer,
+paths) entries of `PARTS` built on `scenes`; `python -m data.synthetic` writes all of them by default,
+`generate` only the parts it is given (retrieval alone by default).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from typing import Any, Callable, Iterable
 
 from .imagecode import ImageCodeSpec, imagecode_paths, write_imagecode
 from .mmvp import MMVPSpec, mmvp_paths, write_mmvp
+from .nlvr import NLVRSpec, nlvr_paths, write_nlvr
 from .retrieval import PartOutput, RetrievalSpec, retrieval_paths, write_retrieval
 from .vocab import N_ADDED_TOKENS, write_tokenizer
+from .video import VideoSpec, video_paths, write_video
 from .vqa import VQASpec, vqa_paths, write_vqa
 
 logger = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ PARTS: dict[str, Part] = {
     "imagecode": Part(ImageCodeSpec, write_imagecode, imagecode_paths),
     "mmvp": Part(MMVPSpec, write_mmvp, mmvp_paths),
     "vqa": Part(VQASpec, write_vqa, vqa_paths),
+    "nlvr": Part(NLVRSpec, write_nlvr, nlvr_paths),
+    "video": Part(VideoSpec, write_video, video_paths),
 }
 
 
@@ -143,6 +150,19 @@ def _readme(args: dict, part_meta: dict[str, dict], n_tokens: int) -> str:
         lines.append("  vqa_root `vqa`): count/colour/shape/position/exists questions, 10 annotator answers each.")
         for split, c in part_meta["vqa"]["splits"].items():
             lines.append(f"  - {split}: {c['images']} images, {c['questions']} questions")
+    if "nlvr" in part_meta:
+        m = part_meta["nlvr"]
+        lines.append("- `nlvr/`: BLIP NLVR2 json (`annotation/nlvr_{train,dev,test}.json`, image_root `nlvr`): image")
+        lines.append("  pairs, a sentence and a True/False label; every sentence once true and once false.")
+        for split, c in m["splits"].items():
+            lines.append(f"  - {split}: {c['pairs']} pairs, {c['distinct_sentences']} distinct sentences")
+        b = m["text_only_baseline"]
+        lines.append(f"  Best text-only baseline: dev {b['dev']:.1f}%, test {b['test']:.1f}% (chance 50%).")
+    if "video" in part_meta:
+        m = part_meta["video"]
+        lines.append("- `video/`: MSRVTT 1k-A test layout (`videos/<clip_name>.mp4`, `annotation/msrvtt_test.jsonl`):")
+        lines.append(f"  {m['splits']['test']['clips']} clips of {m['frames_per_clip']} frames at {m['fps']} fps "
+                     f"({m['codec']}, {m['pix_fmt']}), shapes moving together; one caption per clip.")
     lines += [
         f"- `tokenizer/`: BERT WordPiece vocab of {n_tokens} tokens built from the captions",
         f"  (model vocab_size = {n_tokens + N_ADDED_TOKENS} with [DEC] and [ENC]).",
@@ -208,4 +228,4 @@ def generate(
     return _result(out_dir, parts, n_tokens, skipped=False)
 
 
-__all__ = ["GENERATOR_VERSION", "MMVPSpec", "PARTS", "RetrievalSpec", "VQASpec", "generate"]
+__all__ = ["GENERATOR_VERSION", "MMVPSpec", "NLVRSpec", "PARTS", "RetrievalSpec", "VQASpec", "VideoSpec", "generate"]

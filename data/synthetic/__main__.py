@@ -1,4 +1,4 @@
-"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval,imagecode,mmvp,vqa] [--image_size 64] ...`."""
+"""CLI: `python -m data.synthetic --out DIR --seed S [--parts retrieval,imagecode,mmvp,vqa,nlvr,video] [--image_size 64] ...`."""
 
 from __future__ import annotations
 
@@ -47,12 +47,26 @@ def main(argv: list[str] | None = None) -> dict:
     vqa.add_argument("--eval_questions_per_image", type=int, help="questions per val/test image (default 3)")
     vqa.add_argument("--annotator_accuracy", type=float, help="chance an annotator answers right (0.8)")
     vqa.add_argument("--scene_count_weights", type=_weights, help="weights of 1,2,3 shapes (1,1,1)")
+    nlvr = ap.add_argument_group("nlvr part")
+    nlvr.add_argument("--n_train_pairs", type=int, help="train image pairs, even (default 2000)")
+    nlvr.add_argument("--n_dev_pairs", type=int, help="dev pairs, even (default 200)")
+    nlvr.add_argument("--n_test_pairs", type=int, help="test pairs, even (default 200)")
+    nlvr.add_argument("--hard_negative_frac", type=float, help="share of false pairs that are near misses (0.5)")
+    nlvr.add_argument("--nlvr_count_weights", type=_weights, help="weights of 1,2,3 shapes per image (1,1,1)")
+    video = ap.add_argument_group("video part")
+    video.add_argument("--n_clips", type=int, help="test clips (default 60)")
+    video.add_argument("--clip_frames", type=int, help="frames per clip (default 12)")
+    video.add_argument("--clip_fps", type=int, help="frames per second (default 8)")
+    video.add_argument("--clip_count_weights", type=_weights, help="weights of 1,2,3 shapes per clip (0.5,0.35,0.15)")
+    video.add_argument("--motion_captions", action="store_true", default=None,
+                       help="add the direction of motion to the captions")
     args = ap.parse_args(argv)
 
     level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # Unset part flags fall back to the part's own defaults (one place to change them).
-    options = {a.dest: getattr(args, a.dest) for g in (retrieval, mmvp, imagecode, vqa) for a in g._group_actions}
+    options = {a.dest: getattr(args, a.dest) for g in (retrieval, mmvp, imagecode, vqa, nlvr, video)
+               for a in g._group_actions}
     options = {k: v for k, v in options.items() if v is not None}
     result = generate(
         args.out, seed=args.seed, parts=args.parts, image_size=args.image_size, force=args.force, **options

@@ -127,6 +127,17 @@ def caption(scene: Scene, rng: random.Random, complete: bool = True) -> str:
         with_size, with_pos = True, True
     else:
         with_size, with_pos = rng.choice([(False, True), (True, False), (False, False)])
+    return _style(_compose(scene, rng, with_size, with_pos), rng)
+
+
+def caption_with(scene: Scene, rng: random.Random, with_size: bool, with_pos: bool, suffix: str = "") -> str:
+    """One caption of `scene` naming exactly the chosen attributes (colour and shape always), in the
+    grammar of `caption`; `suffix` (e.g. ' moving to the left') is added before the surface noise."""
+    return _style(_compose(scene, rng, with_size, with_pos) + suffix, rng)
+
+
+def _compose(scene: Scene, rng: random.Random, with_size: bool, with_pos: bool) -> str:
+    """The caption text before `_style`."""
     if len(scene) == 1:
         (shape,) = scene
         np_ = _noun_phrase(1, shape, with_size, rng)
@@ -137,7 +148,7 @@ def caption(scene: Scene, rng: random.Random, complete: bool = True) -> str:
     else:
         items = join_list(_items(scene, with_size, with_pos, rng))
         text = rng.choice(_MULTI_SHAPE_TEMPLATES).format(items=items, count=NUMBER_WORDS[len(scene)])
-    return _style(text, rng)
+    return text
 
 
 def captions_for(

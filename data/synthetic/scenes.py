@@ -173,6 +173,11 @@ def render_placed(shapes: Sequence[PlacedShape], image_size: int, rng: random.Ra
     return img.reduce(_SUPERSAMPLE)
 
 
+def region_centre(position: str) -> tuple[float, float]:
+    """The centre (x, y) of a region, as fractions of the image side, before jitter."""
+    return _CENTRES[position]
+
+
 def half_extent(size: str) -> float:
     """Half the drawn extent of a shape of `size`, as a fraction of the image side."""
     return _HALF_EXTENT[size]
