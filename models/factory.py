@@ -8,6 +8,7 @@
     model, tokenizer = create_model(cfg, "imagecode")              # ImageCoDe stage 1 or 2 (cfg.stage)
     model, tokenizer = create_model(cfg, "caption")                # BLIP captioner (ViT + text decoder)
     model, tokenizer = create_model(cfg, "vqa")                    # BLIP VQA (ViT + question encoder + answer decoder)
+    model, tokenizer = create_model(cfg, "nlvr")                   # BLIP NLVR2 (ViT + twin cross-attention encoder)
     load_weights(model, "any checkpoint")                          # dispatches on the file's format
 
 Every checkpoint we write carries a ``format`` tag (:class:`Format`); official BLIP files carry
@@ -21,13 +22,15 @@ none and are recognised by their layout (and so are files written before the tag
 | ``imagecode`` | a whole stage-1 or stage-2 model (``stage`` in its config) | the same stage; stage 1 into stage 2's frozen part |
 | ``blip-caption`` (official or ours) | ``visual_encoder.*``, ``text_decoder.*`` | the captioner |
 | ``blip-vqa`` (official or ours) | ``visual_encoder.*``, ``text_encoder.*``, ``text_decoder.*`` (no projections) | the VQA model |
+| ``blip-nlvr`` (official or ours) | ``visual_encoder.*``, ``text_encoder.*`` with twin ``crossattention.self0/self1``, ``cls_head.*`` | the NLVR2 model |
 
 A pretraining checkpoint (``model_base.pth``: encoder, decoder, momentum copies, queues) is a
 ``blip`` file: a retrieval model takes all but ``text_decoder.*``, a captioner takes
 ``visual_encoder.*`` and ``text_decoder.*``, a VQA model all three towers (as BLIP's ``blip_vqa``
 initialises from ``model_base.pth``; decoder cross-attention weights of another width, a ViT wider
 than the text, start afresh as BLIP's loader drops them); what each leaves is reported as an
-expected extra.
+expected extra. An NLVR2 model takes its ViT and text encoder, each cross-attention copied into
+both twins (BLIP's ``blip_nlvr.load_checkpoint``); its merge layers and head are new.
 
 Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
 
@@ -52,6 +55,7 @@ from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
 from models.tokenizer import build_tokenizer
+from models.nlvr import BLIPNLVR, build_nlvr, has_twins, new_parts, twin_state
 from models.vqa import BLIPVQA, build_vqa
 from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
                               extract_state_dict, interpolate_pos_embed, load_checkpoint,
@@ -68,10 +72,11 @@ class Format:
     IMAGECODE = "imagecode"
     CAPTION = "blip-caption"
     VQA = "blip-vqa"
-    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION, VQA)
+    NLVR = "blip-nlvr"
+    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION, VQA, NLVR)
 
 
-KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption", "vqa")
+KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption", "vqa", "nlvr")
 
 # Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
 # `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
@@ -118,6 +123,8 @@ def build_model(cfg, kind: str, tokenizer) -> nn.Module:
         return build_captioner(cfg, tokenizer)
     if kind == "vqa":
         return build_vqa(cfg, tokenizer)
+    if kind == "nlvr":
+        return build_nlvr(cfg, tokenizer)
     raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
 
 
@@ -229,6 +236,8 @@ def checkpoint_format(ckpt: Mapping) -> str:
         return Format.CONTEXTBLIP_MERGED
     if state and all(k.startswith(CONTEXTBLIP_PARTS) for k in state):
         return Format.CONTEXTBLIP_TRAINABLE
+    if has_twins(state):
+        return Format.NLVR  # BLIP_NLVR's layout: twin cross-attention (self0 / self1)
     if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith("text_encoder.") for k in state):
         return Format.CAPTION
     if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith(HEAD_PREFIXES) for k in state):
@@ -413,6 +422,14 @@ def _plan(model, ckpt, state, fmt, base, name, role, plans) -> LoadResult:
             raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; a VQA model loads BLIP VQA, pretraining, "
                                   "retrieval or caption files")
         return LoadResult(fmt, add(model, _vqa_report(model, state, fmt)), None)
+    if isinstance(model, BLIPNLVR):
+        if fmt not in (Format.NLVR, Format.BLIP):
+            raise CheckpointError(f"{role} {name} is a {fmt!r} checkpoint; an NLVR2 model loads BLIP NLVR2, pretraining "
+                                  "or retrieval files")
+        return LoadResult(fmt, add(model, _nlvr_report(model, state, fmt)), None)
+    if fmt == Format.NLVR:
+        raise CheckpointError(f"{role} {name} is a BLIP NLVR2 checkpoint (twin cross-attention over two images): use "
+                              f"it with train_nlvr.py, not with {type(model).__name__}")
     if fmt == Format.VQA:
         raise CheckpointError(f"{role} {name} is a BLIP VQA checkpoint (visual_encoder, question encoder, answer "
                               f"decoder): use it with train_vqa.py, not with {type(model).__name__}")
@@ -545,6 +562,26 @@ def _vqa_report(model: BLIPVQA, state: Dict[str, torch.Tensor], fmt: str) -> Loa
         new += cross
     return load_state_dict_with_report(model, state, expected_extra_prefixes=HEAD_PREFIXES + MOMENTUM_PREFIXES,
                                        expected_extra_keys=ENCODER_KEYS, new_prefixes=tuple(new), apply=False)
+
+
+def _nlvr_report(model: BLIPNLVR, state: Dict[str, torch.Tensor], fmt: str) -> LoadReport:
+    """An NLVR2 checkpoint key for key. A pretraining or retrieval file (one cross-attention per
+    layer) gives the ViT and the text encoder with each cross-attention copied into both twins; the
+    merge layers and ``cls_head`` are new (allowed to start training, never to evaluate); its
+    projections, ITM head, decoder, momentum copies and queues are expected extras. ``pos_embed`` is
+    resized to the model's grid (both, as the release's loader)."""
+    state = dict(state)
+    key = "visual_encoder.pos_embed"
+    own = model.state_dict()
+    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
+            and state[key].shape[-1] == own[key].shape[-1]:
+        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    new: Tuple[str, ...] = ()
+    if fmt != Format.NLVR:
+        state, new = twin_state(state), new_parts(model)
+    return load_state_dict_with_report(model, state, expected_extra_prefixes=HEAD_PREFIXES + MOMENTUM_PREFIXES
+                                       + PRETRAIN_EXTRAS, expected_extra_keys=ENCODER_KEYS, new_prefixes=new,
+                                       apply=False)
 
 
 def _parts_report(model: ContextBLIP, state: Mapping[str, torch.Tensor]) -> LoadReport:
