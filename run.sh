@@ -6,6 +6,8 @@
 #   bash run.sh eval CONFIG [args...]         evaluation only (--evaluate)
 #   bash run.sh caption CONFIG [args...]      train_caption.py under torchrun (NPROC processes)
 #   bash run.sh vqa CONFIG [args...]          train_vqa.py under torchrun (NPROC processes)
+#   bash run.sh nlvr CONFIG [args...]         train_nlvr.py under torchrun (NPROC processes)
+#   bash run.sh video CONFIG [args...]        eval_retrieval_video.py under torchrun (NPROC processes)
 #   bash run.sh pretrain [CONFIG] [args...]   ContextBLIP adapter pretraining (default configs/pretrain.yaml)
 #   bash run.sh sweep-mask "0.1 0.25 0.5 0.75" [CONFIG] [args...]
 #                                             one pretraining per mask rate (+ random) into SWEEP_DIR
@@ -97,6 +99,26 @@ vqa_demo() {  # stage 9 (needs $DEMO, $D, $SEED and the DLIP teacher's pretraini
     --test_file "$D/vqa/annotation/vqa_test.json"
 }
 
+nlvr_demo() {  # stage 10 (needs $DEMO, $D, $SEED and stage 1's retrieval checkpoint)
+  # BLIP's NLVR2 recipe in small: from a retrieval/pretraining checkpoint (its cross-attention copied
+  # into both image branches), best epoch by dev accuracy; then dev and test predictions of the best
+  # checkpoint, against chance and the best text-only baseline.
+  stage "10 NLVR2" bash -c '"$0" train_nlvr.py --config configs/demo/nlvr.yaml --output_dir "$1" --no_progress \
+      --overwrite --opts "${@:2}" "pretrained=$2" \
+    && "$0" train_nlvr.py --config configs/demo/nlvr.yaml --output_dir "$1" --evaluate --no_progress \
+      --opts "${@:2}" "pretrained=$1/checkpoint_best.pth"' \
+    "$PYTHON" "$DEMO/nlvr" "$DEMO/retrieval/checkpoint_best.pth" "image_root=$D/nlvr" "ann_root=$D/nlvr/annotation" \
+    "tokenizer=$D/tokenizer" ${SEED[@]+"${SEED[@]}"}
+  stage "NLVR2 report" "$PYTHON" -m analysis.nlvr_report "$DEMO/nlvr" --data "$D/nlvr"
+}
+
+video_demo() {  # stage 11: zero-shot text-video retrieval with stage 1's BLIP on the synthetic clips
+  rm -rf "$DEMO/video"
+  stage "11 text-video retrieval" "$PYTHON" eval_retrieval_video.py --config configs/demo/video.yaml \
+    --output_dir "$DEMO/video" --opts "video_root=$D/video/videos" "ann_root=$D/video/annotation" \
+    "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
+}
+
 cmd=${1:-help}; shift || true
 case "$cmd" in
   demo)
@@ -120,7 +142,7 @@ case "$cmd" in
       --output_dir "$DEMO/fixture_eval" --evaluate --no_progress
     # ContextBLIP adapter pretraining on the synthetic pairs, over the BLIP just trained; then the
     # merged export ($DEMO/pretrain/contextblip_merged.pth) the later stages start from.
-    # Stages 2-9 in two lanes of one thread each: these tiny models gain little from a second
+    # Stages 2-11 in two lanes of one thread each: these tiny models gain little from a second
     # thread (~10%), so two lanes side by side nearly halve the wall time. Lane 2 (DLIP, then VQA
     # from the DLIP teacher's pretraining checkpoint) logs to $DEMO/lane2.log; each lane's results
     # are deterministic (a run with another thread count sums in another order: docs/PERFORMANCE.md).
@@ -159,6 +181,8 @@ case "$cmd" in
       "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth" ${SEED[@]+"${SEED[@]}"}
     stage "caption report" "$PYTHON" -m analysis.caption_report "$DEMO/caption" --image_root "$D/retrieval/images" \
       --train_file "$D/retrieval/annotation/synthetic_train.json" --test_file "$D/retrieval/annotation/synthetic_test.json"
+    nlvr_demo
+    video_demo
     echo "=== waiting for lane 2 (DLIP, VQA: $DEMO/lane2.log)"
     if ! wait $LANE2; then
       tail -40 "$DEMO/lane2.log"; echo "lane 2 failed: the whole log is $DEMO/lane2.log" >&2; exit 1
@@ -178,6 +202,8 @@ case "$cmd" in
   eval) cfg=$1; shift; launch train_retrieval.py --config "$cfg" --evaluate "$@" ;;
   caption) cfg=$1; shift; launch train_caption.py --config "$cfg" "$@" ;;
   vqa) cfg=$1; shift; launch train_vqa.py --config "$cfg" "$@" ;;
+  nlvr) cfg=$1; shift; launch train_nlvr.py --config "$cfg" "$@" ;;
+  video) cfg=$1; shift; launch eval_retrieval_video.py --config "$cfg" "$@" ;;
   pretrain)
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
@@ -187,5 +213,5 @@ case "$cmd" in
     cfg=configs/pretrain.yaml
     if [ $# -gt 0 ] && [[ $1 != --* ]]; then cfg=$1; shift; fi
     "$PYTHON" -m tasks.sweep_mask --items "$items" --config "$cfg" --out "${SWEEP_DIR:-outputs/sweep_mask}" -- "$@" ;;
-  *) sed -n '2,13p' "$0"; exit 1 ;;
+  *) sed -n '2,15p' "$0"; exit 1 ;;
 esac

@@ -147,6 +147,30 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
     else:
         rows.append(("9 VQA", "not run", "-", ""))
 
+    nlvr_file = demo / "nlvr" / "nlvr_report.json"
+    if nlvr_file.is_file():
+        nl = json.loads(nlvr_file.read_text())
+        for split in ("dev", "test"):
+            r = nl["splits"].get(split)
+            if r:
+                rows.append(("10 NLVR2 (twin cross-attention)" if split == "dev" else "",
+                             f"{split} accuracy ({r['pairs']} pairs) / chance / best text-only",
+                             f"{_fmt(r['accuracy'])} / {_fmt(r['chance'])} / {_fmt(r['text_only'])}",
+                             _link(demo, demo / "nlvr" / "nlvr_report.md", "by template") if split == "dev" else ""))
+    else:
+        rows.append(("10 NLVR2", "not run", "-", ""))
+
+    video_file = demo / "video" / "test_result.txt"
+    if video_file.is_file():
+        lines_ = [l for l in video_file.read_text().splitlines() if l.strip()]
+        v = json.loads(lines_[-1]) if lines_ else {}
+        rows.append(("11 zero-shot text-video retrieval (stage 1's BLIP)",
+                     "text->video R@1 / R@5 / median rank; video->text R@1",
+                     f"{_fmt(v.get('vid_r1'))} / {_fmt(v.get('vid_r5'))} / {_fmt(v.get('vid_mdR'))}; "
+                     f"{_fmt(v.get('txt_r1'))}", _link(demo, video_file, "metrics")))
+    else:
+        rows.append(("11 text-video retrieval", "not run", "-", ""))
+
     lines += ["| stage | metric | value | files |", "|---|---|---|---|"]
     lines += [f"| {s} | {m} | {v} | {f} |" for s, m, v, f in rows]
     if seconds:
@@ -162,6 +186,7 @@ def build_report(demo: Path, seconds: Dict[str, float]) -> str:
                          demo / "sweep" / "sweep.md"),
                         ("ImageCoDe by category", demo / "imagecode_analysis" / "report.md"),
                         ("VQA by question type (test split)", demo / "vqa" / "vqa_report.md"),
+                        ("NLVR2 by sentence template", demo / "nlvr" / "nlvr_report.md"),
                         ("MMVP-VLM per pattern", demo / "mmvp" / "mmvp_results.md")):
         if path.is_file():
             body = path.read_text().strip().splitlines()

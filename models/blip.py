@@ -113,6 +113,16 @@ class BLIPRetrieval(nn.Module):
         tokens = self.visual_encoder(pixel_values)
         return tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
 
+    def encode_video(self, frames: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``[B, F, 3, H, W]`` -> (tokens ``[B, F * (1 + N), Dv]``, normalised feature ``[B, E]``), as
+        BLIP's ``eval_retrieval_video.py``: every frame through the ViT as an image, the frames'
+        tokens concatenated along the sequence (frame-major: ITM cross-attends to all of them), the
+        feature ``normalize(mean_f vision_proj(CLS_f))`` (the mean of the projections, then normalised)."""
+        b, f = frames.shape[:2]
+        tokens = self.visual_encoder(frames.flatten(0, 1))
+        feat = self.vision_proj(tokens[:, 0]).view(b, f, -1).mean(dim=1)
+        return tokens.reshape(b, f * tokens.shape[1], tokens.shape[2]), F.normalize(feat, dim=-1)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[B, T]`` -> (states ``[B, T, Dt]``, normalised feature ``[B, E]``)."""
         states = self.text_encoder(input_ids, attention_mask, mode="text").last_hidden_state

@@ -13,6 +13,10 @@ weight (additive -10000 underflows to 0 in the softmax), so the real tokens' sta
 Under torchrun each rank embeds a contiguous shard of texts and images and scores the pairs of its
 own images; scores are summed across ranks, each pair having been scored by exactly one rank.
 
+Videos (``eval_retrieval_video.py``, ``tasks/video_retrieval.py``) go through the same code: ``encode``
+is then ``model.encode_video`` (a video's "image" is its frames: one feature, and the frames'
+tokens concatenated as the cross-attention sequence).
+
 An image that fails to decode under ``skip_bad_images`` (the dataset gives index -1) is left out
 with its captions, with a count in the log: its similarities are set to -inf before the top-k, so
 every other query sees exactly the candidates it would see in a set without it, and its row and
@@ -65,9 +69,12 @@ def embed_texts(model, input_ids, attention_mask, batch_size, device, precision=
 
 @torch.no_grad()
 def embed_images(model, dataset, indices: Sequence[int], batch_size: int, device, num_workers=0,
-                 precision="fp32", keep_tokens_on: Optional[torch.device] = None, failed: Optional[list] = None):
+                 precision="fp32", keep_tokens_on: Optional[torch.device] = None, failed: Optional[list] = None,
+                 encode: Optional[Callable] = None):
     """Image tokens ``[n, 1+N, Dv]`` (kept on ``keep_tokens_on``) and features ``[n, E]`` for ``indices``.
-    ``failed``: gets the indices whose image the dataset could not decode (item index -1)."""
+    ``failed``: gets the indices whose image the dataset could not decode (item index -1).
+    ``encode``: batch -> (tokens, features); default ``model.encode_image`` (videos: ``model.encode_video``)."""
+    encode = encode or model.encode_image
     indices = list(indices)
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
@@ -76,7 +83,7 @@ def embed_images(model, dataset, indices: Sequence[int], batch_size: int, device
         if failed is not None:
             failed.extend(indices[start + j] for j in (index < 0).nonzero().flatten().tolist())
         with autocast(device, precision):
-            t, f = model.encode_image(images.to(device))
+            t, f = encode(images.to(device))
         tokens.append(t.float().to(keep_tokens_on or device))
         feats.append(f.float())
     if not feats:
@@ -156,9 +163,12 @@ def scores_from_itm(sims: torch.Tensor, itm: torch.Tensor, topk_i2t, topk_t2i):
 @torch.no_grad()
 def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: int = 35,
                        batch_size: int = 64, rerank_batch_size: int = 128, device=None,
-                       num_workers: int = 0, precision: str = "fp32", progress: bool = True) -> EvalOutput:
+                       num_workers: int = 0, precision: str = "fp32", progress: bool = True,
+                       encode: Optional[Callable] = None, image_chunk: int = 16) -> EvalOutput:
     """Run the whole protocol on an eval dataset (``text``, ``img2txt``, ``txt2img``, items
-    ``(image, index)``). Every rank must call it; every rank gets the same result."""
+    ``(image, index)``). Every rank must call it; every rank gets the same result. ``encode``:
+    how a batch of items becomes (tokens, features), default ``model.encode_image``;
+    ``image_chunk``: images whose cross K/V are projected together (``rerank_itm``)."""
     device = device or next(model.parameters()).device
     model.eval()
     input_ids, attention_mask = tokenize(tokenizer, dataset.text, max_tokens)
@@ -172,7 +182,8 @@ def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: in
     keep_on = torch.device("cpu") if device.type == "cuda" else device
     failed_local: List[int] = []
     image_tokens, image_feat_local = embed_images(model, dataset, img_shard, batch_size, device,
-                                                  num_workers, precision, keep_tokens_on=keep_on, failed=failed_local)
+                                                  num_workers, precision, keep_tokens_on=keep_on, failed=failed_local,
+                                                  encode=encode)
     image_feat = du.gather_variable(image_feat_local)
     bad_img = torch.zeros(n_img, device=device)
     bad_img[failed_local] = 1.0
@@ -196,7 +207,7 @@ def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: in
     # Without a progress bar, a line at least every 30 s (this rank's images).
     beat = None if progress else Heartbeat("ITM rerank (this rank)", len(img_shard), "images", logger)
     itm = rerank_itm(model, image_tokens, img_shard.start, needed, input_ids, attention_mask, device,
-                     rerank_batch_size, precision=precision, progress=show,
+                     rerank_batch_size, image_chunk=image_chunk, precision=precision, progress=show,
                      report=beat.update if beat is not None else None)
     du.all_reduce_sum(itm)
     score_i2t, score_t2i = scores_from_itm(sims, itm, topk_i2t, topk_t2i)
@@ -216,9 +227,10 @@ def evaluate_retrieval(model, dataset, tokenizer, *, k_test: int, max_tokens: in
                       left_out=bad_img.nonzero().flatten().tolist(), image_index=keep_img, text_index=keep_txt)
 
 
-def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> Dict[str, float]:
-    """BLIP's recall metrics (names as in BLIP's logs). Ranks come from a descending
-    ``np.argsort`` like the original, so ties (the -100 entries) resolve the same way."""
+def retrieval_ranks(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img):
+    """0-based ranks ``(ranks_i2t [n_img], ranks_t2i [n_txt])``: an image's is the best rank among
+    its captions, a text's the rank of its image. From a descending ``np.argsort`` like the
+    original, so ties (the -100 entries) resolve the same way."""
     txt2img = np.asarray([txt2img[t] for t in range(len(txt2img))], dtype=np.int64)
     n_img, n_txt = score_i2t.shape
     order = np.argsort(score_i2t, axis=1)[:, ::-1]
@@ -229,6 +241,12 @@ def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> 
 
     order_t = np.argsort(score_t2i, axis=1)[:, ::-1]
     ranks_t2i = np.argmax(order_t == txt2img[:, None], axis=1)
+    return ranks_i2t, ranks_t2i
+
+
+def retrieval_metrics(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img) -> Dict[str, float]:
+    """BLIP's recall metrics (names as in BLIP's logs), from :func:`retrieval_ranks`."""
+    ranks_i2t, ranks_t2i = retrieval_ranks(score_i2t, score_t2i, txt2img)
 
     def recall(ranks, k):
         return 100.0 * float(np.mean(ranks < k))

@@ -22,8 +22,13 @@ def ref():
 
 @pytest.fixture(scope="module")
 def cfg():
-    from tasks.nlvr import NLVRConfig
-    return NLVRConfig(vit=VIT, image_size=48, med_config=str(FIX / "med_config.json"), tokenizer=str(FIX / "tokenizer"),
+    # The model's own groups (not tasks/nlvr.py's schema): what create_model reads.
+    from models.nlvr import NLVRArch
+    from utils.settings import RunSettings, TextSettings, WeightsSettings
+
+    class Config(NLVRArch, WeightsSettings, TextSettings, RunSettings):
+        pass
+    return Config(vit=VIT, image_size=48, med_config=str(FIX / "med_config.json"), tokenizer=str(FIX / "tokenizer"),
                       pretrained=str(FIX / "checkpoint.pth"), device="cpu")
 
 
@@ -104,6 +109,23 @@ def test_the_load_report_lists_the_merge_layers_and_head_as_new_and_evaluation_r
     assert not result.blip.missing and not result.blip.mismatched
     with pytest.raises(CheckpointError, match="merge_layer|cls_head"):
         load_weights(model, str(FIX / "pretrain_checkpoint.pth"), purpose="eval", apply=False)
+
+
+def test_a_retrieval_layout_file_initialises_the_twins_the_same_way(cfg, ref, tmp_path):
+    from models.factory import build_model, load_weights
+    from models.tokenizer import build_tokenizer
+    pre = torch.load(FIX / "pretrain_checkpoint.pth", weights_only=True)["model"]
+    # model_base_retrieval_*.pth's layout: no decoder, the retrieval queue bookkeeping.
+    ret = {k: v for k, v in pre.items() if not k.startswith("text_decoder.") and k != "queue_ptr"}
+    ret["ptr_queue"], ret["idx_queue"] = torch.zeros(1, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)
+    torch.save({"model": ret}, tmp_path / "retrieval.pth")
+    model = build_model(cfg, "nlvr", build_tokenizer(cfg.tokenizer))
+    result = load_weights(model, str(tmp_path / "retrieval.pth"), purpose="train")
+    assert sorted(result.blip.new) == sorted(ref["init_missing_keys"]) and not result.blip.missing
+    state = model.state_dict()
+    for key, value in ret.items():
+        if key.startswith("text_encoder.") and ".crossattention.self." in key:
+            assert torch.equal(state[key.replace(".self.", ".self1.")], value), key
 
 
 def test_our_checkpoint_round_trips_and_other_layouts_are_named(trained, ref, tmp_path):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = {"train_retrieval", "pretrain", "zero_shot", "finetune_imagecode", "eval_mmvp"}
+ENTRY_SCRIPTS = {"train_retrieval", "pretrain", "zero_shot", "finetune_imagecode", "eval_mmvp", "train_caption", "train_vqa",
+                 "pretrain_blip", "train_nlvr", "eval_nocaps", "eval_retrieval_video"}
 PACKAGES = ("utils", "models", "data", "tasks", "tools", "analysis", "bench")
 
 

@@ -9,7 +9,8 @@ table for any checkout of the project (the inputs are made with this checkout's 
     python -m tests.scripts.bad_inputs --tree /path/to/a/checkout [--out table.md] [--cases R1 O3]
 
 Each case is ``Case(id, title, make)``: ``make(world, tmp)`` writes what the case needs under
-``tmp`` and returns a :class:`Run`. ``R*`` are the inputs the issue reported, ``O*`` our own.
+``tmp`` and returns a :class:`Run`. ``R*`` are the inputs the issue reported, ``O*`` our own
+(``V*``: train_vqa.py, ``N*``: train_nlvr.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ OFFICIAL = FIXTURES / "blip_official_tiny"
 CAPTION = FIXTURES / "blip_caption_tiny"
 DLIP = FIXTURES / "dlip_tiny"
 VQA = FIXTURES / "blip_vqa_tiny"
+NLVR = FIXTURES / "blip_nlvr_tiny"
 
 
 # ----------------------------------------------------------------------------- runs
@@ -446,6 +448,63 @@ def _v3(w, tmp):
     out = tmp / "vqa"
     return Run(_vqa(out, f"pretrained={path}"), 1,
                ["pretrained", "does not fit the VQA model", "evaluation needs every weight", "text_decoder"],
+               absent=[out])
+
+
+def _nlvr(out: Path, ann: Path, *opts, evaluate: bool = True, flags=()) -> List[str]:
+    """train_nlvr.py with BLIP's configs/nlvr.yaml over the NLVR fixture (its images and checkpoint)."""
+    return ["train_nlvr.py", "--config", str(REPO / "configs" / "nlvr.yaml"), "--output_dir", str(out),
+            "--no_progress", *(["--evaluate"] if evaluate else []), *flags, "--opts", f"image_root={NLVR}",
+            f"ann_root={ann}", f"pretrained={NLVR / 'checkpoint.pth'}",
+            "vit={width: 48, depth: 2, heads: 4, patch_size: 16}", "image_size=48",
+            f"med_config={NLVR / 'med_config.json'}", f"tokenizer={NLVR / 'tokenizer'}", "num_workers=0",
+            "device=cpu", *opts]
+
+
+def _nlvr_files(tmp: Path, split: Optional[str] = None, index: int = 0, change=None) -> Path:
+    """BLIP's three NLVR split files (16 training and 8 dev pairs of the fixture's training pairs, its
+    8 test pairs; images stay in the fixture), entry ``index`` of ``split`` changed by ``change``."""
+    pairs = json.loads((NLVR / "nlvr_train.json").read_text())
+    files = {"train": pairs[:16], "dev": pairs[16:24], "test": json.loads((NLVR / "nlvr_test.json").read_text())}
+    if split is not None:
+        change(files[split][index])
+    ann = tmp / "ann"
+    ann.mkdir(parents=True, exist_ok=True)
+    for name, entries in files.items():
+        (ann / f"nlvr_{name}.json").write_text(json.dumps(entries))
+    return ann
+
+
+def _n1(w, tmp):
+    run = _prev_run(w, tmp)
+    ann = _nlvr_files(tmp, "train", 3, lambda e: e["images"].__setitem__(1, "images/missing.png"))
+    return Run(_nlvr(run, ann, "pretrained=/nonexistent.pth", evaluate=False, flags=["--overwrite"]), 1,
+               ["entry 3 of", "nlvr_train.json", "field 'images[1]'", "image file missing"], watch=[run])
+
+
+def _n2(w, tmp):
+    out = tmp / "nlvr"
+    ann = _nlvr_files(tmp, "dev", 2, lambda e: e.__setitem__("label", "yes"))
+    return Run(_nlvr(out, ann), 1, ["entry 2 of", "nlvr_dev.json", "field 'label'", "got 'yes'"], absent=[out])
+
+
+def _n3(w, tmp):
+    out = tmp / "nlvr"
+    ann = _nlvr_files(tmp, "test", 7, lambda e: e["images"].pop())
+    return Run(_nlvr(out, ann), 1, ["entry 7 of", "nlvr_test.json", "field 'images'", "exactly 2 image paths", "got 1"],
+               absent=[out])
+
+
+def _n4(w, tmp):
+    out = tmp / "nlvr"
+    ann = _nlvr_files(tmp, "train", 0, lambda e: e.__setitem__("label", "true"))
+    return Run(_nlvr(out, ann, "pretrained=/nonexistent.pth", evaluate=False), 1,
+               ["entry 0 of", "nlvr_train.json", "field 'label'", "got 'true'"], absent=[out])
+
+
+def _n5(w, tmp):
+    out = tmp / "nlvr"
+    return Run(_nlvr(out, _nlvr_files(tmp), "test_file=nlvr_test_p"), 1, ["json file not found", "nlvr_test_p.json"],
                absent=[out])
 
 
@@ -943,6 +1002,17 @@ CASES = [
     Case("V7", "train_vqa.py, a val_file without answers",
          refused(lambda w, out: _vqa(out, "val_file=vqa_test", "train_files=[vqa_train]", evaluate=False),
                  1, ["val_file vqa_test", "needs its annotators' answers"], "vqa")),
+    Case("N1", "train_nlvr.py --overwrite of a previous run, a pair's second image missing", _n1),
+    Case("N2", "train_nlvr.py --evaluate, a dev label 'yes'", _n2),
+    Case("N3", "train_nlvr.py --evaluate, a test pair with one image", _n3),
+    Case("N4", "train_nlvr.py, a train label 'true' (BLIP would read it as False)", _n4),
+    Case("N5", "train_nlvr.py --evaluate, test_file naming no file", _n5),
+    Case("N6", "train_nlvr.py --evaluate of a pretraining checkpoint (no merge layers, no head)",
+         refused(lambda w, out: _nlvr(out, _nlvr_files(out.parent), f"pretrained={NLVR / 'pretrain_checkpoint.pth'}"),
+                 1, ["pretrained", "evaluation needs every weight", "cls_head"], "nlvr")),
+    Case("N7", "train_nlvr.py --evaluate of a VQA checkpoint",
+         refused(lambda w, out: _nlvr(out, _nlvr_files(out.parent), f"pretrained={VQA / 'checkpoint.pth'}"),
+                 1, ["pretrained", "'blip-vqa' checkpoint"], "nlvr")),
 ]
 
 
