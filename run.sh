@@ -115,7 +115,7 @@ nlvr_demo() {  # stage 10 (needs $DEMO, $D, $SEED and stage 1's retrieval checkp
 video_demo() {  # stage 11: zero-shot text-video retrieval with stage 1's BLIP on the synthetic clips
   rm -rf "$DEMO/video"
   stage "11 text-video retrieval" "$PYTHON" eval_retrieval_video.py --config configs/demo/video.yaml \
-    --output_dir "$DEMO/video" --opts "video_root=$D/video/videos" "ann_root=$D/video/annotation" \
+    --output_dir "$DEMO/video" --no_progress --opts "video_root=$D/video/videos" "ann_root=$D/video/annotation" \
     "tokenizer=$D/tokenizer" "pretrained=$DEMO/retrieval/checkpoint_best.pth"
 }
 
