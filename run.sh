@@ -104,9 +104,9 @@ nlvr_demo() {  # stage 10 (needs $DEMO, $D, $SEED and stage 1's retrieval checkp
   # into both image branches), best epoch by dev accuracy; then dev and test predictions of the best
   # checkpoint, against chance and the best text-only baseline.
   stage "10 NLVR2" bash -c '"$0" train_nlvr.py --config configs/demo/nlvr.yaml --output_dir "$1" --no_progress \
-      --overwrite --opts "${@:2}" "pretrained=$2" \
+      --overwrite --opts "${@:3}" "pretrained=$2" \
     && "$0" train_nlvr.py --config configs/demo/nlvr.yaml --output_dir "$1" --evaluate --no_progress \
-      --opts "${@:2}" "pretrained=$1/checkpoint_best.pth"' \
+      --opts "${@:3}" "pretrained=$1/checkpoint_best.pth"' \
     "$PYTHON" "$DEMO/nlvr" "$DEMO/retrieval/checkpoint_best.pth" "image_root=$D/nlvr" "ann_root=$D/nlvr/annotation" \
     "tokenizer=$D/tokenizer" ${SEED[@]+"${SEED[@]}"}
   stage "NLVR2 report" "$PYTHON" -m analysis.nlvr_report "$DEMO/nlvr" --data "$D/nlvr"
