@@ -416,7 +416,8 @@ def test_eval_nocaps_writes_the_server_files_with_blips_decoding(tmp_path, run_s
                                   "--opts", *_nocaps_opts(root)])
     record = json.loads((dry / "dry_run.json").read_text())
     assert record["split"] == "val" and record["batch"] == 2
-    assert sorted(p.name for p in dry.iterdir()) == ["config.yaml", "dry_run.json", "run.log"]  # no captions file
+    from utils.rundir import LOCK_NAME
+    assert sorted(p.name for p in dry.iterdir()) == [LOCK_NAME, "config.yaml", "dry_run.json", "run.log"]  # no captions
 
 
 def test_nocaps_refuses_scoring_and_an_entry_without_img_id(tmp_path, run_script):
