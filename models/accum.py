@@ -123,8 +123,10 @@ def feature_cached_step(model, micro: List[Dict[str, torch.Tensor]], alpha: floa
         m_ids, m_mask = ids[rows], mask[rows]
         pair_ids = torch.cat([m_ids, m_ids, ids[neg_txt[rows]]])
         pair_mask = torch.cat([m_mask, m_mask, mask[neg_txt[rows]]])
-        images = torch.cat([all_tokens[rows], all_tokens[neg_img[rows]], all_tokens[rows]])
-        logits = model.itm_logits(pair_ids, pair_mask, image_tokens=images)
+        # Cross K/V projected once per distinct image (the micro-batch's and its drawn negatives).
+        own = torch.arange(n, device=device)
+        cross_kv = model.text_encoder.project_cross_kv(torch.cat([all_tokens[rows], all_tokens[neg_img[rows]]]))
+        logits = model.itm_logits(pair_ids, pair_mask, cross_kv=cross_kv, cross_index=torch.cat([own, own + n, own]))
         labels = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(2 * n, dtype=torch.long)]).to(device)
         weight = torch.cat([torch.ones(n, dtype=torch.bool, device=device), valid_img[rows], valid_txt[rows]]).float()
         share = (F.cross_entropy(logits.float(), labels, reduction="none") * weight).sum() / weight_total

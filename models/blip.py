@@ -147,9 +147,15 @@ class BLIPRetrieval(nn.Module):
     # ------------------------------------------------------------------ momentum and queues
     @torch.no_grad()
     def momentum_update(self) -> None:
-        for online, mom in zip(self._online_modules(), self._momentum_modules()):
-            for p, p_m in zip(online.parameters(), mom.parameters()):
-                p_m.mul_(self.momentum).add_(p.detach(), alpha=1.0 - self.momentum)
+        """``p_m = p_m * m + p * (1 - m)`` for every momentum parameter, as BLIP's loop does it,
+        in two multi-tensor ops (the same per-element arithmetic, bit for bit)."""
+        pairs = [(p_m, p) for online, mom in zip(self._online_modules(), self._momentum_modules())
+                 for p, p_m in zip(online.parameters(), mom.parameters())]
+        if not pairs:
+            return
+        mom, online = [p_m for p_m, _ in pairs], [p.detach() for _, p in pairs]
+        torch._foreach_mul_(mom, self.momentum)
+        torch._foreach_add_(mom, online, alpha=1.0 - self.momentum)
 
     @torch.no_grad()
     def momentum_features(self, pixel_values, input_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -198,12 +204,15 @@ class BLIPRetrieval(nn.Module):
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         image_tokens, image_feat = self.encode_image(pixel_values)
-        _, text_feat = self.encode_text(input_ids, attention_mask)
+        # The [CLS] features do not depend on trailing padding (it gets exactly zero attention):
+        # BLIP's max_length-padded text is encoded only to its longest caption.
+        itc_ids, itc_mask = trim_padding(input_ids, attention_mask)
+        _, text_feat = self.encode_text(itc_ids, itc_mask)
 
         idx = idx.view(-1)
         with torch.no_grad():
             self.momentum_update()
-            image_feat_m, text_feat_m = self.momentum_features(pixel_values, input_ids, attention_mask)
+            image_feat_m, text_feat_m = self.momentum_features(pixel_values, itc_ids, itc_mask)
             idx_all = du.concat_all_gather(idx)
             image_m_all, text_m_all = du.concat_all_gather(image_feat_m), du.concat_all_gather(text_feat_m)
         image_keys, text_keys, idx_keys = self.itc_keys(image_m_all, text_m_all, idx_all, image_feat_m, text_feat_m,
@@ -232,15 +241,21 @@ class BLIPRetrieval(nn.Module):
         else:
             image_keys, text_keys, idx_keys = image_feat_m, text_feat_m, idx
         if use_queue:
-            image_keys = torch.cat([image_keys, self.image_queue.t().clone()])
-            text_keys = torch.cat([text_keys, self.text_queue.t().clone()])
-            idx_keys = torch.cat([idx_keys, self.queue_ids().clone()])
+            # cat copies: the keys do not change when the queue is written after the loss.
+            image_keys = torch.cat([image_keys, self.image_queue.t()])
+            text_keys = torch.cat([text_keys, self.text_queue.t()])
+            idx_keys = torch.cat([idx_keys, self.queue_ids()])
         return image_keys, text_keys, idx_keys
 
     def _itm_loss(self, image_tokens, image_feat, text_feat, input_ids, attention_mask, idx, idx_all,
                   generator, positive=None) -> torch.Tensor:
         """``positive``: the positives' multimodal pass if already computed (only the 2B negatives
-        are then encoded here)."""
+        are then encoded here).
+
+        The image side's cross-attention keys/values are projected once per distinct image and
+        gathered per pair (BLIP re-projects them for each of the 3B pairs): locally the B images
+        serve the positives, the negative images (drawn from the same B) and the negative texts;
+        with ``negative_all_rank`` the B local images and the B drawn ones."""
         if self.negative_all_rank:
             # Negatives from every rank's batch; the image tokens travel with their gradient.
             image_pool = du.all_gather_with_grad(image_tokens)
@@ -253,18 +268,34 @@ class BLIPRetrieval(nn.Module):
         neg_img, neg_txt, valid_img, valid_txt = sample_hard_negatives(
             image_feat.detach(), text_feat.detach(), feats[0].detach(), feats[1].detach(), idx, idx_pool,
             self.temp.detach(), generator)
-        if positive is not None:
-            ids = torch.cat([input_ids, ids_pool[neg_txt]])
-            mask = torch.cat([attention_mask, mask_pool[neg_txt]])
-            images = torch.cat([image_pool[neg_img], image_tokens])
-            logits = torch.cat([self.itm_head(positive.last_hidden_state[:, 0]),
-                                self.itm_logits(ids, mask, image_tokens=images)])
+        B = image_tokens.shape[0]
+        own = torch.arange(B, device=image_tokens.device)
+        if self.negative_all_rank:
+            sources, neg_index = torch.cat([image_tokens, image_pool[neg_img]]), own + B
         else:
-            ids = torch.cat([input_ids, input_ids, ids_pool[neg_txt]])
-            mask = torch.cat([attention_mask, attention_mask, mask_pool[neg_txt]])
-            images = torch.cat([image_tokens, image_pool[neg_img], image_tokens])
-            logits = self.itm_logits(ids, mask, image_tokens=images)
+            sources, neg_index = image_tokens, neg_img
+        cross_kv = self.text_encoder.project_cross_kv(sources)
+        if positive is not None:
+            ids, mask = trim_padding(torch.cat([input_ids, ids_pool[neg_txt]]),
+                                     torch.cat([attention_mask, mask_pool[neg_txt]]))
+            logits = torch.cat([self.itm_head(positive.last_hidden_state[:, 0]),
+                                self.itm_logits(ids, mask, cross_kv=cross_kv, cross_index=torch.cat([neg_index, own]))])
+        else:
+            ids, mask = trim_padding(torch.cat([input_ids, input_ids, ids_pool[neg_txt]]),
+                                     torch.cat([attention_mask, attention_mask, mask_pool[neg_txt]]))
+            logits = self.itm_logits(ids, mask, cross_kv=cross_kv, cross_index=torch.cat([own, neg_index, own]))
         return itm_loss(logits, torch.cat([valid_img, valid_txt]))
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids and 1/0 mask without the trailing columns that no row attends to. Every
+    position's output, and so every [CLS]/[ENC] feature, is unchanged: a masked key gets exactly
+    zero attention (``MASK_VALUE`` underflows in the softmax), so dropping it only saves work."""
+    used = attention_mask.any(dim=0).nonzero()
+    T = int(used[-1]) + 1 if len(used) else 1
+    if T == input_ids.shape[1]:
+        return input_ids, attention_mask
+    return input_ids[:, :T], attention_mask[:, :T]
 
 
 def build_blip_retrieval(arch: BlipArch, tokenizer, itc: Optional[ITCSettings] = None) -> BLIPRetrieval:

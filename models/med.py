@@ -217,6 +217,8 @@ class Intermediate(nn.Module):
 
 
 class MedLayer(nn.Module):
+    compile_region = True  # compiled by `compile: true` (utils/compile.py)
+
     def __init__(self, cfg: MedConfig):
         super().__init__()
         self.attention = AttentionBlock(cfg, cfg.hidden_size)
@@ -352,7 +354,9 @@ class MedEncoder(nn.Module):
                 if cross_kv is not None:
                     k, v = cross_kv[i]
                     # Gather per layer so only one layer's expanded K/V is alive at a time.
-                    kv = (k[cross_index], v[cross_index]) if cross_index is not None else (k, v)
+                    # (index_select: its backward is an index_add, much cheaper than indexing's index_put)
+                    kv = ((k.index_select(0, cross_index), v.index_select(0, cross_index))
+                          if cross_index is not None else (k, v))
                 else:
                     kv = layer.crossattention.self.project_kv(encoder_hidden_states)
             want_last = output_last_attentions and i == last

@@ -109,6 +109,8 @@ class BlipViT(VisionTransformer):
         # Checkpoint the last `ckpt_layer` blocks in training: those hold the largest activations
         # that the backward pass needs least often relative to their memory (BLIP's choice).
         self.ckpt_layer = ckpt_layer
+        for block in self.blocks:
+            block.compile_region = True  # compiled by `compile: true` (utils/compile.py)
 
     @property
     def num_patches(self) -> int:

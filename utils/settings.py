@@ -56,6 +56,8 @@ class LoopSettings(Config):
     keep_checkpoints: Optional[PosInt] = None   # the newest N epoch checkpoints are kept (None: all); best/last always
     save_format: Literal['torch', 'safetensors'] = 'torch'  # weights as .pth, or .safetensors + a torch state file
     report_to: Literal['none', 'tensorboard'] = 'none'      # tensorboard: events in output_dir/tensorboard (rank 0)
+    compile: bool = False                       # torch.compile the ViT blocks and text layers (utils/compile.py;
+                                                # measured in docs/PERFORMANCE.md)
 
     @model_validator(mode='after')
     def _retention(self, info: ValidationInfo):
