@@ -5,8 +5,9 @@ PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+TEST_STAMP := $(VENV)/.requirements-test-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup setup-test demo test test-fast bench clean
 
 $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -15,15 +16,22 @@ $(STAMP): requirements.txt
 	@command -v java >/dev/null 2>&1 || echo "WARNING: no java on PATH: the COCO caption metrics (PTB tokenizer, METEOR, SPICE) need Java 8+; install it as README.md 'Java (caption metrics)' says (e.g. sudo apt-get install -y default-jre-headless)" >&2
 	@touch $(STAMP)
 
+# The test-only requirements (pytest, img2dataset...) on top of the run-time ones.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PYTHON) -m pip install -q -r requirements-test.txt
+	@touch $(TEST_STAMP)
+
 setup: $(STAMP)
+
+setup-test: $(TEST_STAMP)
 
 demo: setup
 	bash run.sh demo
 
-test: setup
+test: setup-test
 	$(PYTHON) -m pytest -q --durations=30
 
-test-fast: setup
+test-fast: setup-test
 	$(PYTHON) -m pytest -q -m "not slow and not dist"
 
 bench: setup

@@ -54,6 +54,7 @@ from utils.engine import autocast
 SIZES = {  # ViT and text width, depth, image size
     "demo": (64, 2, 64),
     "mid": (384, 6, 224),
+    "base": (768, 12, 384),  # ViT-B/16 at 384 with BERT-base: BLIP base captioner (GPU runs)
 }
 
 

@@ -418,6 +418,7 @@ def test_eval_nocaps_writes_the_server_files_with_blips_decoding(tmp_path, run_s
     assert record["split"] == "val" and record["batch"] == 2
     from utils.rundir import LOCK_NAME
     assert sorted(p.name for p in dry.iterdir()) == [LOCK_NAME, "config.yaml", "dry_run.json", "run.log"]  # no captions
+    assert "versions: python 3." in (dry / "run.log").read_text()  # with torch, torchvision, timm, transformers
 
 
 def test_nocaps_refuses_scoring_and_an_entry_without_img_id(tmp_path, run_script):

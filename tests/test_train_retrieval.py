@@ -149,6 +149,41 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 
 
 @pytest.mark.dist
+def test_compile_true_with_gradient_checkpointing_trains_and_resumes_like_eager(tmp_path, baseline, train_cli):
+    """``compile: true`` through the entry point, with ViT gradient checkpointing: one epoch, resume,
+    the second; the losses are the eager straight run's (within 1e-5) and the checkpoint keys the
+    same. The aot_eager backend traces the blocks as inductor does (dynamo, AOT autograd) without
+    generating code, so this takes seconds; inductor's numerics are test_compile.py's."""
+    cfg, straight = baseline
+    out = tmp_path / "compiled"
+    opts = ["compile=true", "compile_backend=aot_eager", "vit_grad_ckpt=true"]
+    first = train_cli(cfg, out, "--opts", "max_epoch=1", *opts)
+    assert "compile: 4 blocks (Block, MedLayer) compiled" in first.stdout + first.stderr
+    train_cli(cfg, out, "--resume", "auto", "--opts", *opts)
+    eager, compiled = _losses(straight), _losses(out)
+    assert len(compiled) == len(eager) == 2
+    for e, c in zip(eager, compiled):
+        assert e.keys() == c.keys()
+        for k in e:
+            assert abs(e[k] - c[k]) <= 1e-5 * max(1.0, abs(e[k])), (k, e[k], c[k])
+    assert _weights(out / "checkpoint_last.pth").keys() == _weights(straight / "checkpoint_last.pth").keys()
+
+
+@pytest.mark.dist
+def test_torchrun_compile_bf16_and_feature_cached_accumulation(tmp_path, synthetic_small, run_torchrun,
+                                                               tiny_train_config):
+    """``compile: true`` under torchrun (2 ranks) with bf16 autocast and ``accum_freq: 2``: the
+    epoch trains with finite losses and its checkpoint has the eager model's key names."""
+    cfg = tiny_train_config(tmp_path, synthetic_small, max_epoch=1, compile="true", compile_backend="aot_eager",
+                            precision="bf16", accum_freq=2)
+    out = tmp_path / "ddp_compiled"
+    run_torchrun("train_retrieval.py", ["--config", cfg, "--output_dir", out, "--no_progress"])
+    row = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert all(math.isfinite(row[k]) for k in ("train_loss_ita", "train_loss_itm"))
+    state = _weights(out / "checkpoint_last.pth")
+    assert not any("_orig_mod" in k for k in state) and "visual_encoder.blocks.0.attn.qkv.weight" in state
+
+
 def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small, run_torchrun, tiny_train_config):
     """2 ranks (gloo, CPU), hard negatives mined across ranks: training runs, val and test are
     evaluated, checkpoints and TensorBoard events are written once (by rank 0) and resume works under

@@ -203,7 +203,7 @@ class Trainer:
         """``cfg``: the run config (``RunSettings`` + ``LoopSettings`` fields), stored in checkpoints."""
         self.raw_model = model
         if getattr(cfg, "compile", False):
-            compile_regions(model)  # in place, before DDP wraps it: the state-dict keys stay
+            compile_regions(model, backend=cfg.compile_backend)  # in place, before DDP wraps it: the state-dict keys stay
         self.model = model
         # Feature-cached accumulation (models/accum.py): the task's loss runs k micro-batches as one
         # virtual batch; the model is then not wrapped in DDP (several backward passes per step):

@@ -83,6 +83,21 @@ def open_log_file(output_dir, rank: int = 0) -> None:
         _installed.remove(h)
     _installed.append(fh)
     root.addHandler(fh)
+    logging.getLogger(__name__).info("versions: %s", software_versions(), extra={"file_only": True})
+
+
+def software_versions() -> str:
+    """``python 3.11.7, torch 2.x, torchvision ..., timm ..., transformers ...`` (from the installed
+    distributions' metadata: nothing is imported), written to every ``run.log`` as it opens."""
+    import platform
+    from importlib import metadata
+    parts = [f"python {platform.python_version()}"]
+    for name in ("torch", "torchvision", "timm", "transformers"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    return ", ".join(parts)
 
 
 def reset_logging() -> None:

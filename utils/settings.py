@@ -58,6 +58,7 @@ class LoopSettings(Config):
     report_to: Literal['none', 'tensorboard'] = 'none'      # tensorboard: events in output_dir/tensorboard (rank 0)
     compile: bool = False                       # torch.compile the ViT blocks and text layers (utils/compile.py;
                                                 # measured in docs/PERFORMANCE.md)
+    compile_backend: Literal['inductor', 'aot_eager'] = 'inductor'  # aot_eager: traced, no code generated (debug)
 
     @model_validator(mode='after')
     def _retention(self, info: ValidationInfo):
