@@ -38,7 +38,7 @@ from utils.checkpoint import (SAFETENSORS_SUFFIX, CheckpointError, CheckpointMis
 from utils.compile import compile_regions
 from utils.config import ConfigError, config_diff, config_to_dict, describe_diff
 from utils.errors import DataError, UserError
-from utils.logging import Heartbeat, TensorBoard, append_json_line
+from utils.logging import Heartbeat, Reporters, TensorBoard, WandB, append_json_line
 from utils.rundir import TENSORBOARD_DIR, commit_run, epoch_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -238,8 +238,10 @@ class Trainer:
         self.ext = SAFETENSORS_SUFFIX if getattr(cfg, "save_format", "torch") == "safetensors" else ".pth"
         self.save_every = int(getattr(cfg, "save_every", 0) or 0)
         self.keep_checkpoints = getattr(cfg, "keep_checkpoints", None)
-        self.report_to = getattr(cfg, "report_to", "none")
-        self.board = None  # utils.logging.TensorBoard on rank 0 while fit runs
+        report_to = getattr(cfg, "report_to", "none")
+        self.report_to = [r for r in ([report_to] if isinstance(report_to, str) else report_to) if r != "none"]
+        self.wandb_settings = (getattr(cfg, "wandb_project", "blip"), getattr(cfg, "wandb_mode", "offline"))
+        self.board = None  # utils.logging.Reporters (TensorBoard, WandB) on rank 0 while fit runs
         self.config = config_to_dict(cfg)
         self.progress = progress and info.is_main
         self.generator = torch.Generator(device=info.device).manual_seed(_mix(cfg.seed, info.rank, 7))
@@ -625,10 +627,16 @@ class Trainer:
         (``utils.rundir.commit_run``), open the TensorBoard events, and the held sample keys."""
         self.committed = True
         commit_run(output_dir=self.output_dir)
-        if self.report_to == "tensorboard" and self.info.is_main and self.board is None:
-            # A resumed run drops what its previous attempt logged after the checkpoint's step.
-            self.board = TensorBoard(self.output_dir / TENSORBOARD_DIR,
-                                     purge_step=self.state.step if self._resumed else None)
+        if self.report_to and self.info.is_main and self.board is None:
+            backends = []
+            if "tensorboard" in self.report_to:
+                # A resumed run drops what its previous attempt logged after the checkpoint's step.
+                backends.append(TensorBoard(self.output_dir / TENSORBOARD_DIR,
+                                            purge_step=self.state.step if self._resumed else None))
+            if "wandb" in self.report_to:
+                project, mode = self.wandb_settings
+                backends.append(WandB(self.output_dir, project, mode, self.config, group=self.output_dir.name))
+            self.board = Reporters(backends)
         held, self._held_keys = self._held_keys, []
         if held:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -235,3 +235,57 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class WandB:
+    """``report_to: wandb``: the same scalars and pictures as a Weights & Biases run (rank 0 only),
+    as open_clip and HF's Trainer report them: one step axis, ``<prefix>/<name>`` keys, the resolved
+    config as the run's config. ``mode`` offline (the default) needs no network: the run is written
+    under ``root/wandb/offline-run-*`` for ``wandb sync``; online uploads as it goes. Each attempt
+    of a resumed run is its own wandb run in the same group (the output folder's name)."""
+
+    def __init__(self, root, project: str, mode: str, config: dict, group: str):
+        try:
+            import wandb
+        except ImportError as err:
+            raise UserError(f"report_to: wandb needs the wandb package ({err}); pip install wandb, "
+                            "or drop wandb from report_to") from None
+        self.wandb = wandb
+        self.run = wandb.init(project=project, dir=str(root), mode=mode, config=config, group=group,
+                              job_type="train", reinit="create_new",
+                              settings=wandb.Settings(console="off", silent=True))
+
+    def scalars(self, values: dict, step: int, prefix: str) -> None:
+        self.run.log({f"{prefix}/{name}": value for name, value in _numeric_leaves(values)}, step=step)
+
+    def picture(self, tag: str, path, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(str(path))}, step=step)
+
+    def flush(self) -> None:
+        pass  # wandb writes in its own process
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Reporters:
+    """Every ``report_to`` backend behind the one interface the trainer calls."""
+
+    def __init__(self, backends: list):
+        self.backends = backends
+
+    def scalars(self, values: dict, step: int, prefix: str) -> None:
+        for b in self.backends:
+            b.scalars(values, step, prefix)
+
+    def picture(self, tag: str, path, step: int) -> None:
+        for b in self.backends:
+            b.picture(tag, path, step)
+
+    def flush(self) -> None:
+        for b in self.backends:
+            b.flush()
+
+    def close(self) -> None:
+        for b in self.backends:
+            b.close()

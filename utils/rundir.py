@@ -50,6 +50,7 @@ LOCK_NAME = ".lock"
 RUN_FILES = ("checkpoint_last.pth", "checkpoint_best.pth", "checkpoint_last.safetensors",
              "checkpoint_best.safetensors", "log.txt")
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # report_to: wandb (wandb's own folder name under its dir)
 
 # A person can act on these from their message alone; anything else is a bug and keeps its traceback.
 USER_ERRORS = (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -76,11 +77,10 @@ def epoch_checkpoints(output_dir: Path) -> list:
 
 def run_files(output_dir: Path) -> list:
     """What ``--overwrite`` deletes: the engine's checkpoints (with safetensors state files and the
-    epoch copies), log.txt and the TensorBoard events."""
+    epoch copies), log.txt, the TensorBoard events and the Weights & Biases runs."""
     files = [output_dir / name for name in RUN_FILES if (output_dir / name).is_file()]
     files += epoch_checkpoints(output_dir)
-    board = output_dir / TENSORBOARD_DIR
-    return files + ([board] if board.is_dir() else [])
+    return files + [output_dir / d for d in (TENSORBOARD_DIR, WANDB_DIR) if (output_dir / d).is_dir()]
 
 
 # ----------------------------------------------------------------------------- the lock

@@ -2,7 +2,7 @@
 weights, text). A task's schema inherits the ones it uses; each key is declared here once."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Union
 
 from pydantic import ValidationInfo, model_validator
 
@@ -55,7 +55,11 @@ class LoopSettings(Config):
     save_every: NonNegInt = 0                   # also keep checkpoint_epochNNN every N epochs (0: only best/last)
     keep_checkpoints: Optional[PosInt] = None   # the newest N epoch checkpoints are kept (None: all); best/last always
     save_format: Literal['torch', 'safetensors'] = 'torch'  # weights as .pth, or .safetensors + a torch state file
-    report_to: Literal['none', 'tensorboard'] = 'none'      # tensorboard: events in output_dir/tensorboard (rank 0)
+    # tensorboard: events in output_dir/tensorboard; wandb: a Weights & Biases run (rank 0 only; a list: both)
+    report_to: Union[Literal['none', 'tensorboard', 'wandb'], List[Literal['tensorboard', 'wandb']]] = 'none'
+    wandb_project: str = 'blip'                 # report_to: wandb
+    wandb_mode: Literal['offline', 'online'] = 'offline'  # offline: the run stays in output_dir/wandb, no
+                                                # network (`wandb sync output_dir/wandb/offline-run-*` uploads it)
     compile: bool = False                       # torch.compile the ViT blocks and text layers (utils/compile.py;
                                                 # measured in docs/PERFORMANCE.md)
     compile_backend: Literal['inductor', 'aot_eager'] = 'inductor'  # aot_eager: traced, no code generated (debug)
