@@ -56,10 +56,12 @@ from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
 from models.tokenizer import build_tokenizer
 from models.nlvr import BLIPNLVR, build_nlvr, has_twins, new_parts, twin_state
+from models.vit import VIT_PRESETS
 from models.vqa import BLIPVQA, build_vqa
 from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
                               extract_state_dict, interpolate_pos_embed, load_checkpoint,
                               load_state_dict_with_report)
+from utils import zoo
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ def create_model(cfg, kind: str, device: Any = "cpu", pretrained: Optional[str] 
     """
     source = cfg.pretrained if pretrained is None else pretrained
     tokenizer = build_tokenizer(cfg.tokenizer)
-    ckpt = read_source(source, cfg, tokenizer) if load and source else None
+    ckpt = read_source(source, cfg, tokenizer, role=role) if load and source else None
     if kind == "zero_shot" and ckpt is not None and cfg.use_adapter and checkpoint_format(ckpt) == Format.BLIP:
         logger.info("%s is a plain BLIP checkpoint: scoring with BLIP itself (use_adapter off)", source)
         cfg = cfg.model_copy(update={"use_adapter": False})
@@ -170,7 +172,7 @@ def create_teacher(cfg, tokenizer, device: Any = "cpu") -> nn.Module:
         raise ConfigError("`teacher` is empty: name the BLIP checkpoint (with a decoder) to distil from")
     arch = BlipArch.model_validate({"vit": cfg.teacher_vit, "image_size": cfg.image_size,
                                     "med_config": cfg.teacher_med_config, "embed_dim": cfg.embed_dim})
-    ckpt = read_source(cfg.teacher, arch, tokenizer)
+    ckpt = read_source(cfg.teacher, arch, tokenizer, role="teacher")
     state = extract_state_dict(ckpt)
     if not any(k.startswith("text_decoder.") for k in state) or not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointError(f"teacher {cfg.teacher}: a DLIP teacher needs a text encoder and a decoder "
@@ -202,12 +204,21 @@ def model_from_checkpoint(source, device: Any = "cpu", strict: Optional[bool] = 
 
 # ---------------------------------------------------------------------- loading
 
-def read_source(source, arch=None, tokenizer=None, queue_size: Optional[int] = None) -> Dict[str, Any]:
-    """A checkpoint as loaded: a file or URL (``utils.checkpoint.load_checkpoint``), or a
+def read_source(source, arch=None, tokenizer=None, queue_size: Optional[int] = None,
+                role: str = "pretrained") -> Dict[str, Any]:
+    """A checkpoint as loaded: a file or URL (``utils.checkpoint.load_checkpoint``), an official
+    checkpoint's name (``blip/model_base``, ``utils/zoo.py``), or a
     HuggingFace BLIP folder / hub id (``owner/name``, from the local HF cache) converted in memory to
     the official layout (``models/hf.py``). With ``arch`` (a config with the ViT / med_config keys)
-    the folder's config.json dimensions are checked against it first, naming any field that differs.
+    the folder's config.json dimensions are checked against it first, naming any field that differs,
+    and a name's ViT size (``role`` ``teacher``: the ``teacher_vit`` key), before anything is downloaded.
     Queues a folder lacks are made of ``queue_size`` (default: the config's, else BLIP's 57600)."""
+    if zoo.is_zoo_name(source):  # before hf: `blip/model_base` has a hub id's shape
+        if arch is not None and hasattr(arch, "vit"):
+            vit = arch.vit if isinstance(arch.vit, str) else next(
+                (n for n, preset in VIT_PRESETS.items() if preset == arch.vit), None)  # a custom mapping: None
+            zoo.check_vit(source, vit, "teacher_vit" if role.startswith("teacher") else "vit", role)
+        return load_checkpoint(source)
     if hf.is_hf_source(source):
         expect = None
         if arch is not None and hasattr(arch, "vit_arch") and hasattr(arch, "med_config"):
@@ -473,7 +484,7 @@ def inspect_weights(cfg, kind: str, source, role: str = "pretrained", purpose: s
     any, now. For commands that load several checkpoints in turn (``tools sweep``, ``tools
     ensemble``): every one is inspected before the first is evaluated."""
     tokenizer = tokenizer or build_tokenizer(cfg.tokenizer)
-    ckpt = read_source(source, cfg, tokenizer)
+    ckpt = read_source(source, cfg, tokenizer, role=role)
     with torch.device("meta"):
         model = build_model(cfg, kind, tokenizer)
     return load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), role=role, purpose=purpose,

@@ -16,6 +16,7 @@ COMMANDS = {
     "sweep": ("tools.sweep", "evaluate checkpoints x caption columns on one split; one table (CSV + markdown)"),
     "convert": ("tools.convert", "convert checkpoints: official BLIP .pth <-> HuggingFace folder"),
     "vqa": ("tools.vqa", "official VQA v2 / OK-VQA question + annotation files -> BLIP's vqa json layout"),
+    "models": ("tools.models", "the official BLIP checkpoints by name (pretrained: blip/model_base): task, ViT, URL"),
 }
 
 

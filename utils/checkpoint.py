@@ -35,6 +35,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from utils import zoo
 from utils.errors import UserError, json_error
 
 logger = logging.getLogger(__name__)
@@ -221,13 +222,17 @@ def _describe(err: BaseException, timeout: float) -> str:
 
 def resolve_checkpoint(source: str | Path, cache_dir: str | Path | None = None,
                        timeout: float = 30.0, progress: bool = True) -> Path:
-    """Return a local path for `source`: an existing file, or an http(s) URL downloaded once.
+    """Return a local path for `source`: an existing file, an http(s) URL downloaded once, or an
+    official checkpoint's name (`blip/model_base`: `utils.zoo`), which stands for its URL.
 
     URLs are cached as `<cache_dir>/<sha256(url)[:12]>_<basename>` and reused without network.
     `timeout` (seconds) bounds the connect and every single read, so a dead server never hangs us.
-    Raises FileNotFoundError for a missing local path and CheckpointDownloadError (a RuntimeError)
-    naming the URL and the cause for any network failure.
+    Raises FileNotFoundError for a missing local path, ZooError for an unknown name (before any
+    download) and CheckpointDownloadError (a RuntimeError) naming the URL and the cause for any
+    network failure.
     """
+    if zoo.is_zoo_name(source):
+        source = zoo.zoo_url(source)
     if not _is_url(source):
         if isinstance(source, str) and "://" in source:
             raise CheckpointValueError(f"unsupported checkpoint location {source!r}: give a local path "
