@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
-	@command -v java >/dev/null 2>&1 || echo "WARNING: no java on PATH: the COCO caption metrics (PTB tokenizer, METEOR, SPICE) need Java 8+; install it as README.md 'Java (caption metrics)' says (e.g. sudo apt-get install -y default-jre-headless)" >&2
+	@command -v java >/dev/null 2>&1 || echo "WARNING: no java on PATH: the COCO caption metrics (PTB tokenizer, METEOR, SPICE) need Java 8+; install it as docs/CAPTIONING.md 'Java (caption metrics)' says (e.g. sudo apt-get install -y default-jre-headless)" >&2
 	@touch $(STAMP)
 
 # The test-only requirements (pytest, img2dataset...) on top of the run-time ones.

@@ -38,7 +38,7 @@ launch() {  # launch SCRIPT ARGS...: plain python for 1 process, torchrun otherw
 DEMO=${DEMO_DIR:-outputs/demo}
 D="$DEMO/data"
 # DEMO_SEED=N: every training stage with seed N (the data stay the same): the spread over seeds
-# is the run-to-run noise of each demo figure (README, Reproducibility).
+# is the run-to-run noise of each demo figure (docs/RETRIEVAL.md, Reproducibility).
 SEED=(); [ -n "${DEMO_SEED:-}" ] && SEED=("seed=$DEMO_SEED")
 stage() {  # stage NAME COMMAND...: run it, append its wall time to $DEMO/stage_seconds.tsv
   local name=$1; shift; local t0=$SECONDS
@@ -130,7 +130,7 @@ case "$cmd" in
     stage "1 retrieval fine-tuning" "$PYTHON" train_retrieval.py --config configs/demo/retrieval.yaml \
       --output_dir "$DEMO/retrieval" --no_progress --overwrite --opts "image_root=$D/retrieval/images" \
       "ann_root=$D/retrieval/annotation" "tokenizer=$D/tokenizer" ${SEED[@]+"${SEED[@]}"} "$@"
-    # The kept epoch checkpoints x the test captions as they are and templated (README, "Product
+    # The kept epoch checkpoints x the test captions as they are and templated (docs/TOOLS.md, "Product
     # retrieval workflow"): one table, $DEMO/sweep/sweep.md.
     stage "checkpoint sweep" bash -c '"$0" -m tools captions --input "$1/retrieval/annotation/synthetic_test.json" \
         --template "a photo of {caption}" --new_col caption_aug --output "$2/sweep/test.csv" --overwrite \

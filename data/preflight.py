@@ -218,7 +218,7 @@ def log_unk_rate(tokenizer, texts: Sequence[str], what: str,
     if rate > UNK_WARN_RATE:
         logger.warning("%.1f%% of the words of %s%s become [UNK] with the tokenizer %r (e.g. %s): the model "
                        "cannot read them. Check the config key 'tokenizer': BLIP weights need BERT's "
-                       "'bert-base-uncased' (README, 'Bring your own data')", 100 * rate, what, sampled, name, examples)
+                       "'bert-base-uncased' (docs/RETRIEVAL.md, 'Bring your own data')", 100 * rate, what, sampled, name, examples)
     else:
         logger.info("[UNK] rate of %s%s: %.2f%% of %d words (tokenizer %r)%s", what, sampled, 100 * rate, total,
                     name, f"; unknown: {examples}" if unknown else "")

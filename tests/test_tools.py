@@ -394,7 +394,7 @@ def _json_to_csv(src: Path, dest: Path, with_ids: bool) -> Path:
 
 
 def test_custom_csv_annotations_read_like_blip_json_and_evaluate(tiny, tmp_path):
-    """The README's "Bring your own data": captions in CSV files, `dataset: custom`."""
+    """docs/RETRIEVAL.md, "Bring your own data": captions in CSV files, `dataset: custom`."""
     import train_retrieval
     from data.retrieval import build_retrieval_datasets
     cfg_path, ckpt, ann, root = tiny

@@ -29,7 +29,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"
 LARGE = {"coco": REPO / "configs" / "retrieval_coco_large.yaml",
          "flickr": REPO / "configs" / "retrieval_flickr_large.yaml"}
 # BLIP's ViT-L settings (the commented-out `vit: 'large'` block of its retrieval_{coco,flickr}.yaml,
-# README "Recommended settings"); everything else is the ViT-B config's.
+# docs/RETRIEVAL.md "Bring your own data", recommended settings); everything else is the ViT-B config's.
 RECIPE = {"vit": "large", "batch_size_train": 16, "batch_size_test": 32, "vit_grad_ckpt": True, "init_lr": 5e-6,
           "image_size": 384, "max_epoch": 6, "weight_decay": 0.05, "min_lr": 0.0, "vit_drop_path_rate": 0.1,
           "med_config": "configs/med_config.json"}

@@ -14,7 +14,7 @@ class RunSettings(Config):
     device: Device = 'auto'                     # 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps'
     seed: int = 42
     deterministic: bool = False                 # bitwise repeatable runs on the same machine and software
-                                                # (deterministic kernels; measured cost in README.md)
+                                                # (deterministic kernels; its cost: docs/RETRIEVAL.md)
     output_dir: str = 'outputs/run'             # checkpoints, logs and the resolved config
 
 
