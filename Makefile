@@ -28,11 +28,19 @@ setup-test: $(TEST_STAMP)
 demo: setup
 	bash run.sh demo
 
-test: setup-test
-	$(PYTHON) -m pytest -q --durations=30
+# The suite on TEST_WORKERS pytest-xdist workers (a test file stays on one worker: its module-scoped
+# runs are shared), then the few tests that bound a wall time (a hang given up on in time) alone.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
+test: setup-test
+	$(PYTEST_PARALLEL) -m "not timing" --durations=30
+	$(PYTHON) -m pytest -q -m timing
+
+# The inner loop: everything but the end-to-end runs and torchrun launches.
 test-fast: setup-test
-	$(PYTHON) -m pytest -q -m "not slow and not dist"
+	$(PYTEST_PARALLEL) -m "not slow and not dist and not timing"
+	$(PYTHON) -m pytest -q -m "timing and not slow and not dist"
 
 bench: setup
 	$(PYTHON) -m bench.bench_eval

@@ -12,8 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import forked
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"
+
+# Torch on one thread in the test process, so that the runs forked from it may use several (GNU
+# OpenMP hangs in a child forked after its thread pool started); real subprocesses and forked runs
+# get this worker's share of the cores (two pytest-xdist workers on two cores: one each).
+forked.single_threaded_parent()
+os.environ.setdefault("OMP_NUM_THREADS", str(forked.worker_threads()))
 
 
 def _fixture_config(tmp_path: Path, **overrides) -> Path:
@@ -55,9 +63,10 @@ def _run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=N
 
 
 def _run_script(script: str, args, timeout: float = 900, env=None, check=True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    """``python script args`` (``python -m script`` without ``.py``) from the repo root: a process of
+    its own, forked from this one with the script's imports done (``tests/scripts/forked.py``)."""
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = forked.run(script, args, full_env, cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -125,14 +134,22 @@ def tiny_train_config():
 
 def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> None:
     """Start ``cmd`` from the repo root and SIGKILL it as soon as ``checkpoint`` records loop step
-    ``>= step`` (a run saving every few steps: killed mid-epoch, as a crash would)."""
-    import signal
+    ``>= step`` (a run saving every few steps: killed mid-epoch, as a crash would). ``python
+    script.py ...`` runs forked from this process (``tests/scripts/forked.py``), anything else
+    (torchrun) as a subprocess; the whole process tree is killed."""
     import time
     import torch
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)})
+    cmd = [str(c) for c in cmd]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    if cmd[0] == sys.executable and cmd[1].endswith(".py") and not forked.use_subprocess():
+        pid = forked.start(str(Path(cmd[1]).relative_to(REPO)), cmd[2:], env, cwd=REPO)
+        poll, finish = (lambda: forked.poll(pid)), (lambda: forked.wait(pid))
+    else:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        pid, poll, finish = proc.pid, proc.poll, proc.wait
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
+    status = None
+    while time.time() < deadline and status is None:
         if checkpoint.is_file():
             try:
                 if torch.load(checkpoint, weights_only=True)["loop"]["step"] >= step:
@@ -140,33 +157,11 @@ def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> Non
             except Exception:  # noqa: BLE001 - replaced atomically, but read while renamed: retry
                 pass
         time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
+        status = poll()
+    assert status is None, "the run finished before it could be killed"
     # torchrun starts each rank in a session of its own: kill the whole tree, as a crash would.
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def _descendants(pid: int) -> list:
-    """Every process below ``pid`` (from /proc), children first."""
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    forked.kill_tree(pid)
+    finish()
 
 
 @pytest.fixture(scope="session")

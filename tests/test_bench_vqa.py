@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_bench_vqa_tiny_same_answers_and_json(tmp_path):
     cmd = [sys.executable, "-m", "bench.bench_vqa", "--size", "tiny", "--device", "cpu", "--threads", "1",
            "--questions", "6", "--candidates", "40", "--k_test", "16", "--repeats", "1", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     s = result["setup"]

@@ -168,6 +168,7 @@ spice_models_absent = pytest.mark.skipif(cm.spice_models_present(), reason="SPIC
 
 
 @spice_models_absent
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_spice_fetch_attempt_gives_up_within_its_bound(monkeypatch, caplog):
     monkeypatch.setattr(cm, "_spice_fetch_failed", None)
     start = time.monotonic()
@@ -186,6 +187,7 @@ def test_spice_fetch_attempt_gives_up_within_its_bound(monkeypatch, caplog):
     assert len(caplog.records) == 1
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_a_silent_server_or_a_stuck_fetch_is_given_up_on_in_time(monkeypatch):
     import socket
 
@@ -206,6 +208,7 @@ def test_a_silent_server_or_a_stuck_fetch_is_given_up_on_in_time(monkeypatch):
 @pytest.mark.slow
 @needs_java
 @spice_models_absent
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_spice_auto_offline_is_skipped_with_one_warning(monkeypatch, caplog):
     monkeypatch.setattr(cm, "_spice_fetch_failed", None)
     start = time.monotonic()
@@ -222,6 +225,7 @@ def test_spice_auto_offline_is_skipped_with_one_warning(monkeypatch, caplog):
 
 
 @spice_models_absent
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_spice_true_offline_is_an_error_before_any_scoring(monkeypatch):
     if shutil.which("java") is None:
         pytest.skip("no java on PATH")

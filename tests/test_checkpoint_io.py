@@ -241,6 +241,7 @@ def test_interrupted_download_leaves_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_closed_port_fails_fast(tmp_path):
     with socket.socket() as sock:  # bind, then close: nothing listens on this port afterwards
         sock.bind(("127.0.0.1", 0))
@@ -253,6 +254,7 @@ def test_closed_port_fails_fast(tmp_path):
     assert url in str(info.value) and "manually" in str(info.value)
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_silent_server_times_out(tmp_path):
     # A listening socket nobody accepts from: the kernel completes the handshake, then silence.
     with socket.socket() as sock:

@@ -267,6 +267,7 @@ def test_pretrained_may_name_a_hub_id_in_the_local_cache(hf_native, tmp_path, fi
     assert state["image_queue"].shape == (32, 64)  # the config's queue_size
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_a_missing_hub_id_or_other_dimensions_fail_at_once_naming_why(hf_retrieval, tmp_path, fixture_config,
                                                                       monkeypatch):
     from models.factory import create_model

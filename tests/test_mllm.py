@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from PIL import Image
 
 from analysis.chat_client import ChatClient, ChatError, parse_image_number
 from analysis.mllm import ask, compare, compare_table, load_sample, read_answers, sample_items, window
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,13 +190,13 @@ def test_ask_cli_reads_the_key_from_the_environment_and_never_stores_it(sample, 
            "--base_url", srv.url, "--model", "m", "--api_key_env", "MY_TEST_KEY", "--rate", "1000",
            "--backoff", "0.01", "--limit", "2"]
     env = {**os.environ, "MY_TEST_KEY": "sk-secret-123"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "asked 2 items" in proc.stdout and "1 retries" in proc.stdout
     assert srv.requests[0]["auth"] == "Bearer sk-secret-123"
     assert "sk-secret" not in answers.read_text() and not list(sample.rglob("*secret*"))
     env.pop("MY_TEST_KEY")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode != 0 and "MY_TEST_KEY is not set" in proc.stderr
 
 
@@ -247,7 +247,7 @@ def test_compare_cli_parses_raw_external_answers(sample, tmp_path):
     cmd = [sys.executable, "-m", "analysis.mllm", "compare", "--sample", str(sample), "--answers",
            str(tmp_path / "ext.json"), "--predictions", str(tmp_path / "p.json"), "--names", "GPT-4V,ContextBLIP",
            "--out", str(tmp_path / "cmp")]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["summary"]["all"]["theirs"] == 100.0

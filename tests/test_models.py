@@ -124,6 +124,7 @@ def test_visible_patch_encoding_equals_vit_on_kept_tokens():
     assert got.shape == (2, 5, 32) and torch.allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_tokenizer_errors_are_clear_and_fast(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         build_tokenizer(str(tmp_path / "missing" / "tok"))
@@ -138,6 +139,7 @@ def test_tokenizer_errors_are_clear_and_fast(tmp_path, monkeypatch):
     assert time.time() - start < 30
 
 
+@pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_tokenizer_unreachable_hub_fails_fast_with_a_clear_message(tmp_path, free_port):
     """No cache and a hub that refuses connections: a clear OSError within seconds, not a hang."""
     import subprocess

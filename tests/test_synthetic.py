@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from data.synthetic import PARTS, generate
 from data.synthetic.captions import MAX_WORDS, POSITION_PHRASES, clean
 from data.synthetic.scenes import COLOURS, SHAPES, SIZES
 from data.synthetic.vocab import SPECIAL_TOKENS
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=60, n_val=12, n_test=12)
@@ -211,7 +211,7 @@ def test_cli(tmp_path):
     cmd += ["--n_train", "20", "--n_val", "5", "--n_test", "5"]
     cmd += ["--n_train_pairs", "20", "--n_dev_pairs", "4", "--n_test_pairs", "4", "--n_clips", "3"]  # nlvr, video
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "written" in proc.stdout
     # without --parts the CLI writes every part (what `make demo` generates)
@@ -220,5 +220,5 @@ def test_cli(tmp_path):
     assert _load(out / ".complete")["args"]["parts"] == list(PARTS)
     assert len(_load(out / "retrieval/annotation/synthetic_train.json")) == 60
     assert len(_load(out / "retrieval/annotation/synthetic_test.json")) == 5
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    again = forked.run_cmd(cmd, env=env, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from data.synthetic import generate
 from data.synthetic.nlvr import TEMPLATE_NAMES, NLVRSpec, template_of
 from data.synthetic.vocab import basic_tokenize
 from data.utils import pre_caption
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train_pairs=80, n_dev_pairs=40, n_test_pairs=40)
@@ -223,7 +223,7 @@ def test_cli_nlvr_and_video_parts(tmp_path):
            "--n_train_pairs", "20", "--n_dev_pairs", "4", "--n_test_pairs", "6", "--n_clips", "3", "--clip_frames", "8",
            "--motion_captions"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "synthetic nlvr+video written" in proc.stdout
     assert len(_load(out / "nlvr/annotation/nlvr_test.json")) == 6

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,6 +16,7 @@ from data.synthetic import GENERATOR_VERSION, generate
 from data.synthetic.scenes import COLOURS, POSITIONS, SHAPES
 from data.synthetic.vocab import basic_tokenize, build_vocab
 from data.synthetic.vqa import VQASpec
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train_images=40, n_val_images=8, n_test_images=10)
@@ -177,11 +177,11 @@ def test_cli_vqa_part(tmp_path):
            "--n_train_images", "6", "--n_val_images", "2", "--n_test_images", "2", "--questions_per_image", "5",
            "--annotator_accuracy", "0.7"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "synthetic vqa written" in proc.stdout
     assert len(_load(out / "vqa/annotation/vqa_train.json")) == 30
     assert len(_load(out / "vqa/annotation/vqa_test.json")) == 6
     assert not (out / "retrieval").exists()
-    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    again = forked.run_cmd(cmd, env=env, timeout=120)
     assert again.returncode == 0 and "up to date" in again.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from tools.vqa import main
 from utils.errors import DataError, UserError
+from tests.scripts import forked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -212,9 +212,9 @@ def test_cli_one_line_error(tmp_path):
     q, a = _official(tmp_path)
     _edit(a, lambda d: d["annotations"][0].pop("answers"))
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "tools", "vqa", "--questions", str(q), "--annotations", str(a),
-                           "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    proc = forked.run_cmd([sys.executable, "-m", "tools", "vqa", "--questions", str(q), "--annotations", str(a),
+                           "--output", str(out)],
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "annotations[0]" in lines[0] \
