@@ -102,7 +102,7 @@ def time_shards(shards: Path, transform, n: int, buffer: int) -> float:
 
 def time_skip(shards: Path, n: int) -> float:
     """Records/s a resumed slot moves past (read from the tar, not decoded)."""
-    from data.stream import _range_records
+    from data.slots import _range_records
     stream = _stream(shards, None, 1000)
     plan = stream.plan(0)[0]
     t0 = time.perf_counter()

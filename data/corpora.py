@@ -19,7 +19,7 @@ pair lists) and ``data/pretrain.py`` (which reads DLIP's ``all.json`` and the Ka
 Every reader returns a ``Corpus``: the candidate pairs (image path, raw caption, where it was read)
 and what it skipped, counted by reason. Structural errors (a missing or mistyped field, a file of
 another shape) are ``DataError``s naming the file, the entry (or row and line) and the field, in the
-style of ``data/retrieval.py``. What a source legitimately contains (a failed download, a short VG
+style of ``data/entries.py``. What a source legitimately contains (a failed download, a short VG
 phrase, a malformed row of the Kaggle file) is skipped and counted; an empty caption is skipped and
 counted by the tool (``strict=False``) and an error in pretraining (``strict=True``), as everywhere.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
-from .retrieval import _captions, _require_dict, _require_field, _where
+from .entries import _captions, _require_dict, _require_field, _where
 from .utils import pre_caption, read_csv, read_json, read_text, short_repr
 from utils.errors import DataError
 

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .columns import FLAGS, Columns
-from .retrieval import _captions, _join, _require_dict, _require_image, _where
+from .entries import _captions, _join, _require_dict, _require_image, _where
 from .utils import BadImageError, csv_delimiter, load_image, pre_caption, read_csv, read_json
 from utils.errors import DataError
 

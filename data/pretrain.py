@@ -35,9 +35,10 @@ from torch.utils.data import Dataset
 
 from .columns import DEFAULT as DEFAULT_COLUMNS, Columns
 from .corpora import is_kaggle_csv, pretrain_entries
-from .stream import build_stream, split_train_files
-from .retrieval import (PathLike, RetrievalTrainDataset, Transform, Where, _captions, _join, _read_entries,
-                        _require_dict, _require_image)
+from .entries import PathLike, Where, _captions, _join, _read_entries, _require_dict, _require_image
+from .retrieval_train import RetrievalTrainDataset, Transform
+from .shards import split_train_files
+from .stream import build_stream
 from .utils import BadImageError, load_image, pre_caption
 from utils.errors import DataError
 

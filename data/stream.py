@@ -13,12 +13,10 @@ A config's ``train_file`` may name, in any mix:
 As soon as one tar or parquet shard is named, the run streams (:class:`PairStream`); otherwise the
 lists and folders are read into memory as before (``data/pretrain.py``, ``data/retrieval.py``).
 
-**Counts.** The size of each shard comes from img2dataset's metadata, read before training: the
-shard's ``_stats.json`` (``successes``, and the failed downloads / resizes, which are reported as
-skipped up front), else its metadata ``.parquet`` (rows with ``status`` success), else a
-``sizes.json`` in its folder (``{"00000.tar": n}``, webdataset's convention), else (a local tar) the
-tar's own member list. For a ``pipe:``/URL shard, its ``_stats.json`` is fetched through the same
-opener. In a parquet shard, rows whose ``status`` is not ``success`` are skipped up front.
+The shards, their counts and how their records are read are ``data/shards.py``'s; which slot reads
+which records, ``data/slots.py``'s; the loader and collator the trainer iterates,
+``data/stream_loader.py``'s. This module is the dataset between them: ``PairStream`` and
+``build_stream``.
 
 **One epoch.** The shards are shuffled per epoch (seed, epoch) and laid end to end; the resulting
 sequence of records is cut into one contiguous, equal range per *slot* (rank x dataloader worker),
@@ -46,394 +44,36 @@ root or a wrong format is a configuration problem, not noise.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import random
-import re
-import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from .utils import BadImageError, decode_image, load_image, pre_caption, read_json
+from .shards import (UNREADABLE_SHARD, Record, Shard, _pair_shards, _shard_records, describe, expand_shards,
+                     split_train_files)
+from .slots import SlotPlan, _mix, _range_records, plan_epoch, range_sources
+from .stream_loader import StreamFailure, StreamLoader
+from .utils import BadImageError, decode_image, load_image, pre_caption
 from utils.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image", "image_bytes")
 PAIRS_PER_SHARD = 1000  # list items per chunk when lists are streamed with shards
 BAD_CHECK_AFTER = 1000   # records of one source a slot reads before max_bad_fraction is applied
 EXAMPLES = 3             # records named per (shard, reason) in the log
 
-# Skip reasons (log.txt keys).
+# Skip reasons (log.txt keys; a shard's own, UNREADABLE_SHARD and SHORT_SHARD: data/shards.py).
 UNDECODABLE = "undecodable image"
 EMPTY_CAPTION = "empty caption"
 NO_IMAGE = "no image in sample"
 NO_CAPTION = "no caption in sample"
 MISSING_FILE = "missing image file"
-UNREADABLE_SHARD = "unreadable shard"
-SHORT_SHARD = "records missing from shard"
-
-
-def _mix(*values: int) -> int:
-    return hash(tuple(values)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-@dataclass
-class Shard:
-    """One unit of streamed records: a tar (``url``: path, ``pipe:`` or URL), a parquet file, or a
-    chunk of an in-memory pair list (``pairs``: item indices of the list dataset)."""
-    url: str
-    kind: str                      # "tar" | "parquet" | "pairs"
-    count: int                     # records (good ones expected; parquet: rows with status success)
-    source: str                    # the train_file entry it comes from
-    skipped_up_front: dict = field(default_factory=dict)   # img2dataset's failures, by reason
-    pairs: Optional[range] = None
-
-    @property
-    def name(self) -> str:
-        return self.url if self.kind != "pairs" else f"{self.source}[{self.pairs.start}:{self.pairs.stop}]"
-
-
-def is_remote(name: str) -> bool:
-    return name.startswith("pipe:") or "://" in name
-
-
-def _expand(name: str) -> list[str]:
-    """Brace patterns (``{00000..00331}``, ``{a,b}``) then, for local names, globs."""
-    from braceexpand import braceexpand
-    names = list(braceexpand(name))
-    if is_remote(name):
-        return names
-    out: list[str] = []
-    for n in names:
-        out.extend(sorted(glob.glob(n)) if glob.has_magic(n) else [n])
-    return out
-
-
-def _stem(url: str, suffix: str) -> str:
-    return url[: -len(suffix)] if url.endswith(suffix) else url
-
-
-def _status_counts(path: str) -> Optional[Counter]:
-    """``status`` counts of an img2dataset metadata parquet (only that column is read)."""
-    import pyarrow.parquet as pq
-    try:
-        table = pq.read_table(path, columns=["status"])
-    except Exception:  # noqa: BLE001 - no such column / not a parquet file: no counts from it
-        return None
-    return Counter(table.column("status").to_pylist())
-
-
-def _up_front(stats: dict) -> dict:
-    from .corpora import FAILED_DOWNLOAD, STATS_REASONS
-    if not any(k in stats for k in STATS_REASONS) and isinstance(stats.get("count"), int):
-        failed = stats["count"] - int(stats.get("successes") or 0)  # no breakdown
-        return {FAILED_DOWNLOAD: failed} if failed else {}
-    return {reason: int(stats[key]) for key, reason in STATS_REASONS.items() if stats.get(key)}
-
-
-def _failed_rows(status: Counter) -> dict:
-    """Skip counts (by reason) from the ``status`` column of an img2dataset parquet."""
-    from .corpora import STATS_REASONS
-    return {STATS_REASONS.get(k, f"status {k}"): v for k, v in status.items() if k != "success"}
-
-
-def _read_remote_json(url: str) -> Optional[dict]:
-    import webdataset as wds
-    try:
-        with wds.gopen(url) as stream:
-            return json.loads(stream.read().decode("utf-8"))
-    except Exception:  # noqa: BLE001 - reported by the caller as "no count"
-        return None
-
-
-def _tar_count(url: str, source: str) -> tuple[int, dict]:
-    """(records, skipped up front) of a tar shard from its metadata (module docstring)."""
-    stem = _stem(url, ".tar")
-    if is_remote(url):
-        # The same opener, the last "NAME.tar" in the command or URL replaced by "NAME_stats.json".
-        stats_url = re.sub(r"([^/\s]+)\.tar(?!.*\.tar)", r"\1_stats.json", url)
-        stats = _read_remote_json(stats_url) if stats_url != url else None
-        if not isinstance(stats, dict) or not isinstance(stats.get("successes"), int):
-            raise DataError(f"train_file entry {source!r}: no record count for shard {url} ({stats_url} could not "
-                            "be read); streaming needs each shard's count: keep img2dataset's _stats.json beside "
-                            "the shards")
-        return stats["successes"], _up_front(stats)
-    if not os.path.isfile(url):
-        raise DataError(f"train_file entry {source!r}: shard {url} does not exist")
-    if os.path.isfile(stem + "_stats.json"):
-        stats = read_json(stem + "_stats.json")
-        if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
-            return stats["successes"], _up_front(stats)
-    if os.path.isfile(stem + ".parquet"):
-        status = _status_counts(stem + ".parquet")
-        if status is not None:
-            return status.get("success", 0), _failed_rows(status)
-    sizes = os.path.join(os.path.dirname(url), "sizes.json")
-    if os.path.isfile(sizes):
-        table = read_json(sizes)
-        if isinstance(table, dict) and isinstance(table.get(os.path.basename(url)), int):
-            return table[os.path.basename(url)], {}
-    # No metadata: count the samples (distinct keys) from the member headers.
-    try:
-        with tarfile.open(url) as tar:
-            # A sample's key as webdataset groups members: the path up to the first dot of the name.
-            keys = {m.group(1) for m in (re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", t.name) for t in tar if t.isreg())
-                    if m}
-    except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"train_file entry {source!r}: shard {url} is not a readable tar file: {exc}") from None
-    return len(keys), {}
-
-
-def _parquet_image_column(names: Sequence[str]) -> Optional[str]:
-    return next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
-
-
-def _parquet_shard(path: str, source: str) -> Shard:
-    import pyarrow.parquet as pq
-    if not os.path.isfile(path):
-        raise DataError(f"train_file entry {source!r}: parquet shard {path} does not exist")
-    try:
-        names = pq.read_schema(path).names
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"train_file entry {source!r}: {path} is not a readable parquet file: {exc}") from None
-    if _parquet_image_column(names) is None:
-        raise DataError(f"train_file entry {source!r}: {path} has no image column (one of "
-                        f"{list(PARQUET_IMAGE_COLUMNS)}; columns: {names}); img2dataset's metadata parquet of a "
-                        "files/webdataset download is not a shard: name the .tar shards or the folder")
-    if "caption" not in names:
-        raise DataError(f"train_file entry {source!r}: {path} has no 'caption' column (columns: {names})")
-    status = _status_counts(path) if "status" in names else None
-    if status is not None:
-        count, skipped = status.get("success", 0), _failed_rows(status)
-    else:
-        count, skipped = pq.ParquetFile(path).metadata.num_rows, {}
-    return Shard(path, "parquet", count, source, skipped)
-
-
-def _is_files_folder(path: str) -> bool:
-    return any(re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(path, d)) for d in os.listdir(path))
-
-
-def classify(name: str) -> str:
-    """``'stream'`` for a tar/parquet shard (file, pattern, URL, or a folder of them), ``'list'``
-    for a json/CSV list or an img2dataset ``files`` folder."""
-    if is_remote(name) or re.search(r"\.(tar|parquet)$", name) or ("{" in name and ".." in name):
-        return "stream"
-    if os.path.isdir(name) and not _is_files_folder(name):
-        if glob.glob(os.path.join(name, "*.tar")) or glob.glob(os.path.join(name, "*.parquet")):
-            return "stream"
-    return "list"
-
-
-def expand_shards(name: str) -> list[Shard]:
-    """The shards of one ``train_file`` entry classified ``'stream'``, with their counts."""
-    if not is_remote(name) and os.path.isdir(name):
-        tars = sorted(glob.glob(os.path.join(name, "*.tar")))
-        names = tars or sorted(glob.glob(os.path.join(name, "*.parquet")))
-    else:
-        names = _expand(name)
-    if not names:
-        raise DataError(f"train_file entry {name!r}: matches no shard")
-    missing = [n for n in names if not is_remote(n) and not os.path.isfile(n)]
-    if missing:
-        raise DataError(f"train_file entry {name!r}: {len(missing)} of its {len(names)} shards do not exist: "
-                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-    shards = []
-    for url in names:
-        if url.endswith(".parquet"):
-            if is_remote(url):
-                raise DataError(f"train_file entry {name!r}: parquet shards are read from local or mounted "
-                                "storage only; stream tar shards from an object store with pipe:")
-            shards.append(_parquet_shard(url, name))
-        else:
-            count, skipped = _tar_count(url, name)
-            shards.append(Shard(url, "tar", count, name, skipped))
-    return shards
-
-
-def split_train_files(files: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``train_file`` entries -> (list entries, stream entries)."""
-    lists, streams = [], []
-    for f in files:
-        (streams if classify(str(f)) == "stream" else lists).append(str(f))
-    return lists, streams
-
-
-# ----------------------------------------------------------------------------- the epoch plan
-
-
-@dataclass
-class SlotPlan:
-    """Slot ``s``'s share of an epoch: records ``[start, stop)`` of the epoch's shard sequence
-    (``order``: shard indices, ``offsets``: where each starts) and ``quota`` batches."""
-    order: list[int]
-    offsets: list[int]
-    start: int
-    stop: int
-    quota: int
-
-
-def plan_epoch(counts: Sequence[int], slots: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
-               num_samples: Optional[int] = None) -> list[SlotPlan]:
-    """Every slot's range and quota for ``epoch`` (a pure function: each worker of each rank computes
-    the same plan). Equal ranges; quota = ``num_samples / (slots * batch_size)`` batches (default:
-    as many whole batches as a range holds)."""
-    order = list(range(len(counts)))
-    if shuffle:
-        g = torch.Generator().manual_seed(_mix(seed, epoch, 11))
-        order = torch.randperm(len(counts), generator=g).tolist()
-    offsets, total = [], 0
-    for i in order:
-        offsets.append(total)
-        total += counts[i]
-    per_slot = total // slots
-    if num_samples is None:
-        quota = per_slot // batch_size
-    else:
-        quota = num_samples // (slots * batch_size)
-    plans = []
-    for s in range(slots):
-        # The first `total % slots` slots take one extra record (nothing is left unassigned).
-        start = s * per_slot + min(s, total % slots)
-        stop = start + per_slot + (1 if s < total % slots else 0)
-        plans.append(SlotPlan(order, offsets, start, stop, quota))
-    return plans
-
-
-# ----------------------------------------------------------------------------- reading records
-
-
-@dataclass
-class Record:
-    shard: int          # index into the stream's shards
-    index: int          # record number within the shard
-    key: str
-    data: Any           # tar: the sample dict; parquet: (image bytes, caption, ...); pairs: item index
-
-
-class _ShardError(Exception):
-    pass
-
-
-def _tar_records(url: str) -> Iterator[dict]:
-    import webdataset.tariterators as wt
-    errors: list[Exception] = []
-
-    def handler(exc: Exception) -> bool:
-        errors.append(exc)
-        return False  # stop this shard
-
-    for sample in wt.group_by_keys(wt.tar_file_expander(wt.url_opener([{"url": url}], handler=handler),
-                                                        handler=handler), handler=handler):
-        yield sample
-    if errors:
-        raise _ShardError(str(errors[0]))
-
-
-def _parquet_records(path: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    image_col = _parquet_image_column(names)
-    cols = [c for c in (image_col, "caption", "key", "status") if c in names]
-    row = 0
-    for batch in pf.iter_batches(columns=cols, batch_size=256):
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            if "status" in data and data["status"][i] != "success":
-                continue  # skipped up front (counted from the metadata)
-            key = data["key"][i] if "key" in data and data["key"][i] is not None else str(row)
-            row += 1
-            yield {"__key__": key, "__image__": data[image_col][i], "__caption__": data["caption"][i]}
-
-
-def _shard_records(shards: Sequence[Shard], idx: int) -> Iterator[Record]:
-    """Exactly ``shards[idx].count`` records: a shard with fewer yields placeholders (counted as
-    missing), extra records are not read (a warning says how many), so positions follow the
-    planned counts."""
-    shard = shards[idx]
-    n = 0
-    try:
-        if shard.kind == "pairs":
-            for item in shard.pairs:
-                yield Record(idx, n, str(item), item)
-                n += 1
-            return
-        it = _tar_records(shard.url) if shard.kind == "tar" else _parquet_records(shard.url)
-        extra = 0
-        for sample in it:
-            if n >= shard.count:
-                extra += 1
-                continue
-            yield Record(idx, n, sample.get("__key__", str(n)), sample)
-            n += 1
-        if extra:
-            logger.warning("shard %s holds %d record(s) beyond its count of %d (from its metadata): not read",
-                           shard.name, extra, shard.count)
-    except (_ShardError, OSError, tarfile.TarError, Exception) as exc:  # noqa: BLE001 - counted, reported
-        logger.warning("shard %s: read error after %d record(s): %s", shard.name, n, exc)
-        reason = UNREADABLE_SHARD
-    else:
-        reason = SHORT_SHARD
-    while n < shard.count:
-        yield Record(idx, n, f"#{n}", reason)
-        n += 1
-
-
-def _range_records(plan: SlotPlan, shards: Sequence[Shard], pos: int, failed=()) -> Iterator[Record]:
-    """The records of ``plan``'s range from record ``pos`` of the range on (earlier records of the
-    first shard are read and dropped, not decoded). A shard in ``failed`` (one that broke off on an
-    earlier pass of this epoch) is not opened again: its records come as unreadable."""
-    g = plan.start + pos
-    k = 0
-    while k < len(plan.order) and plan.offsets[k] + shards[plan.order[k]].count <= g:
-        k += 1
-    while k < len(plan.order) and g < plan.stop:
-        idx = plan.order[k]
-        skip = g - plan.offsets[k]
-        records = (Record(idx, n, f"#{n}", UNREADABLE_SHARD) for n in range(shards[idx].count)) if idx in failed \
-            else _shard_records(shards, idx)
-        for rec in records:
-            if rec.index < skip:
-                continue
-            yield rec
-            g += 1
-            if g >= plan.stop:
-                return
-        k += 1
-
-
-def range_sources(plan: SlotPlan, shards: Sequence[Shard]) -> Counter:
-    """Records per source in ``plan``'s range (what ``max_bad_fraction`` is judged against when a
-    source has fewer than ``BAD_CHECK_AFTER`` records there)."""
-    sizes: Counter = Counter()
-    for idx, offset in zip(plan.order, plan.offsets):
-        lo, hi = max(offset, plan.start), min(offset + shards[idx].count, plan.stop)
-        if hi > lo:
-            sizes[shards[idx].source] += hi - lo
-    return sizes
-
-
-# ----------------------------------------------------------------------------- the dataset
-
-
-class StreamFailure:
-    """Yielded by a worker instead of a sample when the run must stop (``max_bad_fraction``): the
-    collator turns it into a batch the trainer raises on, so the message reaches the user intact."""
-
-    def __init__(self, message: str):
-        self.message = message
 
 
 class PairStream(IterableDataset):
@@ -702,84 +342,6 @@ class PairStream(IterableDataset):
                 f"({100 * bad[source] / n:.1f}% > max_bad_fraction {self.max_bad_fraction:g}); a wrong image_root, "
                 "a wrong format or broken shards? (raise max_bad_fraction to train on anyway)")
         return None
-
-
-class StreamCollator:
-    """Wraps a task's collator: ``(image, caption, idx, meta)`` samples -> the task's batch plus
-    ``_keys`` (sample keys), ``_slot`` / ``_state`` (the slot's state after this batch),
-    ``_skipped`` (skip counts by (shard, reason)), ``_examples`` and ``_repeats``."""
-
-    def __init__(self, inner: Callable):
-        self.inner = inner
-
-    def __call__(self, samples: list) -> dict:
-        failure = next((s for s in samples if isinstance(s, StreamFailure)), None)
-        if failure is not None:
-            return {"_failure": failure.message}
-        batch = self.inner([s[:3] for s in samples])
-        skipped: Counter = Counter()
-        examples: dict = {}
-        for s in samples:
-            skipped.update(s[3]["skipped"])
-            for k, v in s[3]["examples"].items():
-                examples.setdefault(k, []).extend(v)
-        last = samples[-1][3]
-        batch.update({"_keys": [s[3]["key"] for s in samples], "_slot": last["slot"], "_state": last["state"],
-                      "_skipped": dict(skipped), "_examples": examples,
-                      "_repeats": sum(1 for s in samples if s[3]["repeat"])})
-        return batch
-
-
-class StreamLoader:
-    """A DataLoader over a :class:`PairStream` with the interface the trainer uses: ``len`` is the
-    batches left in the epoch, ``set_epoch(epoch, states)`` positions every slot."""
-
-    def __init__(self, stream: PairStream, batch_size: int, collate_fn: Callable, num_workers: int, rank: int,
-                 world_size: int, pin_memory: bool = False):
-        self.dataset = stream
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        stream.configure(rank, world_size, num_workers, batch_size)
-        self.collate = StreamCollator(collate_fn)
-        self.pin_memory = pin_memory
-        self.done = 0
-
-    def set_epoch(self, epoch: int, states: Optional[dict] = None, done: int = 0) -> None:
-        self.dataset.epoch = epoch
-        mine = {int(k): v for k, v in (states or {}).items()}
-        slots = range(self.dataset.rank * max(1, self.num_workers), (self.dataset.rank + 1) * max(1, self.num_workers))
-        self.dataset.states = {s: mine[s] for s in slots if s in mine}
-        self.dataset.rotate = done % max(1, self.num_workers)
-        self.done = done
-
-    def __len__(self) -> int:
-        return self.dataset.batches_per_epoch() - self.done
-
-    def __iter__(self):
-        # A generator of its own: creating the iterator then draws from it, not from the global RNG
-        # whose state (dropout) a checkpoint restores.
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=False,
-                            generator=torch.Generator().manual_seed(self.dataset.seed))
-        return iter(loader)
-
-
-def describe(shards: Sequence[Shard]) -> str:
-    kinds = Counter(s.kind for s in shards)
-    up_front: Counter = Counter()
-    for s in shards:
-        up_front.update(s.skipped_up_front)
-    text = f"{sum(s.count for s in shards)} records in {len(shards)} shard(s) ({dict(kinds)})"
-    if up_front:
-        text += f"; skipped up front from img2dataset's metadata: {dict(up_front)}"
-    return text
-
-
-def _pair_shards(dataset, per_shard: int) -> list[Shard]:
-    source = ",".join(str(f) for f in dataset.ann_files)
-    n = len(dataset)
-    return [Shard(f"pairs:{start}", "pairs", min(n, start + per_shard) - start, source,
-                  pairs=range(start, min(n, start + per_shard))) for start in range(0, n, per_shard)]
 
 
 def build_stream(files: Sequence[str], transform: Optional[Callable], max_words: int, *, list_builder: Callable,

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from utils.errors import DataError, json_error
 from utils.logging import Heartbeat
 
-from .retrieval import _captions, _require_dict, _require_field
+from .entries import _captions, _require_dict, _require_field
 from .utils import pre_caption, read_text, short_repr
 
 logger = logging.getLogger(__name__)

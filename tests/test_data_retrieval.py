@@ -14,7 +14,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from tasks.retrieval import RetrievalConfig
-from data.retrieval import RetrievalEvalDataset, RetrievalTrainDataset, build_retrieval_datasets
+from data.retrieval import RetrievalEvalDataset, build_retrieval_datasets
+from data.retrieval_train import RetrievalTrainDataset
 from data.transforms import (IMAGE_MEAN, IMAGE_STD, OPS, RandomAugment, build_test_transform,
                              build_train_transform)
 from data.utils import BadImageError, load_image, pre_caption, read_json
@@ -431,7 +432,7 @@ def test_train_skip_bad_images_logs_counts_and_substitutes(tmp_path, images, cap
         {"image": "corrupt.jpg", "caption": "c", "image_id": 2},
         {"image": "img2.jpg", "caption": "d", "image_id": 3}])
     ds = RetrievalTrainDataset([ann], images, None, skip_bad_images=True)
-    with caplog.at_level(logging.WARNING, logger="data.retrieval"):
+    with caplog.at_level(logging.WARNING, logger="data.retrieval_train"):
         image, caption, idx = ds[1]
     assert (caption, idx) == ("d", 3) and image.size == (20, 12)
     assert ds.num_skipped == 2

@@ -67,7 +67,8 @@ def test_text_that_is_not_utf8_names_file_and_line(tmp_path, reader):
 # ----------------------------------------------------------------------------- retrieval files
 
 def test_retrieval_csv_rows_are_named_by_row_and_line(tmp_path):
-    from data.retrieval import RetrievalEvalDataset, RetrievalTrainDataset
+    from data.retrieval import RetrievalEvalDataset
+    from data.retrieval_train import RetrievalTrainDataset
     test = _write(tmp_path / "test.csv", "image,caption\na.jpg,first\nb.jpg,second\n\na.jpg,third\n")
     ds = RetrievalEvalDataset(test, tmp_path, None)
     assert ds.image == ["a.jpg", "b.jpg"] and ds.text == ["first", "third", "second"]

@@ -1,6 +1,7 @@
-"""Streamed training data (data/stream.py): the epoch plan, shards read by slots (ranks x workers)
-with no record twice, exact mid-epoch resume, bad records counted, max_bad_fraction, mixed sources,
-parquet shards, pipe: URLs, and the entry scripts training on shards."""
+"""Streamed training data (data/stream.py, data/shards.py, data/slots.py, data/stream_loader.py): the
+epoch plan, shards read by slots (ranks x workers) with no record twice, exact mid-epoch resume, bad
+records counted, max_bad_fraction, mixed sources, parquet shards, pipe: URLs, and the entry scripts
+training on shards."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from data.stream import BAD_CHECK_AFTER, build_stream, classify, expand_shards, plan_epoch
+from data.shards import classify, expand_shards
+from data.slots import plan_epoch
+from data.stream import BAD_CHECK_AFTER, build_stream
 from utils.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +105,7 @@ def test_bad_records_are_skipped_counted_per_shard_and_the_quota_refilled(tmp_pa
 
 def test_a_small_source_is_judged_at_its_end_and_a_broken_shard_is_read_once_per_epoch(tmp_path, write_shards,
                                                                                       monkeypatch):
-    import data.stream as S
+    import data.shards as S
     write_shards(tmp_path / "s", 2, 6, size=4)
     tar = tmp_path / "s" / "00001.tar"
     with tarfile.open(tar) as t:  # cut after the first sample's members: 1 record readable, then damage

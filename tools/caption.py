@@ -77,7 +77,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.columns import FLAGS, Columns
 from data.pairs import PairTable
 from data.preflight import check_images, log_unk_rate
-from data.retrieval import _join, _require_dict, _require_image, _where
+from data.entries import _join, _require_dict, _require_image, _where
 from data.transforms import build_test_transform
 from data.utils import BadImageError, load_image, pre_caption, read_csv, read_json, read_text
 from models.caption import check_prompt

@@ -38,7 +38,7 @@ import string
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from data.retrieval import _where
+from data.entries import _where
 from data.utils import csv_delimiter, pre_caption, read_csv, read_json, short_repr
 from utils.errors import DataError, UserError
 
