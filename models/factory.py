@@ -11,26 +11,13 @@
     model, tokenizer = create_model(cfg, "nlvr")                   # BLIP NLVR2 (ViT + twin cross-attention encoder)
     load_weights(model, "any checkpoint")                          # dispatches on the file's format
 
-Every checkpoint we write carries a ``format`` tag (:class:`Format`); official BLIP files carry
-none and are recognised by their layout (and so are files written before the tag existed).
-
-| format | holds | loads into |
-|---|---|---|
-| ``blip`` (official or ours) | BLIP's state dict (``visual_encoder.*``, ``text_encoder.*``, ...) | BLIP; ContextBLIP's ``blip``; stage 1's backbone |
-| ``contextblip-trainable`` | ``adapter.*`` (+ ``decoder.*``); the config names the base BLIP | ContextBLIP (base BLIP loaded too) |
-| ``contextblip-merged`` | ``blip.*``, ``adapter.*``, ``decoder.*`` | ContextBLIP; stage 1's backbone |
-| ``imagecode`` | a whole stage-1 or stage-2 model (``stage`` in its config) | the same stage; stage 1 into stage 2's frozen part |
-| ``blip-caption`` (official or ours) | ``visual_encoder.*``, ``text_decoder.*`` | the captioner |
-| ``blip-vqa`` (official or ours) | ``visual_encoder.*``, ``text_encoder.*``, ``text_decoder.*`` (no projections) | the VQA model |
-| ``blip-nlvr`` (official or ours) | ``visual_encoder.*``, ``text_encoder.*`` with twin ``crossattention.self0/self1``, ``cls_head.*`` | the NLVR2 model |
-
-A pretraining checkpoint (``model_base.pth``: encoder, decoder, momentum copies, queues) is a
-``blip`` file: a retrieval model takes all but ``text_decoder.*``, a captioner takes
-``visual_encoder.*`` and ``text_decoder.*``, a VQA model all three towers (as BLIP's ``blip_vqa``
-initialises from ``model_base.pth``; decoder cross-attention weights of another width, a ViT wider
-than the text, start afresh as BLIP's loader drops them); what each leaves is reported as an
-expected extra. An NLVR2 model takes its ViT and text encoder, each cross-attention copied into
-both twins (BLIP's ``blip_nlvr.load_checkpoint``); its merge layers and head are new.
+Every checkpoint we write carries a ``format`` tag; official BLIP files carry none and are
+recognised by their layout (``models/formats.py``: :class:`Format`, ``checkpoint_format``, the table
+of what each format holds and loads into). Loading one is three steps: ``_plan`` picks, by (format,
+model type), the reports of the parts the model takes from the file (``models/layout_reports.py``:
+what each model takes from each layout, a pretraining file included); every report is judged by
+the loading policy (``models/load_policy.py``: ``check_report``, ``config_keys_of``); only then is
+anything loaded (``apply_load``).
 
 Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
 
@@ -42,60 +29,33 @@ stand instead: ``models/hf.py`` converts it in memory to the official layout (``
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
-from models import hf
+from models import hf, hf_config, hf_source
 from models.blip import BlipArch, BLIPRetrieval, build_blip_retrieval
 from models.blip_pretrain import build_blip_pretrain
 from models.caption import BLIPCaptioner, build_captioner
 from models.contextblip import ContextBLIP, PretrainSettings, build_contextblip
+from models.formats import CONTEXTBLIP_PARTS, Format, checkpoint_format
 from models.imagecode import CandidateScorer, ContextualScorer, ImageCodeArch, build_imagecode_model
+from models.layout_reports import (_blip_report, _captioner_report, _nlvr_report, _parts_report, _strip,
+                                   _vqa_report)
+from models.load_policy import check_report
 from models.tokenizer import build_tokenizer
-from models.nlvr import BLIPNLVR, build_nlvr, has_twins, new_parts, twin_state
+from models.nlvr import BLIPNLVR, build_nlvr
 from models.vit import VIT_PRESETS
 from models.vqa import BLIPVQA, build_vqa
-from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
-                              extract_state_dict, interpolate_pos_embed, load_checkpoint,
+from utils.checkpoint import (CheckpointError, LoadReport, apply_load, extract_state_dict, load_checkpoint,
                               load_state_dict_with_report)
 from utils import zoo
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-
-class Format:
-    BLIP = "blip"
-    CONTEXTBLIP_TRAINABLE = "contextblip-trainable"
-    CONTEXTBLIP_MERGED = "contextblip-merged"
-    IMAGECODE = "imagecode"
-    CAPTION = "blip-caption"
-    VQA = "blip-vqa"
-    NLVR = "blip-nlvr"
-    ALL = (BLIP, CONTEXTBLIP_TRAINABLE, CONTEXTBLIP_MERGED, IMAGECODE, CAPTION, VQA, NLVR)
-
-
 KINDS = ("blip", "blip_inference", "blip_pretrain", "contextblip", "contextblip_pretrain", "zero_shot", "imagecode", "caption", "vqa", "nlvr")
-
-# Pretraining checkpoints (model_base.pth) carry a captioning decoder and name their queue pointer
-# `queue_ptr`; a retrieval model does not use either, and starts its idx queue afresh.
-# DLIP's released student also carries `vl_proj` (a projection its losses never use).
-PRETRAIN_EXTRAS = ("text_decoder.", "vl_proj.")
-PRETRAIN_EXTRA_KEYS = ("queue_ptr",)
-# What a model built without momentum encoders leaves unused in any BLIP checkpoint.
-MOMENTUM_PREFIXES = ("visual_encoder_m.", "vision_proj_m.", "text_encoder_m.", "text_proj_m.")
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
-BOOKKEEPING = ("idx_queue", "ptr_queue", "queue_ptr")  # queue labels and pointers: no learned weights
-CONTEXTBLIP_PARTS = ("adapter.", "decoder.")
-# What a captioner leaves unused in a pretraining (or retrieval) checkpoint.
-ENCODER_PREFIXES = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.") + MOMENTUM_PREFIXES
-ENCODER_KEYS = ("temp",) + QUEUE_KEYS
-# What a VQA model leaves unused in a pretraining (or retrieval) checkpoint: BLIP's blip_vqa takes
-# visual_encoder, text_encoder and text_decoder only.
-HEAD_PREFIXES = ("vision_proj.", "text_proj.", "itm_head.", "vl_proj.")
 
 
 class LoadResult(NamedTuple):
@@ -219,10 +179,10 @@ def read_source(source, arch=None, tokenizer=None, queue_size: Optional[int] = N
                 (n for n, preset in VIT_PRESETS.items() if preset == arch.vit), None)  # a custom mapping: None
             zoo.check_vit(source, vit, "teacher_vit" if role.startswith("teacher") else "vit", role)
         return load_checkpoint(source)
-    if hf.is_hf_source(source):
+    if hf_source.is_hf_source(source):
         expect = None
         if arch is not None and hasattr(arch, "vit_arch") and hasattr(arch, "med_config"):
-            expect = hf.expected_dims(arch, tokenizer, getattr(arch, "embed_dim", None))
+            expect = hf_config.expected_dims(arch, tokenizer, getattr(arch, "embed_dim", None))
         return hf.load_official(source, queue_size=queue_size or getattr(arch, "queue_size", None), expect=expect)
     return load_checkpoint(source)
 
@@ -233,157 +193,11 @@ def _queue_size(model: nn.Module) -> Optional[int]:
     return blip.queue_size if isinstance(blip, BLIPRetrieval) else None
 
 
-def checkpoint_format(ckpt: Mapping) -> str:
-    """The ``format`` tag of a loaded checkpoint, or the format its layout shows (official files)."""
-    tag = ckpt.get("format") if isinstance(ckpt, Mapping) else None
-    if tag is not None:
-        if tag not in Format.ALL:
-            raise CheckpointError(f"unknown checkpoint format {tag!r}; this version reads {Format.ALL}")
-        return tag
-    state = extract_state_dict(ckpt)
-    if any(k.startswith(("backbone.", "stage1.")) for k in state):
-        return Format.IMAGECODE
-    if any(k.startswith("blip.") for k in state):
-        return Format.CONTEXTBLIP_MERGED
-    if state and all(k.startswith(CONTEXTBLIP_PARTS) for k in state):
-        return Format.CONTEXTBLIP_TRAINABLE
-    if has_twins(state):
-        return Format.NLVR  # BLIP_NLVR's layout: twin cross-attention (self0 / self1)
-    if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith("text_encoder.") for k in state):
-        return Format.CAPTION
-    if any(k.startswith("text_decoder.") for k in state) and not any(k.startswith(HEAD_PREFIXES) for k in state):
-        return Format.VQA  # BLIP_VQA's layout: the three towers, no projections or ITM head
-    return Format.BLIP
-
-
 def _imagecode_stage(ckpt: Mapping, state: Mapping) -> int:
     stored = ckpt.get("config") if isinstance(ckpt, Mapping) else None
     if isinstance(stored, Mapping) and stored.get("stage") in (1, 2):
         return stored["stage"]
     return 2 if any(k.startswith("stage1.") for k in state) else 1
-
-
-# ---------------------------------------------------------------------- the loading policy
-#
-# One policy for every place a checkpoint meets a model: `pretrained`, `teacher`, a tool's member,
-# resume (utils.engine checks its own files strictly with the same messages). `strict` is the
-# config's `strict_load`:
-#   None (the default): a shape mismatch, a file tensor the model has no place for, or a model
-#       weight the file lacks is an error; parts the layout declares new (a fresh caption decoder,
-#       ContextBLIP's adapter and TMIM decoder over a plain BLIP) are allowed when training starts
-#       from the file (purpose 'train') and listed, and are errors when it is evaluated ('eval');
-#   True: even those must come from the file;
-#   False: the escape hatch: what fits is loaded and a warning says what was let through.
-
-PURPOSES = ("train", "eval")
-
-# Which config keys set the dimensions of a key's tensor: (pattern, {dim index or None: [key or
-# "key:field"]}): the dims that differ pick their keys (None: any other dim).
-_DIM_KEYS = (
-    (r"visual_encoder(_m)?\.pos_embed$", {1: ["image_size", "vit:patch_size"], None: ["vit:width"]}),
-    (r"visual_encoder(_m)?\.patch_embed\.", {0: ["vit:width"], None: ["vit:patch_size"]}),
-    (r"visual_encoder(_m)?\.", {None: ["vit:width", "vit:mlp_ratio"]}),
-    (r"\.word_embeddings\.weight$", {0: ["tokenizer", "med_config:vocab_size"], None: ["med_config:hidden_size"]}),
-    (r"\.predictions\.(bias|decoder\.weight|decoder\.bias)$", {0: ["tokenizer", "med_config:vocab_size"],
-                                                                None: ["med_config:hidden_size"]}),
-    (r"\.position_embeddings\.weight$", {0: ["med_config:max_position_embeddings"],
-                                         None: ["med_config:hidden_size"]}),
-    (r"\.position_ids$", {None: ["med_config:max_position_embeddings"]}),
-    (r"crossattention\.self\.(key|value)\.weight$", {1: ["vit:width"], None: ["med_config:hidden_size"]}),
-    (r"(^|\.)vision_proj(_m)?\.weight$", {0: ["embed_dim"], None: ["vit:width"]}),
-    (r"(^|\.)text_proj(_m)?\.weight$", {0: ["embed_dim"], None: ["med_config:hidden_size"]}),
-    (r"(^|\.)(vision|text)_proj(_m)?\.bias$", {None: ["embed_dim"]}),
-    (r"(^|\.)(image|text)_queue$", {0: ["embed_dim"], None: ["queue_size"]}),
-    (r"(^|\.)idx_queue$", {None: ["queue_size"]}),
-    (r"(^|\.)itm_head\.", {None: ["med_config:hidden_size"]}),
-    (r"(^|\.)(text_encoder|text_decoder)(_m)?\.", {None: ["med_config:hidden_size", "med_config:intermediate_size"]}),
-    (r"(^|\.)adapter\.", {None: ["vit:width", "adapter_taps", "adapter_reduction"]}),
-    (r"(^|\.)decoder\.", {None: ["vit:width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio",
-                                   "text_adapter_reduction"]}),
-    (r"(^|\.)prediction\.", {None: ["med_config:hidden_size"]}),
-    (r"(^|\.)context\.|(^|\.)stage1\.", {None: ["context_layers", "context_heads", "context_mlp_ratio"]}),
-)
-# Layers a file has and the model has not (or the reverse): the depth keys.
-_DEPTH_KEYS = ((r"visual_encoder(_m)?\.blocks\.\d+\.", "vit:depth"),
-               (r"(text_encoder|text_decoder)(_m)?\.(bert\.)?encoder\.layer\.\d+\.", "med_config:num_hidden_layers"),
-               (r"(^|\.)decoder\.blocks?\.\d+\.", "decoder_depth"))
-
-
-def _dims_keys(key: str, file_shape: tuple, model_shape: tuple) -> list:
-    for pattern, by_dim in _DIM_KEYS:
-        if re.search(pattern, key):
-            differs = [i for i in range(min(len(file_shape), len(model_shape))) if file_shape[i] != model_shape[i]]
-            named = [t for i in differs if i in by_dim for t in by_dim[i]]
-            return named or by_dim[None]
-    return []
-
-
-def config_keys_of(report: LoadReport, role: str = "pretrained") -> str:
-    """The config keys that set the dims a report found different (for its error message), e.g.
-    ``vit (width, mlp_ratio), embed_dim``; a teacher's are ``teacher_vit`` / ``teacher_med_config``."""
-    tokens = [t for k, a, b in report.mismatched for t in _dims_keys(k, a, b)]
-    tokens += [name for k in report.unexpected + report.missing for pattern, name in _DEPTH_KEYS if re.search(pattern, k)]
-    fields: Dict[str, list] = {}
-    for token in tokens:
-        key, _, part = token.partition(":")
-        if role.startswith("teacher") and key in ("vit", "med_config"):
-            key = f"teacher_{key}"
-        parts = fields.setdefault(key, [])
-        if part and part not in parts:
-            parts.append(part)
-    return ", ".join(f"{k} ({', '.join(v)})" if v else k for k, v in fields.items()) or \
-        "the model's architecture keys (vit, image_size, med_config, embed_dim)"
-
-
-def _shapes(items) -> str:
-    return "; ".join(f"{k} {tuple(a)} in the file, {tuple(b)} in the model" for k, a, b in items)
-
-
-def check_report(report: LoadReport, name: str, role: str = "pretrained", purpose: str = "eval",
-                 strict: Optional[bool] = None, model_name: str = "model") -> None:
-    """The loading policy (above) on one report: a one-line CheckpointMismatchError naming the role,
-    the file, the first keys (with both shapes) and the config keys behind them; else the new
-    parts listed and, with ``strict=False``, what was let through warned about."""
-    if purpose not in PURPOSES:
-        raise ValueError(f"purpose {purpose!r}: one of {PURPOSES}")
-    who = f"{role} {name}" if not str(name).startswith(role) else str(name)
-    if strict is False:
-        let = [f"{len(v)} {what}" for what, v in (("shape-mismatched", report.mismatched),
-                                                   ("missing", report.missing), ("unexpected", report.unexpected),
-                                                   ("new", report.new)) if v]
-        if let:
-            logger.warning("strict_load: false: %s loaded with %s tensor(s) let through (%s); those weights are "
-                           "not the file's", who, ", ".join(let),
-                           collapse_keys([k for k, _, _ in report.mismatched] + report.missing + report.new
-                                         + report.unexpected))
-        return
-    new_is_missing = purpose == "eval" or strict is True
-    missing = report.missing + (report.new if new_is_missing else [])
-    problems = []
-    if report.mismatched:
-        more = len(report.mismatched) - 2
-        problems.append(f"{len(report.mismatched)} tensor(s) have other shapes: {_shapes(report.mismatched[:2])}"
-                        + (f" (and {more} more)" if more > 0 else ""))
-    if report.unexpected:
-        problems.append(f"{len(report.unexpected)} tensor(s) of the file have no place in the model: "
-                        f"{collapse_keys(report.unexpected)}")
-    if missing:
-        why = (" (evaluation needs every weight from the file)" if report.new and purpose == "eval" else
-               " (strict_load: true)" if report.new and strict else "")
-        problems.append(f"the file lacks {len(missing)} weight(s) the model needs{why}: {collapse_keys(missing)}")
-    if problems:
-        if report.mismatched or report.unexpected or report.missing:
-            todo = (f"Those shapes come from the config keys {config_keys_of(report, role)}: set them as the "
-                    "checkpoint was trained (its config.yaml), or strict_load: false to load only what fits")
-        elif strict is True:
-            todo = "Drop strict_load: true to start them afresh, or give a checkpoint that holds them"
-        else:
-            todo = ("Evaluate a checkpoint trained for this model (it holds them), or strict_load: false to run "
-                    "with them at their random initialisation")
-        raise CheckpointMismatchError(f"{who} does not fit the {model_name}: {'; '.join(problems)}. {todo}")
-    if report.new:
-        logger.info("%s: %d weight(s) new, initialised here (not in the file): %s", who, len(report.new),
-                    collapse_keys(report.new))
 
 
 def _model_name(model: nn.Module) -> str:
@@ -489,118 +303,6 @@ def inspect_weights(cfg, kind: str, source, role: str = "pretrained", purpose: s
         model = build_model(cfg, kind, tokenizer)
     return load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), role=role, purpose=purpose,
                         apply=False)
-
-
-def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _blip_report(model: BLIPRetrieval, state: Dict[str, torch.Tensor]) -> LoadReport:
-    """BLIP's layout, official or ours. ``visual_encoder(_m).pos_embed`` is resized to the model's
-    patch grid first, so a 384 px checkpoint loads into a 224 px model and vice versa. A pretraining
-    file's queue labels and pointer are started afresh (a retrieval model's own bookkeeping)."""
-    state = dict(state)
-    own = model.state_dict()
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and key in own and state[key].shape != own[key].shape and state[key].dim() == 3 \
-                and state[key].shape[-1] == own[key].shape[-1]:
-            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    # Queue bookkeeping differs between the layouts (a pretraining file names its pointer
-    # `queue_ptr` and has no labels; a retrieval one `ptr_queue` + `idx_queue`): what the model has
-    # and the file lacks starts afresh, what the file has and the model lacks is unused.
-    fresh = [k for k in BOOKKEEPING if k in own and k not in state]
-    # Another queue_size: the file's queues (of the same width) do not fit, and start afresh, as
-    # BLIP's loader has it (the pointer with them). Another embed_dim stays a mismatch.
-    restart = [k for k in QUEUE_KEYS if k in state and k in own and state[k].dim() == own[k].dim() == 2
-               and state[k].shape[0] == own[k].shape[0] and state[k].shape[1] != own[k].shape[1]]
-    if restart:
-        logger.info("queue_size %d: the checkpoint's queues hold %d: %s start afresh", own[restart[0]].shape[1],
-                    state[restart[0]].shape[1], ", ".join(restart + ["ptr_queue"]))
-        for k in restart + ["ptr_queue", "queue_ptr"]:
-            state.pop(k, None)
-        fresh += restart + ["ptr_queue"]
-    extra_prefixes, extra_keys = PRETRAIN_EXTRAS, PRETRAIN_EXTRA_KEYS + BOOKKEEPING
-    if not model.with_momentum:
-        extra_prefixes, extra_keys = extra_prefixes + MOMENTUM_PREFIXES, extra_keys + QUEUE_KEYS
-    # A pretraining model (its decoder tied to the text encoder) over a retrieval file: a fresh decoder.
-    new = ("text_decoder.",) if any(k.startswith("text_decoder.") for k in own) and not any(
-        k.startswith("text_decoder.") for k in state) else ()
-    return load_state_dict_with_report(model, state, expected_extra_prefixes=extra_prefixes,
-                                       expected_extra_keys=extra_keys, ignore_missing_prefixes=tuple(fresh),
-                                       new_prefixes=new, apply=False)
-
-
-def _captioner_report(model: BLIPCaptioner, state: Dict[str, torch.Tensor], name: str) -> LoadReport:
-    """A caption checkpoint key for key; a pretraining checkpoint's ``visual_encoder.*`` and
-    ``text_decoder.*`` (its encoder, momentum copies and queues are reported as expected extras).
-    ``visual_encoder.pos_embed`` is resized to the model's grid. A file without ``text_decoder.*``
-    (a retrieval checkpoint) gives a fresh decoder: allowed to start training, never to evaluate."""
-    state = dict(state)
-    key = "visual_encoder.pos_embed"
-    own = model.visual_encoder.pos_embed
-    if key in state and state[key].shape != own.shape and state[key].dim() == 3 and state[key].shape[-1] == own.shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    fresh_decoder = not any(k.startswith("text_decoder.") for k in state)
-    return load_state_dict_with_report(model, state, expected_extra_prefixes=ENCODER_PREFIXES,
-                                       expected_extra_keys=ENCODER_KEYS,
-                                       new_prefixes=("text_decoder.",) if fresh_decoder else (), apply=False)
-
-
-def _vqa_report(model: BLIPVQA, state: Dict[str, torch.Tensor], fmt: str) -> LoadReport:
-    """A VQA checkpoint key for key. A pretraining file gives all three towers (its projections, ITM
-    head, momentum copies and queues are expected extras); its decoder attended to images, so when
-    the ViT is wider than the text its cross-attention keys/values do not fit the answer decoder
-    (which attends to question states) and start afresh, as BLIP's ``load_checkpoint`` drops them.
-    A file without a decoder (retrieval) or without a text encoder (caption) gives that part
-    fresh: allowed to start training, never to evaluate. ``pos_embed`` is resized to the model's grid."""
-    state = dict(state)
-    key = "visual_encoder.pos_embed"
-    own = model.state_dict()
-    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
-            and state[key].shape[-1] == own[key].shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    new = [p for p in ("text_decoder.", "text_encoder.") if not any(k.startswith(p) for k in state)]
-    if fmt != Format.VQA:
-        cross = [k for k in state if re.match(r"text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\."
-                                              r"(key|value)\.weight$", k)
-                 and k in own and state[k].shape != own[k].shape and state[k].shape[0] == own[k].shape[0]]
-        if cross:
-            logger.info("the file's decoder attended to %d-wide image tokens: its cross-attention keys/values "
-                        "start afresh for the %d-wide question states, as BLIP's loader does",
-                        state[cross[0]].shape[1], own[cross[0]].shape[1])
-        for k in cross:  # their biases fit, and load (BLIP's loader drops only what mismatches)
-            del state[k]
-        new += cross
-    return load_state_dict_with_report(model, state, expected_extra_prefixes=HEAD_PREFIXES + MOMENTUM_PREFIXES,
-                                       expected_extra_keys=ENCODER_KEYS, new_prefixes=tuple(new), apply=False)
-
-
-def _nlvr_report(model: BLIPNLVR, state: Dict[str, torch.Tensor], fmt: str) -> LoadReport:
-    """An NLVR2 checkpoint key for key. A pretraining or retrieval file (one cross-attention per
-    layer) gives the ViT and the text encoder with each cross-attention copied into both twins; the
-    merge layers and ``cls_head`` are new (allowed to start training, never to evaluate); its
-    projections, ITM head, decoder, momentum copies and queues are expected extras. ``pos_embed`` is
-    resized to the model's grid (both, as the release's loader)."""
-    state = dict(state)
-    key = "visual_encoder.pos_embed"
-    own = model.state_dict()
-    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
-            and state[key].shape[-1] == own[key].shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
-    new: Tuple[str, ...] = ()
-    if fmt != Format.NLVR:
-        state, new = twin_state(state), new_parts(model)
-    return load_state_dict_with_report(model, state, expected_extra_prefixes=HEAD_PREFIXES + MOMENTUM_PREFIXES
-                                       + PRETRAIN_EXTRAS, expected_extra_keys=ENCODER_KEYS, new_prefixes=new,
-                                       apply=False)
-
-
-def _parts_report(model: ContextBLIP, state: Mapping[str, torch.Tensor]) -> LoadReport:
-    parts = {k: v for k, v in state.items() if k.startswith(CONTEXTBLIP_PARTS)}
-    # A model built without a decoder (fine-tuning, zero-shot) has no use for the TMIM decoder.
-    extra = ("decoder.",) if model.decoder is None else ()
-    return load_state_dict_with_report(model, parts, expected_extra_prefixes=extra,
-                                       ignore_missing_prefixes=("blip.",), apply=False)
 
 
 def _plan_contextblip(model: ContextBLIP, ckpt: Mapping, state: Dict[str, torch.Tensor], fmt: str,

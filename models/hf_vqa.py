@@ -1,8 +1,8 @@
 """HuggingFace interop of BLIP's VQA model: the official ``BLIP_VQA`` layout (``models/vqa.py``) <->
-transformers' ``BlipForQuestionAnswering`` (the hooks of ``models/hf.py`` call these; docs/BLIP.md,
-"VQA <-> BlipForQuestionAnswering").
+transformers' ``BlipForQuestionAnswering`` (the hooks of ``models/hf.py`` and ``models/hf_keys.py`` call
+these; docs/BLIP.md, "VQA <-> BlipForQuestionAnswering").
 
-Keys: as for the other two classes (``models/hf.py``): ``visual_encoder.*`` -> ``vision_model.*``
+Keys: as for the other two classes (``models/hf_keys.py``): ``visual_encoder.*`` -> ``vision_model.*``
 with HF's ViT renames; the question encoder ``text_encoder.*`` and the answer decoder
 ``text_decoder.{bert,cls}.*`` keep their names. Not stored by HF (rebuilt on the way back): the two
 ``position_ids`` buffers and the LM head's ``decoder.weight`` / ``decoder.bias`` (tied to the

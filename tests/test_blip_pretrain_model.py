@@ -68,7 +68,8 @@ def test_decoder_shares_all_but_self_attention_and_a_step_updates_both_views(mod
 def test_state_dict_has_the_model_base_layout_and_feeds_retrieval_and_captioning(model, parts, tmp_path):
     from models.blip import build_blip_retrieval
     from models.caption import CaptionArch, build_captioner
-    from models.factory import checkpoint_format, load_weights
+    from models.factory import load_weights
+    from models.formats import checkpoint_format
     tok, arch, itc = parts
     state = model.state_dict()
     assert "queue_ptr" in state and "idx_queue" not in state and "ptr_queue" not in state

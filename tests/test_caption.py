@@ -106,7 +106,8 @@ def test_num_return_sequences_of_beam_search_are_the_best_beams(captioner, ref):
 def test_pretraining_layout_loads_text_decoder_key_for_key(captioner, tmp_path):
     """A model_base.pth-style state dict (built from shapes: encoder, momentum copies, queues,
     queue_ptr, and the decoder) loads every text_decoder.* key; the rest are expected extras."""
-    from models.factory import checkpoint_format, load_weights
+    from models.factory import load_weights
+    from models.formats import checkpoint_format
     own = captioner.state_dict()
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in own.items()}

@@ -10,7 +10,8 @@ import torch
 
 from models.adapter import MultiScaleAdapter, TextAdapter
 from models.contextblip import build_contextblip
-from models.factory import checkpoint_format, load_weights
+from models.factory import load_weights
+from models.formats import checkpoint_format
 from models.tmim import (TMIMDecoder, choose_guide_tokens, embed_visible_per_patch, mean_cross_attention, patchify,
                          random_mask, text_guided_mask, tmim_loss, unpatchify, word_positions)
 from tasks.contextblip_pretrain import PretrainConfig

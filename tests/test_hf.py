@@ -177,7 +177,7 @@ def test_round_trip_official_hf_official_is_bit_identical(hf_retrieval, hf_capti
         back = _convert("--to", "blip", "--input", folder, "--output", tmp_path / f"{original.name}.pth")
         _assert_identical(_official(original / "checkpoint.pth"), _official(back))
     # A captioner needs no extras: the HF folder alone gives back its weights, key for key, in order.
-    from models.hf import EXTRAS_FILE, read_extras
+    from models.hf_extras import EXTRAS_FILE, read_extras
     assert read_extras(hf_caption)[0] == {}
     bare = tmp_path / "bare"
     shutil.copytree(hf_caption, bare, ignore=shutil.ignore_patterns(EXTRAS_FILE))

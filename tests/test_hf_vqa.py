@@ -179,7 +179,7 @@ def test_vqa_folder_loads_in_transformers_and_gives_our_states_logits_and_answer
 # ----------------------------------------------------------------------------- HF -> official
 
 def test_round_trip_official_hf_official_is_bit_identical(tiny, hf_vqa, tmp_path):
-    from models.hf import EXTRAS_FILE, read_extras
+    from models.hf_extras import EXTRAS_FILE, read_extras
     original = _official(tiny["ckpt"])
     back = _convert("--to", "blip", "--input", hf_vqa, "--output", tmp_path / "back.pth")
     _assert_identical(original, _official(back))
@@ -194,7 +194,8 @@ def test_round_trip_official_hf_official_is_bit_identical(tiny, hf_vqa, tmp_path
 
 
 def test_pretrained_may_name_a_vqa_folder(tiny, hf_vqa, tmp_path):
-    from models.factory import checkpoint_format, create_model, read_source
+    from models.factory import create_model, read_source
+    from models.formats import checkpoint_format
     from tasks.vqa import VQAConfig
     from utils.config import load_config
     assert checkpoint_format(read_source(hf_vqa)) == "blip-vqa"

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from data.collate import tokenize
+from models.checkpoint_arch import vit_from_state_dict
 from models.factory import build_model, load_weights
-from models.inference import BLIP, CheckpointKindError, load_blip, vit_from_state_dict
+from models.inference import BLIP, CheckpointKindError, load_blip
 from models.tokenizer import build_tokenizer
 from tasks.retrieval import RetrievalConfig
 from utils.checkpoint import CheckpointError

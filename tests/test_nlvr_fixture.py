@@ -129,7 +129,8 @@ def test_a_retrieval_layout_file_initialises_the_twins_the_same_way(cfg, ref, tm
 
 
 def test_our_checkpoint_round_trips_and_other_layouts_are_named(trained, ref, tmp_path):
-    from models.factory import checkpoint_format, load_weights
+    from models.factory import load_weights
+    from models.formats import checkpoint_format
     from utils.checkpoint import CheckpointError
     model, _ = trained
     path = tmp_path / "ours.pth"

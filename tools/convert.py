@@ -118,8 +118,9 @@ def _load_task_config(args, parser):
 
 
 def to_hf(args, parser) -> Path:
-    from models import hf
-    from models.factory import Format, read_source, checkpoint_format, create_model, load_weights
+    from models import hf, hf_keys
+    from models.factory import read_source, create_model, load_weights
+    from models.formats import Format, checkpoint_format
     from models.med import med_config_for
     found = _load_task_config(args, parser)
     cfg = next(iter(found.values()))
@@ -143,8 +144,8 @@ def to_hf(args, parser) -> Path:
     if task != "vqa" and fmt == Format.VQA:
         raise CheckpointError(f"{source} is a BLIP VQA checkpoint (question encoder + answer decoder): convert it "
                               "with a VQA config (train_vqa.py's, --task vqa)")
-    kind, layout = {"retrieval": ("blip", hf.RETRIEVAL), "caption": ("caption", hf.CAPTION),
-                    "vqa": ("vqa", hf.VQA)}[task]
+    kind, layout = {"retrieval": ("blip", hf_keys.RETRIEVAL), "caption": ("caption", hf_keys.CAPTION),
+                    "vqa": ("vqa", hf_keys.VQA)}[task]
     model, tokenizer = create_model(cfg, kind, load=False)
     load_weights(model, ckpt, strict=cfg.strict_load, source_name=str(source), purpose="eval")
     med = med_config_for(cfg.med_config, tokenizer, model.visual_encoder.width)
@@ -155,7 +156,7 @@ def to_hf(args, parser) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf.export_hf(model, layout, cfg, med, tokenizer, ckpt, tmp, str(source),
-                     embed_dim=getattr(cfg, "embed_dim", None) if layout == hf.RETRIEVAL else None)
+                     embed_dim=getattr(cfg, "embed_dim", None) if layout == hf_keys.RETRIEVAL else None)
         _usual_permissions(tmp)
         back = hf.load_official(tmp, copy=False)
         diffs = hf.same_checkpoint(ckpt, back)
