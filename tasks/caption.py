@@ -8,7 +8,7 @@ custom json/CSV, read by the same readers as retrieval (``data/retrieval.py``). 
 
 Evaluation of a split: captions are generated for every image, sharded over the ranks and gathered
 back in dataset order, written as ``captions_<split>.json`` (COCO results format, ``image_id`` as
-:func:`tasks.caption_metrics.image_id_for` gives it) and scored with pycocoevalcap against the
+:func:`tasks.caption_files.image_id_for` gives it) and scored with pycocoevalcap against the
 split's references (from the annotation file, or BLIP's ``*_gt.json`` in ``coco_gt_root``).
 ``log.txt`` gets BLIP's key names (``train_loss``, ``val_CIDEr``, ``test_Bleu_4``, ...); the best
 epoch is the one of the highest val CIDEr.
@@ -29,8 +29,9 @@ from data.retrieval import build_retrieval_datasets
 from data.transforms import build_test_transform
 from models.caption import CaptionArch, GenerationConfig, check_prompt
 from models.tokenizer import build_tokenizer
-from tasks.caption_metrics import (caption_scores, ground_truth, image_id_for, read_gt_file, require_java,
-                                   write_results)
+from tasks.caption_files import ground_truth, image_id_for, read_gt_file, write_results
+from tasks.caption_java import require_java
+from tasks.caption_metrics import caption_scores
 from utils.errors import DataError
 from tasks.retrieval import RetrievalData, train_transform
 from utils import dist as du

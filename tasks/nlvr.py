@@ -41,7 +41,7 @@ from data.nlvr import NLVRCollator, NLVRDataset
 from data.preflight import check_splits, log_unk_rate
 from data.transforms import build_test_transform
 from models.nlvr import NLVRArch, tokenize_sentences
-from tasks.caption_metrics import write_results
+from tasks.caption_files import write_results
 from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import ConfigError

@@ -28,7 +28,7 @@ from data.preflight import check_splits, log_unk_rate
 from data.transforms import build_test_transform
 from data.vqa import VG_WEIGHT, VQACollator, VQAColumns, VQADataset, read_answer_list
 from models.vqa import MAX_QUESTION_TOKENS, VQAArch, VQASettings, tokenize_candidates
-from tasks.caption_metrics import write_results
+from tasks.caption_files import write_results
 from tasks.retrieval import train_transform
 from tasks.vqa_metrics import vqa_accuracy
 from utils import dist as du

@@ -1,6 +1,8 @@
-"""COCO caption metrics (tasks/caption_metrics.py): the same numbers as pycocoevalcap's own
-COCOEvalCap, Java and SPICE handled with clear messages and bounded waits, references read from
-BLIP's annotation and ground-truth files with errors that name the entry and the field.
+"""COCO caption metrics (tasks/caption_metrics.py: scores; caption_java.py: Java, PTB tokenizer,
+METEOR; caption_spice.py: SPICE; caption_files.py: ids, references, results): the same numbers as
+pycocoevalcap's own COCOEvalCap, Java and SPICE handled with clear messages and bounded waits,
+references read from BLIP's annotation and ground-truth files with errors that name the entry and
+the field.
 
 The tests that score captions run Java (METEOR alone loads for ~10 s): they are `slow`, and skipped
 where there is no `java`."""
@@ -15,7 +17,7 @@ import time
 
 import pytest
 
-from tasks import caption_metrics as cm
+from tasks import caption_files as cf, caption_java as cj, caption_metrics as cm, caption_spice as cs
 from utils.errors import DataError, UserError
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH")
@@ -82,8 +84,8 @@ def test_scores_equal_cocoevalcap_exactly(tmp_path, monkeypatch):
 
     gt_file, res_file = tmp_path / "gt.json", tmp_path / "results.json"
     _write_gt(gt_file, GTS)
-    cm.write_results(res_file, _results(CANDIDATES))
-    assert cm.read_gt_file(gt_file) == GTS
+    cf.write_results(res_file, _results(CANDIDATES))
+    assert cf.read_gt_file(gt_file) == GTS
     coco = COCO(str(gt_file))
     coco_res = coco.loadRes(str(res_file))
 
@@ -108,12 +110,12 @@ def test_scores_equal_cocoevalcap_exactly(tmp_path, monkeypatch):
 def test_a_perfect_caption_beats_a_bad_one_on_every_metric_and_meteor_ends(monkeypatch):
     started = []
 
-    class Recorded(cm.Meteor):
+    class Recorded(cj.Meteor):
         def __init__(self):
             super().__init__()
             started.append(self)
 
-    monkeypatch.setattr(cm, "Meteor", Recorded)
+    monkeypatch.setattr(cj, "Meteor", Recorded)
     monkeypatch.setattr(cm, "_spice_models_ready", lambda required: pytest.fail("spice=False looked for SPICE"))
     perfect = cm.caption_scores(_results({i: refs[0] for i, refs in GTS.items()}), GTS, spice=False)
     bad = cm.caption_scores(_results({i: BAD for i in GTS}), GTS, spice=False)
@@ -127,7 +129,7 @@ def test_a_perfect_caption_beats_a_bad_one_on_every_metric_and_meteor_ends(monke
 @needs_java
 def test_captions_with_other_line_ends_stay_with_their_image():
     # The Java tokenizer splits lines at \r, \u2028, ...: each would shift every later caption.
-    out = cm._tokenize({1: [{"caption": "Left\rright."}, {"caption": "A\u2028B\x0bC"}], 2: [{"caption": "Next!"}]})
+    out = cj._tokenize({1: [{"caption": "Left\rright."}, {"caption": "A\u2028B\x0bC"}], 2: [{"caption": "Next!"}]})
     assert out == {1: ["left right", "a b c"], 2: ["next"]}
 
 
@@ -149,41 +151,41 @@ def test_too_old_or_broken_java_is_refused(tmp_path, monkeypatch):
     java.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError, match=r"Java 7 .*install"):
-        cm.require_java()
+        cj.require_java()
     java.write_text("#!/bin/sh\necho 'Error: could not create the Java Virtual Machine.' >&2\nexit 1\n")
     with pytest.raises(UserError, match=r"exit status 1: Error: could not create"):
-        cm.require_java()
+        cj.require_java()
     java.write_text('#!/bin/sh\necho \'openjdk version "1.8.0_292"\' >&2\n')
-    assert cm.require_java() == 'openjdk version "1.8.0_292"'
+    assert cj.require_java() == 'openjdk version "1.8.0_292"'
 
 
 @needs_java
 def test_require_java_reports_the_version():
-    assert "version" in cm.require_java()
+    assert "version" in cj.require_java()
 
 
 # ------------------------------------------------------------------------------------------ SPICE
 
-spice_models_absent = pytest.mark.skipif(cm.spice_models_present(), reason="SPICE models are installed here")
+spice_models_absent = pytest.mark.skipif(cs.spice_models_present(), reason="SPICE models are installed here")
 
 
 @spice_models_absent
 @pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_spice_fetch_attempt_gives_up_within_its_bound(monkeypatch, caplog):
-    monkeypatch.setattr(cm, "_spice_fetch_failed", None)
+    monkeypatch.setattr(cs, "_spice_fetch_failed", None)
     start = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger=cm.__name__):
-        assert cm._spice_models_ready(required=False) is False
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert cs._spice_models_ready(required=False) is False
     elapsed = time.monotonic() - start
-    assert elapsed < cm.SPICE_PROBE_TIMEOUT_S + 5  # offline: DNS fails at once, well under a second here
+    assert elapsed < cs.SPICE_PROBE_TIMEOUT_S + 5  # offline: DNS fails at once, well under a second here
     [record] = caplog.records
     assert "SPICE skipped" in record.getMessage() and "get_stanford_models" in record.getMessage()
-    assert cm._spice_fetch_failed is not None
+    assert cs._spice_fetch_failed is not None
     # Later calls in this process skip at once, with their own single line, and never fetch again.
-    monkeypatch.setattr(cm, "_fetch_spice_models", lambda: pytest.fail("fetched twice"))
+    monkeypatch.setattr(cs, "_fetch_spice_models", lambda: pytest.fail("fetched twice"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=cm.__name__):
-        assert cm._spice_models_ready(required=False) is False
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert cs._spice_models_ready(required=False) is False
     assert len(caplog.records) == 1
 
 
@@ -194,14 +196,14 @@ def test_a_silent_server_or_a_stuck_fetch_is_given_up_on_in_time(monkeypatch):
     with socket.socket() as server:  # accepts connections (backlog) and never answers
         server.bind(("127.0.0.1", 0))
         server.listen(1)
-        monkeypatch.setattr(cm, "_spice_url", lambda: f"http://127.0.0.1:{server.getsockname()[1]}/corenlp.zip")
-        monkeypatch.setattr(cm, "SPICE_PROBE_TIMEOUT_S", 2)
+        monkeypatch.setattr(cs, "_spice_url", lambda: f"http://127.0.0.1:{server.getsockname()[1]}/corenlp.zip")
+        monkeypatch.setattr(cs, "SPICE_PROBE_TIMEOUT_S", 2)
         start = time.monotonic()
-        reason = cm._fetch_spice_models()
+        reason = cs._fetch_spice_models()
         assert time.monotonic() - start < 10
     assert reason.startswith("reaching http://127.0.0.1:") and "timed out" in reason
     start = time.monotonic()  # name resolution ignores socket timeouts: the child process is stopped
-    assert cm._run_child("import time; time.sleep(60)", [], 1, "downloading x") == "downloading x took longer than 1 s"
+    assert cs._run_child("import time; time.sleep(60)", [], 1, "downloading x") == "downloading x took longer than 1 s"
     assert time.monotonic() - start < 10
 
 
@@ -210,9 +212,9 @@ def test_a_silent_server_or_a_stuck_fetch_is_given_up_on_in_time(monkeypatch):
 @spice_models_absent
 @pytest.mark.timing  # asserts a wall-time bound: run alone, not beside another worker
 def test_spice_auto_offline_is_skipped_with_one_warning(monkeypatch, caplog):
-    monkeypatch.setattr(cm, "_spice_fetch_failed", None)
+    monkeypatch.setattr(cs, "_spice_fetch_failed", None)
     start = time.monotonic()
-    with caplog.at_level(logging.DEBUG, logger=cm.__name__):
+    with caplog.at_level(logging.DEBUG, logger=cs.__name__):
         scores = cm.caption_scores(_results(CANDIDATES), GTS)  # spice="auto"
     elapsed = time.monotonic() - start
     assert list(scores) == list(cm.METRICS)  # no SPICE key, the rest computed
@@ -229,11 +231,11 @@ def test_spice_auto_offline_is_skipped_with_one_warning(monkeypatch, caplog):
 def test_spice_true_offline_is_an_error_before_any_scoring(monkeypatch):
     if shutil.which("java") is None:
         pytest.skip("no java on PATH")
-    monkeypatch.setattr(cm, "_spice_fetch_failed", "an earlier failure")  # required: tries again anyway
+    monkeypatch.setattr(cs, "_spice_fetch_failed", "an earlier failure")  # required: tries again anyway
     start = time.monotonic()
     with pytest.raises(UserError, match=r"SPICE cannot be computed: .*could not be fetched"):
         cm.caption_scores(_results(CANDIDATES), GTS, spice=True)  # before any scoring: no METEOR wait
-    assert time.monotonic() - start < cm.SPICE_PROBE_TIMEOUT_S + 10
+    assert time.monotonic() - start < cs.SPICE_PROBE_TIMEOUT_S + 10
     with pytest.raises(ValueError, match="spice must be"):
         cm.caption_scores(_results(CANDIDATES), GTS, spice="yes")
 
@@ -251,13 +253,13 @@ def test_spice_failures_are_skipped_in_auto_and_errors_when_required(monkeypatch
     monkeypatch.setattr(spice_module, "Spice", FailingSpice)
     gts_tok = {"b.jpg": ["a dog"], "a.jpg": ["a cat"]}
     res_tok = {"b.jpg": ["a dog"], "a.jpg": ["a cat"]}
-    with caplog.at_level(logging.WARNING, logger=cm.__name__):
-        assert cm._spice(gts_tok, res_tok, required=False) is None
+    with caplog.at_level(logging.WARNING, logger=cs.__name__):
+        assert cs._spice(gts_tok, res_tok, required=False) is None
     [record] = caplog.records
     assert "SPICE skipped" in record.getMessage() and "exited with status 1" in record.getMessage()
     assert seen["ids"] == [0, 1]  # ranks of the sorted ids: SPICE's json gets ints
     with pytest.raises(UserError, match="SPICE failed: its java run exited with status 1"):
-        cm._spice(gts_tok, res_tok, required=True)
+        cs._spice(gts_tok, res_tok, required=True)
 
 
 def test_spice_sees_ids_ranked_in_their_sorted_order(monkeypatch):
@@ -270,10 +272,10 @@ def test_spice_sees_ids_ranked_in_their_sorted_order(monkeypatch):
 
     monkeypatch.setattr(spice_module, "Spice", RecordingSpice)
     gts_tok = {"z.jpg": ["a dog"], "a.jpg": ["a cat", "cat"], 7: ["x"]}  # mixed: reference order kept
-    assert cm._spice(gts_tok, {k: ["c"] for k in gts_tok}, required=True) == 0.25
+    assert cs._spice(gts_tok, {k: ["c"] for k in gts_tok}, required=True) == 0.25
     assert RecordingSpice.inputs[0] == {0: ["a dog"], 1: ["a cat", "cat"], 2: ["x"]}
     gts_tok = {3: ["c"], 1: ["a"], 2: ["b"]}
-    cm._spice(gts_tok, gts_tok, required=True)
+    cs._spice(gts_tok, gts_tok, required=True)
     assert RecordingSpice.inputs[0] == {0: ["a"], 1: ["b"], 2: ["c"]}
 
 
@@ -303,66 +305,66 @@ def test_results_and_references_must_pair_one_to_one():
 
 def test_image_ids_of_coco_flickr_and_custom_entries():
     coco = {"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["a"]}
-    assert cm.image_id_for(coco, "coco") == 391895
-    assert cm.image_id_for({"image": "flickr30k-images/1007129816.jpg", "caption": "a"}, "flickr") == 1007129816
-    assert cm.image_id_for({"image": "C:\\data\\COCO_val2014_000000000042.jpg"}, "coco") == 42
-    assert cm.image_id_for({"image": "photos/cat 1.png", "caption": "a"}, "custom") == "photos/cat 1.png"
-    assert cm.image_id_for({"image": "photos/cat.png", "image_id": 7}, "custom") == 7
-    assert cm.image_id_for({"image": "photos/cat.png", "image_id": "cat"}, "custom") == "cat"
-    assert cm.image_id_for({"image": "./a/../b.png"}, "custom") == "./a/../b.png"  # as written
+    assert cf.image_id_for(coco, "coco") == 391895
+    assert cf.image_id_for({"image": "flickr30k-images/1007129816.jpg", "caption": "a"}, "flickr") == 1007129816
+    assert cf.image_id_for({"image": "C:\\data\\COCO_val2014_000000000042.jpg"}, "coco") == 42
+    assert cf.image_id_for({"image": "photos/cat 1.png", "caption": "a"}, "custom") == "photos/cat 1.png"
+    assert cf.image_id_for({"image": "photos/cat.png", "image_id": 7}, "custom") == 7
+    assert cf.image_id_for({"image": "photos/cat.png", "image_id": "cat"}, "custom") == "cat"
+    assert cf.image_id_for({"image": "./a/../b.png"}, "custom") == "./a/../b.png"  # as written
 
 
 def test_image_id_errors_name_the_entry_and_the_field():
     with pytest.raises(DataError, match=r"'val2014/cat\.jpg'.*field 'image': no image id at the end .*'cat\.jpg'"):
-        cm.image_id_for({"image": "val2014/cat.jpg", "caption": ["a"]}, "coco")
+        cf.image_id_for({"image": "val2014/cat.jpg", "caption": ["a"]}, "coco")
     with pytest.raises(DataError, match=r"field 'image': expected the image path"):
-        cm.image_id_for({"caption": ["a"]}, "flickr")
+        cf.image_id_for({"caption": ["a"]}, "flickr")
     with pytest.raises(DataError, match=r"field 'image_id': expected an int or a non-empty string, got 1\.5"):
-        cm.image_id_for({"image": "a.jpg", "image_id": 1.5}, "custom")
+        cf.image_id_for({"image": "a.jpg", "image_id": 1.5}, "custom")
     with pytest.raises(ValueError, match="unknown dataset 'vizwiz'"):
-        cm.image_id_for({"image": "a.jpg"}, "vizwiz")
-    assert cm.image_id_for({"image": "a.jpg", "img_id": 7}, "nocaps") == 7
+        cf.image_id_for({"image": "a.jpg"}, "vizwiz")
+    assert cf.image_id_for({"image": "a.jpg", "img_id": 7}, "nocaps") == 7
     with pytest.raises(DataError, match="field 'img_id'"):
-        cm.image_id_for({"image": "a.jpg"}, "nocaps")
+        cf.image_id_for({"image": "a.jpg"}, "nocaps")
 
 
 def test_ground_truth_from_annotation_entries():
     entries = [{"image": "val2014/COCO_val2014_000000391895.jpg", "caption": ["A man.", "A moped."]},
                {"image": "val2014/COCO_val2014_000000522418.jpg", "caption": "A cake."}]
-    assert cm.ground_truth(entries, lambda e: cm.image_id_for(e, "coco")) == {
+    assert cf.ground_truth(entries, lambda e: cf.image_id_for(e, "coco")) == {
         391895: ["A man.", "A moped."], 522418: ["A cake."]}
     custom = [{"image": "b.jpg", "caption": "one"}, {"image": "a.jpg", "caption": ["x"]},
               {"image": "b.jpg", "caption": "two"}, {"image": "c.jpg", "image_id": "c", "caption": "y"}]
-    gts = cm.ground_truth(custom, lambda e: cm.image_id_for(e, "custom"))
+    gts = cf.ground_truth(custom, lambda e: cf.image_id_for(e, "custom"))
     assert gts == {"b.jpg": ["one", "two"], "a.jpg": ["x"], "c": ["y"]}  # pooled, first-seen order
     assert list(gts) == ["b.jpg", "a.jpg", "c"]
 
 
 def test_ground_truth_errors_name_entry_file_and_field():
-    coco = lambda e: cm.image_id_for(e, "coco")  # noqa: E731
+    coco = lambda e: cf.image_id_for(e, "coco")  # noqa: E731
     with pytest.raises(DataError, match=r"entry 1 of test\.json: .*'val2014/x\.jpg'.*field 'image'"):
-        cm.ground_truth([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "a"},
+        cf.ground_truth([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": "a"},
                          {"image": "val2014/x.jpg", "caption": "b"}], coco, source="test.json")
     with pytest.raises(DataError, match=r"entry 0 \(image 'a\.jpg'\): no field 'caption'"):
-        cm.ground_truth([{"image": "a.jpg"}], lambda e: e["image"])
+        cf.ground_truth([{"image": "a.jpg"}], lambda e: e["image"])
     with pytest.raises(DataError, match=r"entry 0 of f\.json \(image 'a\.jpg'\) field 'caption'\[1\]: expected a non-empty"):
-        cm.ground_truth([{"image": "a.jpg", "caption": ["ok", "  "]}], lambda e: e["image"], source="f.json")
+        cf.ground_truth([{"image": "a.jpg", "caption": ["ok", "  "]}], lambda e: e["image"], source="f.json")
     with pytest.raises(DataError, match=r"entry 0 \(image 'a\.jpg'\) field 'caption': expected a caption or"):
-        cm.ground_truth([{"image": "a.jpg", "caption": []}], lambda e: e["image"])
+        cf.ground_truth([{"image": "a.jpg", "caption": []}], lambda e: e["image"])
     with pytest.raises(DataError, match=r"no annotation entries of f\.json"):
-        cm.ground_truth([], lambda e: e["image"], source="f.json")
+        cf.ground_truth([], lambda e: e["image"], source="f.json")
 
 
 def test_read_gt_file_reads_blips_gt_json(tmp_path):
     path = tmp_path / "coco_karpathy_test_gt.json"
     gts = {391895: ["A man.", "A moped."], 522418: ["A cake."], 184613: ["A yak.", "An umbrella."]}
     _write_gt(path, gts)
-    read = cm.read_gt_file(path)
+    read = cf.read_gt_file(path)
     assert read == gts and list(read) == list(gts)
     # Without "images": the order of first appearance.
     path.write_text(json.dumps({"annotations": [{"image_id": 5, "caption": "b"}, {"image_id": 2, "caption": "a"},
                                                 {"image_id": 5, "caption": "c"}]}))
-    assert list(cm.read_gt_file(path).items()) == [(5, ["b", "c"]), (2, ["a"])]
+    assert list(cf.read_gt_file(path).items()) == [(5, ["b", "c"]), (2, ["a"])]
 
 
 @pytest.mark.parametrize("content, match", [
@@ -383,13 +385,13 @@ def test_read_gt_file_errors_name_the_file_and_the_field(tmp_path, content, matc
     path = tmp_path / "gt.json"
     path.write_text(content)
     with pytest.raises(DataError, match=match) as err:
-        cm.read_gt_file(path)
+        cf.read_gt_file(path)
     assert str(path) in str(err.value)
 
 
 def test_read_gt_file_missing(tmp_path):
     with pytest.raises(DataError, match=r"nope\.json: no such ground-truth file"):
-        cm.read_gt_file(tmp_path / "nope.json")
+        cf.read_gt_file(tmp_path / "nope.json")
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -399,14 +401,14 @@ def test_write_results_is_atomic_and_readable(tmp_path):
 
     path = tmp_path / "out" / "test_epoch0.json"
     results = [{"image_id": np.int64(391895), "caption": "a man on a moped"}, {"image_id": "p/1.jpg", "caption": "é"}]
-    cm.write_results(path, results)
+    cf.write_results(path, results)
     assert json.loads(path.read_text(encoding="utf-8")) == [
         {"image_id": 391895, "caption": "a man on a moped"}, {"image_id": "p/1.jpg", "caption": "é"}]
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # the usual permissions, not mkstemp's 0600
     with pytest.raises(TypeError):
-        cm.write_results(path, [{"image_id": object(), "caption": "x"}])
+        cf.write_results(path, [{"image_id": object(), "caption": "x"}])
     assert json.loads(path.read_text(encoding="utf-8"))[0]["image_id"] == 391895  # the old file intact
     assert sorted(p.name for p in path.parent.iterdir()) == ["test_epoch0.json"]  # no temp file left
 
@@ -420,10 +422,10 @@ def test_best_constant_caption_is_the_argmax_of_cider_over_the_candidates():
     candidates = ["a red circle on the left", "a blue square on the right", "a red square", "an image"]
     best = cm.best_constant_caption(gts, candidates)
     # Each candidate's CIDEr when it is the caption of every image, computed independently.
-    tok = cm._tokenize({i: [{"caption": c} for c in refs] for i, refs in gts.items()})
+    tok = cj._tokenize({i: [{"caption": c} for c in refs] for i, refs in gts.items()})
     ciders = []
     for c in candidates:
-        res = cm._tokenize({i: [{"caption": c}] for i in gts})
+        res = cj._tokenize({i: [{"caption": c}] for i in gts})
         ciders.append(Cider().compute_score(tok, res)[0])
     k = max(range(len(candidates)), key=lambda j: ciders[j])
     assert best["caption"] == candidates[k] and best["CIDEr"] == pytest.approx(ciders[k], abs=1e-12)

@@ -145,7 +145,7 @@ def test_img2dataset_folders_give_the_image_and_its_txt_caption(configs, tmp_pat
 # ----------------------------------------------------------------------------- sampling
 
 def test_seeded_sampling_is_per_image_whatever_the_shards_and_batches(configs, tmp_path):
-    from tools.caption import image_seed
+    from tools.caption_generate import image_seed
     cfg, _ = configs
     common = ["--input", CAPTION / "test.json", "--num_captions", 3]
     _caption(cfg, tmp_path / "one", *common, "--shard_size", 8, "--opts", *SAMPLE, "batch_size_test=8")
@@ -271,7 +271,7 @@ def test_a_restart_skips_finished_shards_and_images_and_ends_with_the_same_outpu
 
 def test_image_lists_are_read_with_their_roots_and_bad_ones_named(tmp_path):
     from argparse import Namespace
-    from tools.caption import read_inputs
+    from tools.caption_inputs import read_inputs
 
     def read(root="", **given):
         args = Namespace(input=None, images=None, img2dataset=None, image_col="image", caption_col="caption",
