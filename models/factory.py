@@ -32,7 +32,7 @@ than the text, start afresh as BLIP's loader drops them); what each leaves is re
 expected extra. An NLVR2 model takes its ViT and text encoder, each cross-attention copied into
 both twins (BLIP's ``blip_nlvr.load_checkpoint``); its merge layers and head are new.
 
-Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
+Resume checkpoints are these same files plus optimiser and loop state (``utils.resume``).
 
 Wherever a checkpoint is named (``pretrained``, ``teacher``, ``load_weights(model, source)``), a
 HuggingFace BLIP folder (``config.json`` with model_type ``blip`` + ``model.safetensors`` or
@@ -58,8 +58,9 @@ from models.tokenizer import build_tokenizer
 from models.nlvr import BLIPNLVR, build_nlvr, has_twins, new_parts, twin_state
 from models.vit import VIT_PRESETS
 from models.vqa import BLIPVQA, build_vqa
-from utils.checkpoint import (CheckpointError, CheckpointMismatchError, LoadReport, apply_load, collapse_keys,
-                              extract_state_dict, interpolate_pos_embed, load_checkpoint,
+from utils.checkpoint import load_checkpoint
+from utils.errors import CheckpointError, CheckpointMismatchError
+from utils.state_dict import (LoadReport, apply_load, collapse_keys, extract_state_dict, interpolate_pos_embed,
                               load_state_dict_with_report)
 from utils import zoo
 from utils.config import ConfigError
@@ -266,7 +267,7 @@ def _imagecode_stage(ckpt: Mapping, state: Mapping) -> int:
 # ---------------------------------------------------------------------- the loading policy
 #
 # One policy for every place a checkpoint meets a model: `pretrained`, `teacher`, a tool's member,
-# resume (utils.engine checks its own files strictly with the same messages). `strict` is the
+# resume (utils.resume checks its own files strictly with the same messages). `strict` is the
 # config's `strict_load`:
 #   None (the default): a shape mismatch, a file tensor the model has no place for, or a model
 #       weight the file lacks is an error; parts the layout declares new (a fresh caption decoder,

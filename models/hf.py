@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.errors import json_error
-from utils.checkpoint import (CheckpointError, atomic_write, extract_state_dict, load_checkpoint,
-                              load_safetensors_checkpoint, safetensors_tensors)
+from utils.atomic import atomic_write
+from utils.checkpoint import load_checkpoint, load_safetensors_checkpoint, safetensors_tensors
+from utils.errors import CheckpointError, json_error
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ What a checkpoint serves follows from its layout (``models.factory.checkpoint_fo
 | ``blip`` with ``text_encoder.*`` and ``text_decoder.*`` (``model_base.pth``, ``model_large.pth``) | both | ``caption``, features, ``itm`` |
 | ``blip-vqa`` (``model_*_vqa*.pth``, train_vqa.py runs) | VQA model | ``answer`` |
 
-The architecture: our own checkpoints (written through ``utils/engine.py``) carry the run's config and
+The architecture: our own checkpoints (written through ``utils/resume.py``) carry the run's config and
 it is used (``vit``, ``image_size``, ``med_config``, ``tokenizer``, ``prompt``, ``embed_dim``). Official
 files carry little, so the ViT is read off the state dict's shapes (width, depth, patch size, MLP
 ratio; image size from the position-embedding grid unless the file's config or ``image_size=`` says
@@ -58,8 +58,9 @@ from models.factory import Format, build_model, checkpoint_format, load_weights,
 from models.tokenizer import build_tokenizer
 from models.vit import VIT_PRESETS, ViTArch
 from models.vqa import MAX_QUESTION_TOKENS, BLIPVQA, VQAArch, VQASettings
-from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict
 from utils.config import ConfigError
+from utils.errors import CheckpointError, CheckpointMismatchError
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

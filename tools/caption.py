@@ -91,8 +91,9 @@ from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, chec
 from tools.score_pairs import score_batch
 from utils import dist as du
 from utils.config import ConfigError, config_text, load_config
-from utils.rundir import NOT_TRAINING, add_run_file, commit_run, delete_at_commit
-from utils.engine import autocast
+from utils.cli import NOT_TRAINING
+from utils.rundir import add_run_file, commit_run, delete_at_commit
+from utils.precision import autocast
 from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.caption")
@@ -356,7 +357,7 @@ def load_filter_config(args, output_dir: Path, main: bool) -> Optional[Retrieval
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image ``index``'s generator: a 63-bit function of ``(seed, index)``, stable across
-    processes (``hash`` of a tuple of ints is not randomised; as ``utils.engine`` seeds samples)."""
+    processes (``hash`` of a tuple of ints is not randomised; as ``utils.sampling`` seeds samples)."""
     return hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
