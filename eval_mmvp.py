@@ -41,10 +41,11 @@ from data.utils import load_image, pre_caption
 from models.contextblip import ContextBLIPArch
 from models.factory import create_model, model_from_checkpoint
 from tasks.imagecode import model_scores, zero_shot_scorer
+from utils.cli import NOT_TRAINING
 from utils.config import PosInt, parse_config
 from utils.dist import resolve_device
-from utils.engine import autocast
-from utils.rundir import NOT_TRAINING, commit_run, run_entry, start_run
+from utils.precision import autocast
+from utils.rundir import commit_run, run_entry, start_run
 from utils.settings import RunSettings, TextSettings, WeightsSettings
 
 logger = logging.getLogger("eval_mmvp")

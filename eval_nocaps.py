@@ -23,8 +23,10 @@ from torch.utils.data import Subset
 from models.factory import create_model
 from tasks.caption import NocapsConfig, build_datasets, eval_splits, evaluate_split, generate_captions
 from utils import dist as du
+from utils.cli import NOT_TRAINING, evaluate_splits
 from utils.config import ConfigError, parse_config
-from utils.rundir import (NOT_TRAINING, add_dry_run_arg, evaluate_splits, run_entry, start_run, write_dry_run)
+from utils.dry_run import add_dry_run_arg, write_dry_run
+from utils.rundir import run_entry, start_run
 
 logger = logging.getLogger("eval_nocaps")
 

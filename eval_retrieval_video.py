@@ -21,8 +21,10 @@ import logging
 from models.factory import create_model
 from tasks.video_retrieval import VideoRetrievalConfig, build_dataset, dry_run_record, run_evaluation
 from utils import dist as du
+from utils.cli import NOT_TRAINING
 from utils.config import parse_config
-from utils.rundir import NOT_TRAINING, add_dry_run_arg, commit_run, run_entry, start_run, write_dry_run
+from utils.dry_run import add_dry_run_arg, write_dry_run
+from utils.rundir import commit_run, run_entry, start_run
 
 logger = logging.getLogger("eval_retrieval_video")
 

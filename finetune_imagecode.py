@@ -25,9 +25,11 @@ from data.preflight import log_unk_rate
 from models.factory import create_model, load_weights
 from tasks.imagecode import ImageCodeConfig, build_datasets, evaluate_model, format_accuracy, train, write_outputs
 from utils import dist as du
-from utils.checkpoint import find_checkpoint
+from utils.checkpoint_files import find_checkpoint
 from utils.config import parse_config
-from utils.rundir import NOT_TRAINING, add_dry_run_arg, commit_run, refuse_dry_run_with, run_entry, start_run
+from utils.cli import NOT_TRAINING
+from utils.dry_run import add_dry_run_arg, refuse_dry_run_with
+from utils.rundir import commit_run, run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("finetune_imagecode")

@@ -35,9 +35,12 @@ from pathlib import Path
 from models.factory import create_model, load_weights
 from tasks.contextblip_pretrain import PretrainConfig, build_dataset, collator, draw_masks, train, visual_batch
 from utils import dist as du
-from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint_atomic
+from utils.checkpoint import load_checkpoint, save_checkpoint_atomic
+from utils.checkpoint_files import find_checkpoint
 from utils.config import config_to_dict, load_config, parse_config
-from utils.rundir import NOT_TRAINING, add_dry_run_arg, commit_run, refuse_dry_run_with, run_entry, start_run
+from utils.cli import NOT_TRAINING
+from utils.dry_run import add_dry_run_arg, refuse_dry_run_with
+from utils.rundir import commit_run, run_entry, start_run
 from utils.outputs import refuse_existing
 from utils.logging import setup_logging
 

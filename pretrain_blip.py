@@ -20,7 +20,8 @@ from models.factory import create_model, create_teacher
 from tasks.blip_pretrain import BlipPretrainConfig, build_dataset, train
 from utils import dist as du
 from utils.config import parse_config
-from utils.rundir import add_dry_run_arg, run_entry, start_run
+from utils.dry_run import add_dry_run_arg
+from utils.rundir import run_entry, start_run
 
 logger = logging.getLogger("pretrain_blip")
 

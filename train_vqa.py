@@ -22,9 +22,10 @@ import logging
 from models.factory import create_model
 from tasks.vqa import VQAConfig, build_datasets, eval_splits, evaluate_split, train
 from utils import dist as du
+from utils.cli import add_train_eval_args, evaluate_splits, run_splits, unused_when_evaluating
 from utils.config import parse_config
-from utils.rundir import (add_train_eval_args, evaluate_splits, refuse_dry_run_with, run_entry, run_splits,
-                          start_run, unused_when_evaluating)
+from utils.dry_run import refuse_dry_run_with
+from utils.rundir import run_entry, start_run
 
 logger = logging.getLogger("train_vqa")
 

@@ -27,7 +27,8 @@ from tasks.imagecode import (ImageCodeConfig, build_datasets, format_accuracy, m
                              zero_shot_scorer)
 from utils import dist as du
 from utils.config import parse_config
-from utils.rundir import NOT_TRAINING, commit_run, run_entry, start_run
+from utils.cli import NOT_TRAINING
+from utils.rundir import commit_run, run_entry, start_run
 from utils.logging import append_json_line
 
 logger = logging.getLogger("zero_shot")

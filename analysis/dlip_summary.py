@@ -37,7 +37,8 @@ def _records(path: Path) -> List[dict]:
 def count_params(checkpoint: Path) -> int:
     """Parameters of a pretraining checkpoint's model, momentum copies and queues left out; tensors
     stored once under two names (the tied decoder) counted once."""
-    from utils.checkpoint import extract_state_dict, load_checkpoint
+    from utils.checkpoint import load_checkpoint
+    from utils.state_dict import extract_state_dict
     state = extract_state_dict(load_checkpoint(checkpoint))
     seen, total = set(), 0
     for key, value in state.items():
@@ -73,7 +74,7 @@ def eval_images_per_s(checkpoint: Path, repeats: int = 1) -> Optional[float]:
 
 
 def summarise(dlip: Path) -> Dict[str, dict]:
-    from utils.checkpoint import find_checkpoint
+    from utils.checkpoint_files import find_checkpoint
     out: Dict[str, dict] = {}
     for name in MODELS:
         root = dlip / name

@@ -27,7 +27,7 @@ def run_variant(args) -> dict:
     from bench.bench_train import timed_steps
     from models.accum import feature_cached_step
     from models.blip import ITCSettings
-    from utils.engine import autocast
+    from utils.precision import autocast
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ import torch
 from models.caption import CaptionArch, build_captioner
 from models.generation import GenerationSettings
 from models.tokenizer import build_tokenizer
-from utils.engine import autocast
+from utils.precision import autocast
 
 SIZES = {  # ViT and text width, depth, image size
     "demo": (64, 2, 64),

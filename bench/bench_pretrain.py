@@ -28,7 +28,7 @@ from models.factory import build_model
 from models.tmim import embed_visible_per_patch
 from tasks.contextblip_pretrain import PretrainConfig
 from utils.config import load_config
-from utils.engine import autocast
+from utils.precision import autocast
 
 SIZES = {  # width, depth, image size, batch, decoder depth, decoder heads
     "demo": (64, 2, 64, 64, 2, 4),

@@ -61,7 +61,7 @@ from models.blip_pretrain import build_blip_pretrain
 from models.caption import CaptionArch, GenerationConfig
 from models.factory import build_model
 from models.tokenizer import build_tokenizer
-from utils.engine import autocast
+from utils.precision import autocast
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED_DIM = 256

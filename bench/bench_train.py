@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench.bench_eval import build, captions
 from models.blip import ITCSettings
 from utils.compile import compile_regions
-from utils.engine import autocast
+from utils.precision import autocast
 
 # Dense datasheet peaks, TFLOP/s (SXM parts; no sparsity).
 PEAK_TFLOPS = {"H100": {"fp32": 67.0, "bf16": 989.4, "fp16": 989.4},

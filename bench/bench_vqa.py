@@ -75,7 +75,7 @@ from bench.bench_caption import sync, timed, write_vocab
 from data.vqa import tokenize_questions
 from models.tokenizer import build_tokenizer
 from models.vqa import MAX_QUESTION_TOKENS, VQAArch, VQASettings, build_vqa, tokenize_candidates
-from utils.engine import autocast
+from utils.precision import autocast
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.bench_eval import build, captions
 from models.blip import ITCSettings
-from utils.engine import autocast
+from utils.precision import autocast
 
 
 def make_step(precision: str, compile_model: bool, batch: int = 16, queue: int = 57600):

@@ -18,7 +18,7 @@ Training items get BLIP's random swap (:func:`swap_sides`): with probability 0.5
 exchanged and the words ``left`` / ``right`` of the sentence swapped, which keeps the label right.
 The release swaps in every split; we swap only in training, so evaluation is deterministic. The
 draw is python's ``random.random()``, which the training loader seeds per sample from (seed, epoch,
-index) (``utils.engine.SeededItems``): a resumed run draws the same swaps.
+index) (``utils.sampling.SeededItems``): a resumed run draws the same swaps.
 
 Every problem is one line naming the file, the entry and the field (``images[1]`` for the second
 image), raised before any model is built.

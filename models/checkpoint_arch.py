@@ -1,6 +1,6 @@
 """A BLIP checkpoint's architecture, as ``load_blip`` (``models/inference.py``) resolves it.
 
-The architecture: our own checkpoints (written through ``utils/engine.py``) carry the run's config and
+The architecture: our own checkpoints (written through ``utils/resume.py``) carry the run's config and
 it is used (``vit``, ``image_size``, ``med_config``, ``tokenizer``, ``prompt``, ``embed_dim``). Official
 files carry little, so the ViT is read off the state dict's shapes (width, depth, patch size, MLP
 ratio; image size from the position-embedding grid unless the file's config or ``image_size=`` says
@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from models.blip import BlipArch
 from models.caption import CaptionArch
 from models.vit import VIT_PRESETS, ViTArch
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 from utils.config import ConfigError
 
 logger = logging.getLogger(__name__)

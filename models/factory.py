@@ -19,7 +19,7 @@ what each model takes from each layout, a pretraining file included); every repo
 the loading policy (``models/load_policy.py``: ``check_report``, ``config_keys_of``); only then is
 anything loaded (``apply_load``).
 
-Resume checkpoints are these same files plus optimiser and loop state (``utils.engine``).
+Resume checkpoints are these same files plus optimiser and loop state (``utils.resume``).
 
 Wherever a checkpoint is named (``pretrained``, ``teacher``, ``load_weights(model, source)``), a
 HuggingFace BLIP folder (``config.json`` with model_type ``blip`` + ``model.safetensors`` or
@@ -48,8 +48,9 @@ from models.tokenizer import build_tokenizer
 from models.nlvr import BLIPNLVR, build_nlvr
 from models.vit import VIT_PRESETS
 from models.vqa import BLIPVQA, build_vqa
-from utils.checkpoint import (CheckpointError, LoadReport, apply_load, extract_state_dict, load_checkpoint,
-                              load_state_dict_with_report)
+from utils.checkpoint import load_checkpoint
+from utils.errors import CheckpointError
+from utils.state_dict import LoadReport, apply_load, extract_state_dict, load_state_dict_with_report
 from utils import zoo
 from utils.config import ConfigError
 

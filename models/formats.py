@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Mapping
 
 from models.nlvr import has_twins
-from utils.checkpoint import CheckpointError, extract_state_dict
+from utils.errors import CheckpointError
+from utils.state_dict import extract_state_dict
 
 
 class Format:

@@ -33,7 +33,8 @@ from models.hf_config import check_dims, check_weights_fit, hf_config, read_conf
 from models.hf_extras import EXTRAS_FILE, _apply_extras, _save_extras, make_extras, read_extras
 from models.hf_keys import CAPTION, HF_CLASS, TIED, VQA, layout_of, official_from_hf, to_hf_state
 from models.hf_source import read_weights, resolve_hf_folder
-from utils.checkpoint import CheckpointError, extract_state_dict
+from utils.errors import CheckpointError
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from torch import Tensor
 
 from models.hf_keys import CAPTION, HF_CLASS, RETRIEVAL, VQA, layout_of
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 from utils.errors import json_error
 
 logger = logging.getLogger(__name__)

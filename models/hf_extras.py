@@ -23,7 +23,10 @@ import torch
 from torch import Tensor
 
 from models.hf_keys import official_from_hf
-from utils.checkpoint import CheckpointError, atomic_write, extract_state_dict, safetensors_tensors
+from utils.atomic import atomic_write
+from utils.checkpoint import safetensors_tensors
+from utils.errors import CheckpointError
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

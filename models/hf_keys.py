@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,9 @@ from typing import Any, Dict, Mapping
 from torch import Tensor
 
 from models.hf_extras import EXTRAS_FILE
-from utils.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_safetensors_checkpoint
+from utils.checkpoint import load_checkpoint, load_safetensors_checkpoint
+from utils.errors import CheckpointError
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 
 from torch import Tensor
 
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 
 ENC_TOKEN = "[ENC]"
 _CROSS_KEY = "encoder.layer.0.crossattention.self.key.weight"

@@ -52,7 +52,8 @@ from models.factory import build_model, load_weights, read_source
 from models.formats import Format, checkpoint_format
 from models.tokenizer import build_tokenizer
 from models.vqa import MAX_QUESTION_TOKENS, BLIPVQA, VQAArch, VQASettings
-from utils.checkpoint import CheckpointError, CheckpointMismatchError, extract_state_dict
+from utils.errors import CheckpointError, CheckpointMismatchError
+from utils.state_dict import extract_state_dict
 
 logger = logging.getLogger(__name__)
 

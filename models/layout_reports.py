@@ -1,4 +1,4 @@
-"""What each model takes from each checkpoint layout: one :class:`~utils.checkpoint.LoadReport` per
+"""What each model takes from each checkpoint layout: one :class:`~utils.state_dict.LoadReport` per
 part (nothing loaded yet: ``apply=False``), with the keys a layout holds and the model leaves unused
 reported as expected extras, and the parts the layout does not hold and the model adds by design
 as ``new``. ``models/factory.py`` ``_plan`` picks the report by (format, model type) and
@@ -26,7 +26,7 @@ from models.contextblip import ContextBLIP
 from models.formats import CONTEXTBLIP_PARTS, HEAD_PREFIXES, Format
 from models.nlvr import BLIPNLVR, new_parts, twin_state
 from models.vqa import BLIPVQA
-from utils.checkpoint import LoadReport, interpolate_pos_embed, load_state_dict_with_report
+from utils.state_dict import LoadReport, interpolate_pos_embed, load_state_dict_with_report
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The loading policy: one judgement of a :class:`~utils.checkpoint.LoadReport` (what a checkpoint
+"""The loading policy: one judgement of a :class:`~utils.state_dict.LoadReport` (what a checkpoint
 would give a model, before anything is loaded) for every place a checkpoint meets a model
 (:func:`check_report`), and the config keys behind the dims a report found different
 (:func:`config_keys_of`, from ``_DIM_KEYS`` / ``_DEPTH_KEYS``), named in its one-line error.
@@ -10,14 +10,15 @@ import logging
 import re
 from typing import Dict, Optional
 
-from utils.checkpoint import CheckpointMismatchError, LoadReport, collapse_keys
+from utils.errors import CheckpointMismatchError
+from utils.state_dict import LoadReport, collapse_keys
 
 logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------- the loading policy
 #
 # One policy for every place a checkpoint meets a model: `pretrained`, `teacher`, a tool's member,
-# resume (utils.engine checks its own files strictly with the same messages). `strict` is the
+# resume (utils.resume checks its own files strictly with the same messages). `strict` is the
 # config's `strict_load`:
 #   None (the default): a shape mismatch, a file tensor the model has no place for, or a model
 #       weight the file lacks is an error; parts the layout declares new (a fresh caption decoder,

@@ -19,8 +19,10 @@ from torch.utils.checkpoint import checkpoint
 from pydantic import ConfigDict, ValidationInfo, field_validator, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
-from utils.checkpoint import CheckpointError, extract_state_dict, interpolate_pos_embed, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import Config, NonNegInt, PosFloat, PosInt, Probability, unused
+from utils.errors import CheckpointError
+from utils.state_dict import extract_state_dict, interpolate_pos_embed
 
 
 class ViTArch(Config):

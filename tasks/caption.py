@@ -36,8 +36,9 @@ from utils.errors import DataError
 from tasks.retrieval import RetrievalData, train_transform
 from utils import dist as du
 from utils.config import ConfigError, PosFloat, PosInt
-from utils.engine import Trainer, autocast
+from utils.engine import Trainer
 from utils.logging import Heartbeat
+from utils.precision import autocast
 from utils.schedule import CosineSchedule, build_adamw
 from utils.settings import (EvalSettings, batch_size_alias, LoopSettings, OptimSettings, RunSettings, TextSettings,
                             WarmupSettings, WeightsSettings)

@@ -27,7 +27,8 @@ from models.contextblip import ContextBLIPArch, PretrainSettings, TMIMArch
 from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
-from utils.engine import Trainer, autocast
+from utils.engine import Trainer
+from utils.precision import autocast
 from utils.schedule import WarmupStepSchedule, build_adamw
 from utils.settings import (AugmentSettings, ColumnSettings, DecaySettings, LoopSettings, OptimSettings, RunSettings,
                             StreamSettings, TextSettings, WarmupSettings, WeightsSettings)

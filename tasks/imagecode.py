@@ -41,8 +41,9 @@ from models.imagecode import ImageCodeArch, candidate_tokens, zero_shot_scores
 from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import Config, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt
-from utils.engine import Trainer, autocast
+from utils.engine import Trainer
 from utils.logging import Heartbeat
+from utils.precision import autocast
 from utils.schedule import WarmupStepSchedule
 from utils.settings import (AugmentSettings, DecaySettings, EvalSettings, LoopSettings, OptimSettings,
                             RunSettings, TextSettings, WeightsSettings)

@@ -45,8 +45,9 @@ from tasks.caption_files import write_results
 from tasks.retrieval import train_transform
 from utils import dist as du
 from utils.config import ConfigError
-from utils.engine import Trainer, autocast
+from utils.engine import Trainer
 from utils.logging import Heartbeat
+from utils.precision import autocast
 from utils.schedule import CosineSchedule, build_adamw
 from utils.settings import (AugmentSettings, EvalSettings, LoopSettings, OptimSettings, RunSettings, TextSettings,
                             WarmupSettings, WeightsSettings)

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Subset
 
 from data.collate import tokenize
 from utils import dist as du
-from utils.engine import autocast
 from utils.logging import Heartbeat
+from utils.precision import autocast
 
 logger = logging.getLogger(__name__)
 

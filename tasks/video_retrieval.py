@@ -32,8 +32,8 @@ from models.blip import BlipArch
 from tasks.retrieval_eval import EvalOutput, embed_texts, evaluate_retrieval, retrieval_metrics, retrieval_ranks
 from utils import dist as du
 from utils.config import Config, PosInt
-from utils.engine import autocast
 from utils.logging import append_json_line
+from utils.precision import autocast
 from utils.settings import (EvalSettings, LoopSettings, RunSettings, TextSettings, WeightsSettings,
                             batch_size_alias)
 

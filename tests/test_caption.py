@@ -142,7 +142,7 @@ def test_a_caption_checkpoint_is_refused_by_a_retrieval_model():
     from models.blip import BlipArch, build_blip_retrieval
     from models.factory import load_weights
     from models.tokenizer import build_tokenizer
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     tok = build_tokenizer(str(FIX / "tokenizer"))
     arch = BlipArch(vit={"width": 64, "depth": 2, "heads": 4, "patch_size": 16}, image_size=64,
                     med_config=str(FIX / "med_config.json"))

@@ -11,7 +11,7 @@ import torch
 
 from models.blip import BlipArch, ITCSettings, build_blip_retrieval
 from utils.compile import compile_regions
-from utils.engine import autocast
+from utils.precision import autocast
 
 VOCAB = 1000
 

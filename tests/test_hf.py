@@ -271,7 +271,7 @@ def test_pretrained_may_name_a_hub_id_in_the_local_cache(hf_native, tmp_path, fi
 def test_a_missing_hub_id_or_other_dimensions_fail_at_once_naming_why(hf_retrieval, tmp_path, fixture_config,
                                                                       monkeypatch):
     from models.factory import create_model
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     cache = tmp_path / "empty_cache"
     cache.mkdir()
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

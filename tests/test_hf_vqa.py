@@ -204,7 +204,7 @@ def test_pretrained_may_name_a_vqa_folder(tiny, hf_vqa, tmp_path):
     state, original = model.state_dict(), tiny["model"].state_dict()
     assert list(state) == list(original) and all(torch.equal(state[k], v) for k, v in original.items())
     # A config of other dimensions is told which field differs, before anything is built.
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     cfg = load_config(_config(tmp_path, hf_vqa, tiny["med_config"], vit="{width: 32, depth: 1, heads: 2, "
                               "patch_size: 16}"), VQAConfig)[0]
     with pytest.raises(CheckpointError, match=r"vision_config\.num_hidden_layers is 2.*vit \(depth\) gives 1"):
@@ -258,7 +258,7 @@ def test_an_hf_made_folder_converts_back_and_answers_as_the_hf_model(tiny, tmp_p
 # ----------------------------------------------------------------------------- what HF cannot hold
 
 def test_a_vqa_model_of_other_widths_is_refused_in_one_line_before_anything_is_written(tmp_path):
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     cfg = _config(tmp_path, FIX / "checkpoint.pth", FIX / "med_config.json",
                   vit="{width: 64, depth: 2, heads: 4, patch_size: 16}")
     out = tmp_path / "hf"
@@ -283,7 +283,7 @@ def test_a_vqa_model_of_other_widths_is_refused_in_one_line_before_anything_is_w
 
 
 def test_a_vqa_checkpoint_with_a_retrieval_task_is_told_to_use_a_vqa_config(tiny, tmp_path):
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     cfg = _config(tmp_path, tiny["ckpt"], tiny["med_config"])
     with pytest.raises(CheckpointError, match=r"is a BLIP VQA checkpoint.*--task vqa"):
         _convert("--to", "hf", "--config", cfg, "--output_dir", tmp_path / "hf", "--task", "retrieval")

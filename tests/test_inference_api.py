@@ -15,7 +15,7 @@ from models.factory import build_model, load_weights
 from models.inference import BLIP, CheckpointKindError, load_blip
 from models.tokenizer import build_tokenizer
 from tasks.retrieval import RetrievalConfig
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 RET = FIXTURES / "blip_official_tiny"      # retrieval checkpoint, official layout (tests/fixtures/README.md)

@@ -102,7 +102,7 @@ def _images(tmp_path, n):
 
 
 def test_training_swaps_images_and_sides_at_random_evaluation_never(tmp_path):
-    from utils.engine import SeededItems
+    from utils.sampling import SeededItems
     transform = _images(tmp_path, 2)
     entries = [_pair("i0.png", "i1.png", sentence="The left image is darker than the right image.")] * 64
     path = _write(tmp_path, "nlvr_train.json", entries)

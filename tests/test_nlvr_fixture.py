@@ -102,7 +102,7 @@ def test_initialisation_from_the_pretraining_file_is_the_releases(cfg, ref):
 def test_the_load_report_lists_the_merge_layers_and_head_as_new_and_evaluation_refuses_them(cfg, ref):
     from models.factory import build_model, load_weights
     from models.tokenizer import build_tokenizer
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     model = build_model(cfg, "nlvr", build_tokenizer(cfg.tokenizer))
     result = load_weights(model, str(FIX / "pretrain_checkpoint.pth"), purpose="train", apply=False)
     assert result.format == "blip" and sorted(result.blip.new) == sorted(ref["init_missing_keys"])
@@ -131,7 +131,7 @@ def test_a_retrieval_layout_file_initialises_the_twins_the_same_way(cfg, ref, tm
 def test_our_checkpoint_round_trips_and_other_layouts_are_named(trained, ref, tmp_path):
     from models.factory import load_weights
     from models.formats import checkpoint_format
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     model, _ = trained
     path = tmp_path / "ours.pth"
     torch.save({"model": model.state_dict(), "format": model.checkpoint_format}, path)

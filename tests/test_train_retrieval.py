@@ -123,7 +123,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ba
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, synthetic_small, monkeypatch, tiny_train_config):
     import train_retrieval
     import tasks.retrieval as rt
-    from utils.engine import NonFiniteLossError
+    from utils.errors import NonFiniteLossError
 
     original = rt.retrieval_loss
 
@@ -243,7 +243,7 @@ def test_dry_run_is_one_eval_forward_of_the_first_batch_and_writes_no_checkpoint
     from data.transforms import build_test_transform
     from tasks.retrieval import RetrievalConfig
     from utils.config import load_config
-    from utils.engine import _mix
+    from utils.sampling import _mix
 
     path = fixture_config(tmp_path, train_file="test.json", batch_size_train=8, train_hflip="true",
                           train_randaug="true")

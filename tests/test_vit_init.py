@@ -6,7 +6,7 @@ import timm
 import torch
 
 from models.vit import VIT_PRESETS, ViTSettings, build_vit
-from utils.checkpoint import CheckpointError
+from utils.errors import CheckpointError
 
 
 @pytest.fixture(scope="module")

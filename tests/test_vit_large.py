@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from models.blip import build_blip_retrieval
 from models.factory import load_weights
 from tasks.retrieval import RetrievalConfig
-from utils.checkpoint import extract_state_dict, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import config_to_dict, load_config
+from utils.state_dict import extract_state_dict
 
 URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large_retrieval_{}.pth"
 REPO = Path(__file__).resolve().parents[1]

@@ -157,7 +157,7 @@ def test_a_pretraining_file_initialises_all_three_towers_as_blip_does(tmp_path):
     from models.blip import BlipArch, ITCSettings
     from models.blip_pretrain import build_blip_pretrain
     from models.factory import load_weights
-    from utils.checkpoint import CheckpointMismatchError
+    from utils.errors import CheckpointMismatchError
     arch, tok, vqa = _tiny_vqa(64)
     pre = build_blip_pretrain(BlipArch(vit=arch.vit, image_size=64, med_config=arch.med_config, embed_dim=16),
                               tok, itc=ITCSettings(queue_size=32))
@@ -183,7 +183,7 @@ def test_a_pretraining_file_initialises_all_three_towers_as_blip_does(tmp_path):
 def test_layouts_a_vqa_model_refuses_and_a_vqa_file_is_refused_by(tmp_path):
     from models.factory import load_weights
     from models.caption import CaptionArch, build_captioner
-    from utils.checkpoint import CheckpointError
+    from utils.errors import CheckpointError
     arch, tok, vqa = _tiny_vqa(64)
     cap = build_captioner(CaptionArch(vit=arch.vit, image_size=64, med_config=arch.med_config), tok)
     with pytest.raises(CheckpointError, match="is a 'blip-vqa' checkpoint; a captioner loads"):

@@ -18,7 +18,10 @@ from models.blip import BlipArch
 from models.factory import read_source
 from tasks.retrieval import RetrievalConfig
 from utils import zoo
-from utils.checkpoint import CheckpointDownloadError, extract_state_dict, load_checkpoint, resolve_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.download import resolve_checkpoint
+from utils.errors import CheckpointDownloadError
+from utils.state_dict import extract_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"

@@ -80,7 +80,8 @@ from tools.caption_outputs import _log_report, write_outputs
 from tools.common import JsonlShard, ShardPlan, add_pair_args, check_run_plan, model_signature, split_pending, start
 from utils import dist as du
 from utils.config import ConfigError, config_text, load_config
-from utils.rundir import NOT_TRAINING, add_run_file, commit_run, delete_at_commit
+from utils.cli import NOT_TRAINING
+from utils.rundir import add_run_file, commit_run, delete_at_commit
 from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.caption")

@@ -21,7 +21,7 @@ from tasks.retrieval import RetrievalConfig
 from tools.caption_inputs import Inputs
 from tools.common import JsonlShard, batches_of, inference_model
 from tools.score_pairs import score_batch
-from utils.engine import autocast
+from utils.precision import autocast
 from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.caption")
@@ -31,7 +31,7 @@ logger = logging.getLogger("tools.caption")
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image ``index``'s generator: a 63-bit function of ``(seed, index)``, stable across
-    processes (``hash`` of a tuple of ints is not randomised; as ``utils.engine`` seeds samples)."""
+    processes (``hash`` of a tuple of ints is not randomised; as ``utils.sampling`` seeds samples)."""
     return hash((seed, index)) & 0x7FFF_FFFF_FFFF_FFFF
 
 

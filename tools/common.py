@@ -30,11 +30,12 @@ from data.pairs import FORMATS, PairTable, read_pairs
 from data.preflight import check_images
 from data.utils import BadImageError
 from utils import dist as du
-from utils.checkpoint import atomic_write
+from utils.atomic import atomic_write
 from models.factory import create_model
 from tasks.retrieval import RetrievalConfig
+from utils.cli import NOT_TRAINING
 from utils.config import ConfigError, load_config, parse_config
-from utils.rundir import NOT_TRAINING, add_run_file, start_run
+from utils.rundir import add_run_file, start_run
 
 logger = logging.getLogger("tools")
 

@@ -36,11 +36,10 @@ import os
 import shutil
 from pathlib import Path
 
-from utils.checkpoint import CheckpointError
-from utils.errors import UserError
+from utils.cli import NOT_TRAINING
 from utils.config import ConfigError, load_config
+from utils.errors import CheckpointError, UserError
 from utils.logging import set_debug, setup_logging
-from utils.rundir import NOT_TRAINING
 
 logger = logging.getLogger("tools")
 
@@ -189,7 +188,8 @@ def _usual_permissions(folder: Path) -> None:
 
 def to_blip(source: str, output: str, queue_size=None) -> Path:
     from models import hf
-    from utils.checkpoint import extract_state_dict, save_checkpoint_atomic
+    from utils.checkpoint import save_checkpoint_atomic
+    from utils.state_dict import extract_state_dict
     ckpt = hf.load_official(source, queue_size=queue_size, copy=True)
     path = save_checkpoint_atomic(ckpt, output)
     logger.info("wrote %s (%d tensors)", path, len(extract_state_dict(ckpt)))

@@ -35,10 +35,10 @@ from data.utils import pre_caption
 from tools.common import (ShardPlan, add_pair_args, batches_of, check_pair_images, check_run_plan, inference_model,
                           model_signature, read_pair_args, split_pending, start)
 from utils import dist as du
-from utils.checkpoint import atomic_write
+from utils.atomic import atomic_write
 from utils.errors import DataError, UserError, json_error
 from utils.rundir import commit_run, delete_at_commit
-from utils.engine import autocast
+from utils.precision import autocast
 from utils.logging import Heartbeat
 from tasks.retrieval_eval import embed_texts
 

@@ -57,7 +57,7 @@ from tools.submission import check_submission_target
 from utils import dist as du
 from tasks.retrieval import build_datasets
 from utils.rundir import commit_run
-from utils.engine import autocast
+from utils.precision import autocast
 from tasks.retrieval_eval import embed_texts, evaluate_retrieval, retrieval_metrics
 
 logger = logging.getLogger("tools.ensemble")

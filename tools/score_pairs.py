@@ -40,7 +40,7 @@ from tools.common import (JsonlShard, ShardPlan, add_pair_args, batches_of, chec
                           write_lines_atomic)
 from utils import dist as du
 from utils.rundir import commit_run, delete_at_commit
-from utils.engine import autocast
+from utils.precision import autocast
 from utils.logging import Heartbeat
 
 logger = logging.getLogger("tools.score")

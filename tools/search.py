@@ -48,7 +48,7 @@ from tools.common import add_pair_args, batches_of, inference_model, model_signa
 from tools.embed import check_embed_dim, embed_captions, load_embeddings, read_manifest
 from tools.submission import check_submission_target, distinct_top, fetch_size, key_of, write_submission
 from utils import dist as du
-from utils.engine import autocast
+from utils.precision import autocast
 from utils.errors import UserError
 from utils.rundir import commit_run
 from utils.logging import Heartbeat

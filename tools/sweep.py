@@ -40,7 +40,7 @@ from tasks.retrieval import RetrievalConfig, build_datasets
 from tasks.retrieval_eval import evaluate_retrieval
 from tools.common import inference_model, inspect_members, load_member_config, start
 from utils import dist as du
-from utils.checkpoint import atomic_write
+from utils.atomic import atomic_write
 from utils.rundir import commit_run
 
 logger = logging.getLogger("tools.sweep")

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from data.utils import read_json, short_repr
+from utils.atomic import atomic_write
 from utils.errors import DataError, UserError
 from utils.outputs import refuse_existing
 
@@ -243,7 +244,6 @@ def missing_images(root: Path, images: List[str]) -> List[str]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    from utils.checkpoint import atomic_write  # here: it imports torch, which converting does not need
     data = json.dumps(value, ensure_ascii=False).encode("utf-8")
     atomic_write(path, lambda f: f.write(data))
 

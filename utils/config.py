@@ -374,7 +374,7 @@ def config_text(doc_or_instance: Any) -> str:
 
 def save_config(doc_or_instance: Any, path: Union[str, Path]) -> Path:
     """Write the resolved config as YAML (:func:`config_text`), atomically: never half a config."""
-    from utils.checkpoint import atomic_write
+    from utils.atomic import atomic_write
     path = Path(path)
     text = config_text(doc_or_instance)
     atomic_write(path, lambda f: f.write(text.encode('utf-8')))

@@ -18,6 +18,33 @@ class DataError(UserError, ValueError):
     A ValueError too, so callers that catch ValueError keep working."""
 
 
+class NonFiniteLossError(UserError, RuntimeError):
+    """A training loss (or a ``--dry_run`` loss term) is not finite; the message names where, and
+    the last good checkpoint is kept (``utils.engine.Trainer``)."""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be obtained, read or interpreted."""
+
+
+class CheckpointDownloadError(CheckpointError):
+    """A checkpoint URL could not be downloaded."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle needs more than `torch.load(weights_only=True)` allows."""
+
+
+class CheckpointValueError(CheckpointError, ValueError):
+    """A checkpoint location or tensor that cannot be used as given (a ValueError too)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """`strict=True` loading found missing, unexpected or shape-mismatched keys."""
+
+
 def json_error(err: Exception) -> str:
     """A JSON file's parse error as the end of a one-line message: ``malformed JSON: unterminated
     string starting at line 3, column 5`` (``json``'s own ``msg`` of some errors ends in a dangling

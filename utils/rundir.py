@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -38,11 +37,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from utils import dist as du
-from utils.checkpoint import (atomic_write, checkpoint_epoch, find_checkpoint, remove_checkpoint,
-                              remove_stale_temp_files)
-from utils.config import ConfigError
+from utils.atomic import atomic_write, remove_stale_temp_files
+from utils.checkpoint_files import checkpoint_epoch, epoch_checkpoints, find_checkpoint, remove_checkpoint
 from utils.errors import UserError
-from utils.logging import append_json_line, debug_enabled, has_log_file, open_log_file, reset_logging
+from utils.logging import debug_enabled, has_log_file, open_log_file, reset_logging
 
 logger = logging.getLogger("utils.engine")
 
@@ -65,15 +63,6 @@ class _Finished(Exception):
 
 
 # ----------------------------------------------------------------------------- previous runs' files
-
-def epoch_checkpoints(output_dir: Path) -> list:
-    """The run's ``checkpoint_epochNNN`` files (``save_every``), oldest epoch first."""
-    import re
-    pattern = re.compile(r"checkpoint_epoch(\d+)\.(pth|safetensors)")
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint_epoch*")
-             if (m := pattern.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
 
 def run_files(output_dir: Path) -> list:
     """What ``--overwrite`` deletes: the engine's checkpoints (with safetensors state files and the
@@ -245,7 +234,7 @@ def start_run(cfg, doc, args, *, trains: bool, outputs: Sequence[str] = (), mode
     """
     global _run
     import torch
-    from utils.engine import set_deterministic
+    from utils.precision import set_deterministic
     from utils.logging import setup_logging
 
     set_deterministic(cfg.deterministic)
@@ -375,100 +364,6 @@ def _end_run() -> None:
     if run is not None and run.is_main and not run.committed:
         _abandon(run)
     release_output_dirs()
-
-
-# ----------------------------------------------------------------------------- command-line helpers
-
-def add_dry_run_arg(parser, help: Optional[str] = None) -> None:
-    """``--dry_run``, which every entry script takes (training: ``Trainer.dry_run``; evaluation-only
-    scripts: their first batch and :func:`write_dry_run`, described by ``help``)."""
-    parser.add_argument("--dry_run", action="store_true",
-                        help=help or "check the config: pre-flight, build, load, one eval-mode forward of the first "
-                                     "batch (test transform, no optimiser step); writes output_dir/dry_run.json and exits")
-
-
-def refuse_dry_run_with(args, *flags: str) -> None:
-    """``--dry_run`` checks a training run: together with a flag that makes the run something else
-    (``--evaluate``, ``--visualize``, ``--export``) it is refused in one line, before ``output_dir``
-    is touched."""
-    if not getattr(args, "dry_run", False):
-        return
-    for flag in flags:
-        if getattr(args, flag.lstrip("-")):
-            raise UserError(f"--dry_run checks a training run (one forward of its first batch); it cannot be "
-                            f"combined with {flag}: drop one of the two")
-
-
-def write_dry_run(output_dir: Path, record: Dict[str, object], log: logging.Logger) -> Dict[str, object]:
-    """``--dry_run`` of an evaluation-only entry script (``eval_nocaps.py``, ``eval_retrieval_video.py``),
-    once its inputs are checked, its model loaded and its first batch run: the run is committed and
-    ``record`` written to ``output_dir/dry_run.json`` (rank 0), its only output. Returns it."""
-    commit_run()
-    if du.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "dry_run.json").write_text(json.dumps(record, indent=1) + "\n")
-        log.info("dry run: %s", output_dir / "dry_run.json")
-    return record
-
-
-def add_train_eval_args(parser) -> None:
-    """The flags every fine-tuning entry script with an evaluation mode takes (BLIP's CLI)."""
-    add_dry_run_arg(parser)
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate (no training)")
-    parser.add_argument("--eval_splits", default=None,
-                        help="comma-separated splits to evaluate with --evaluate (default: val,test "
-                             "when a val file is configured, else test)")
-    parser.add_argument("--resume", default=None, help="'auto' (checkpoint_last.pth in output_dir) or a path")
-    parser.add_argument("--no_progress", action="store_true", help="disable progress bars")
-
-
-# Config keys a run that does not train leaves unused (not cross-checked: an evaluation of a
-# training run's config.yaml never fails on them).
-NOT_TRAINING = ("vit_grad_ckpt", "max_epoch")
-
-
-def evaluate_splits(datasets: Dict[str, object], evaluate: Callable[[str, object], Dict[str, float]], output_dir: Path,
-                    log: logging.Logger) -> Dict[str, float]:
-    """An entry script's ``--evaluate``, once its inputs are checked and its model loaded: the run
-    is committed, ``evaluate(split, dataset) -> {<split>_<metric>: value}`` runs for every split
-    (logged), and the metrics of all splits go to ``evaluate.txt`` as one JSON line (rank 0; none
-    when no split produced a metric). Returns them."""
-    commit_run()  # checked and loaded: the run's files are written from here on
-    record: Dict[str, float] = {}
-    for split, dataset in datasets.items():
-        metrics = evaluate(split, dataset)
-        record.update(metrics)
-        log.info("%s: %s", split, {k: round(v, 2) if isinstance(v, float) else v for k, v in metrics.items()})
-    if du.is_main_process() and record:
-        append_json_line(Path(output_dir) / "evaluate.txt", record)
-    return record
-
-
-def unused_when_evaluating(args) -> tuple:
-    """Config keys an ``--evaluate`` run does not use (not cross-checked)."""
-    return NOT_TRAINING if args.evaluate else ()
-
-
-def run_splits(args, configured: tuple) -> tuple:
-    """The splits a run reads: ``train`` + the ``configured`` eval splits, with ``--dry_run`` only
-    ``train``, or with ``--evaluate`` those of ``--eval_splits`` (val/test) or else the configured
-    ones (at least one)."""
-    if getattr(args, "dry_run", False):
-        return ("train",)
-    if not args.evaluate:
-        return ("train",) + tuple(configured)
-    if args.eval_splits:
-        splits = tuple(s.strip() for s in args.eval_splits.split(",") if s.strip())
-        if not splits or not set(splits) <= {"val", "test"}:
-            raise ConfigError(f"--eval_splits {args.eval_splits!r}: only val and test can be evaluated")
-        missing = [s for s in splits if s not in configured]
-        if missing:
-            raise UserError(f"--eval_splits {args.eval_splits!r}: the config has no {' or '.join(missing)} split "
-                            f"(set {missing[0]}_file, or evaluate {', '.join(configured) or 'nothing'})")
-        return splits
-    if not configured:
-        raise ConfigError("--evaluate needs a val_file or a test_file (dataset: custom)")
-    return tuple(configured)
 
 
 def run_entry(main: Callable, log: Optional[logging.Logger] = None) -> None:

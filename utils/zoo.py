@@ -5,7 +5,7 @@
 
 Every file the release lists (its README's two checkpoint tables and its ``configs/*.yaml``) is an
 entry named ``blip/<file stem>``; the name becomes the release URL (``$BLIP_ZOO_URL`` replaces the
-base, e.g. a mirror or a test server) and then goes through ``utils.checkpoint.resolve_checkpoint``'s
+base, e.g. a mirror or a test server) and then goes through ``utils.download.resolve_checkpoint``'s
 download and cache unchanged. Each entry records the ViT size the file needs (``check_vit``: a
 contradicting ``vit`` is refused before anything is downloaded) and the image size the release uses
 it at (informative only: BLIP fine-tunes the 224-pixel pretraining files at 384 by resizing the
