@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "blip_official_tiny"
 
 # Torch on one thread in the test process, so that the runs forked from it may use several (GNU
-# OpenMP hangs in a child forked after its thread pool started); real subprocesses and forked runs
-# get this worker's share of the cores (two pytest-xdist workers on two cores: one each).
+# OpenMP hangs in a child forked after its thread pool started); a forked run without
+# OMP_NUM_THREADS in its environment gets this worker's share of the cores (two pytest-xdist
+# workers on two cores: one each). Nothing is exported: torchrun's ranks keep its default (1).
 forked.single_threaded_parent()
-os.environ.setdefault("OMP_NUM_THREADS", str(forked.worker_threads()))
 
 
 def _fixture_config(tmp_path: Path, **overrides) -> Path:
@@ -261,3 +261,16 @@ def full_disk():
     """``full_disk(binary_file, room) -> file``: writes fail with ENOSPC after ``room`` bytes."""
     return _FullDisk
 
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The files with the most end-to-end runs (``slow`` / ``dist`` tests) first, each file's tests
+    in their order: pytest-xdist (``--dist loadfile``) hands whole files to its workers in this
+    order, so the longest start first and the short ones fill in at the end."""
+    def runs(item) -> int:
+        return sum(1 for name in ("slow", "dist") if item.get_closest_marker(name))
+    weight: dict = {}
+    for item in items:
+        weight[item.fspath] = weight.get(item.fspath, 0) + runs(item)
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.fspath for item in items)))}
+    items.sort(key=lambda item: (-weight[item.fspath], first_seen[item.fspath]))

@@ -85,3 +85,105 @@ def test_an_unsupported_python_stops_with_one_line():
     assert proc.stderr.strip().splitlines() == [
         "this project needs Python 3.10 or newer (3.10-3.12 are supported); this is Python 3.8.10. "
         "Create the environment with a newer python3 (see README.md)"]
+
+
+# ----------------------------------------------------------------------------- modules of one concern
+
+MAX_LINES = 500
+
+
+def _project_modules() -> dict:
+    """``{dotted name: path}`` of every Python module of the project (packages, entry scripts,
+    tests and their helpers)."""
+    paths = _files(*PACKAGES, "tests") + sorted(REPO.glob("*.py"))
+    mods = {}
+    for path in paths:
+        if "fixtures" in path.relative_to(REPO).parts:
+            continue
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        mods[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return mods
+
+
+def test_every_module_is_at_most_500_lines():
+    """A module holds one concern (docs/ARCHITECTURE.md); past 500 lines it holds several."""
+    long = {str(p.relative_to(REPO)): n for p in _project_modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by concern): {long}"
+
+
+def _import_graph(mods: dict) -> dict:
+    """Module -> the project modules it imports, at its top or inside functions alike."""
+    def resolve(name: str):
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                deps |= {resolve(f"{base}.{a.name}") if f"{base}.{a.name}" in mods else resolve(base)
+                         for a in node.names}
+        graph[name] = deps - {None, name}
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """The strongly connected components of more than one module (Tarjan, iteratively)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_no_two_modules_import_each_other_even_in_a_circle():
+    """The house has floors (docs/ARCHITECTURE.md): no import, at a module's top or inside a function,
+    closes a circle between project modules."""
+    mods = {n: p for n, p in _project_modules().items() if not n.startswith("tests")}
+    graph = _import_graph(mods)
+    assert "tasks.retrieval" in graph["train_retrieval"] and "utils.errors" in graph["models.factory"]  # read
+    assert not _cycles(graph), f"import circles: {_cycles(graph)}"

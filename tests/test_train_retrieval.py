@@ -184,6 +184,8 @@ def test_torchrun_compile_bf16_and_feature_cached_accumulation(tmp_path, synthet
     assert not any("_orig_mod" in k for k in state) and "visual_encoder.blocks.0.attn.qkv.weight" in state
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_torchrun_two_processes_train_and_evaluate(tmp_path, synthetic_small, run_torchrun, tiny_train_config):
     """2 ranks (gloo, CPU), hard negatives mined across ranks: training runs, val and test are
     evaluated, checkpoints and TensorBoard events are written once (by rank 0) and resume works under
