@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.scripts.bad_inputs import CASES, build_world, first_line, run_inprocess, snapshot
+from tests.scripts.bad_inputs import CASES
+from tests.scripts.campaign_runs import first_line, run_inprocess, snapshot
+from tests.scripts.campaign_world import build_world
 
 
 @pytest.fixture(scope="module")

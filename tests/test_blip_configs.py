@@ -11,7 +11,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from tests.scripts.blip_configs import BLIP_CONFIGS, DATA_KEYS, ENTRY, KEY_SETS, tiny_overrides, write_data
-from tests.scripts.bad_inputs import run_inprocess
+from tests.scripts.campaign_runs import run_inprocess
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_dry_run_is_the_releases_loss_of_the_first_batch(tmp_path, ref):
 ], ids=["second-image-missing", "label-yes", "one-image"])
 def test_bad_files_stop_before_the_model_naming_file_entry_and_field(tmp_path, split, index, change, message,
                                                                       monkeypatch, capsys):
-    from tests.scripts.bad_inputs import run_inprocess
+    from tests.scripts.campaign_runs import run_inprocess
     ann = _ann(tmp_path / "ann")
     entries = json.loads((ann / f"nlvr_{split}.json").read_text())
     change(entries[index])

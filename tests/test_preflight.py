@@ -66,7 +66,7 @@ def run(tmp_path, data, tiny_train_config):
     """``run(*opts, evaluate=False, out="out") -> (record, output dir)``: train_retrieval.main on ``data``
     (an evaluation scores a checkpoint of random weights of the config, unless ``pretrained=`` is given)."""
     import train_retrieval
-    from tests.scripts.bad_inputs import random_checkpoint
+    from tests.scripts.campaign_world import random_checkpoint
     cfg = tiny_train_config(tmp_path, data, batch_size_train=4, batch_size_test=4, max_epoch=1)
     weights = random_checkpoint(cfg, tmp_path / "random.pth")
 
@@ -183,7 +183,7 @@ def test_a_tokenizer_that_does_not_know_the_captions_is_warned_about(data, run, 
     small.mkdir()
     (small / "vocab.txt").write_text("\n".join([*SPECIAL_TOKENS, "a", "the", "red", "square"]) + "\n")
     (small / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
-    from tests.scripts.bad_inputs import random_checkpoint
+    from tests.scripts.campaign_world import random_checkpoint
     cfg = tmp_path / "train.yaml"
     weights = random_checkpoint(cfg, tmp_path / "small_vocab.pth", tokenizer=str(small))  # embeddings of its size
     _, out = run(f"tokenizer={small}", f"pretrained={weights}", evaluate=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.scripts.bad_inputs import run_inprocess, snapshot
+from tests.scripts.campaign_runs import run_inprocess, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 INTACT = ("the previous checkpoint_last.pth is intact (it is replaced only by a complete new file: written to a "

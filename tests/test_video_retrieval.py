@@ -21,7 +21,7 @@ from data.collate import tokenize
 from data.transforms import build_test_transform
 from data.video import VideoRetrievalDataset, frame_count, frame_indices, read_video_annotations
 from tasks.retrieval_eval import reference_rerank
-from tests.scripts.bad_inputs import run_inprocess
+from tests.scripts.campaign_runs import run_inprocess
 from utils.errors import DataError
 from utils.rundir import LOCK_NAME
 
