@@ -7,12 +7,13 @@ first-line message parts it must give, what must not change); :func:`run_inproce
 from __future__ import annotations
 
 import os
-import runpy
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List
+
+from tests.scripts.forked import run_main
 
 if TYPE_CHECKING:
     from tests.scripts.campaign_world import World
@@ -69,18 +70,10 @@ def changes(before: dict, after: dict) -> List[str]:
 
 def run_inprocess(monkeypatch, capsys, target: str, *argv) -> tuple:
     """Run ``target`` (an entry script, or ``tools``) as ``python target argv`` would, in this
-    process: ``(exit status, stdout, stderr)``."""
-    monkeypatch.setattr(sys, "argv", [target, *map(str, argv)])
-    code = 0
-    try:
-        if target.endswith(".py"):
-            runpy.run_path(str(REPO / target), run_name="__main__")
-        else:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (1 if exit_.code else 0)
-        if isinstance(exit_.code, str):
-            print(exit_.code, file=sys.stderr)
+    process: ``(exit status, stdout, stderr)`` (``tests.scripts.forked.run_main``; ``sys.argv``
+    restored through ``monkeypatch`` too, should the run leave it changed)."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    code = run_main(target, argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -6,14 +6,13 @@ helpers the case modules share (``_train``, ``_tool``, ``_dlip``, ``_caption_tra
 from __future__ import annotations
 
 import json
-import runpy
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from tests.scripts.campaign_runs import REPO, Run, run_subprocess
+from tests.scripts.forked import run_main
 from tests.scripts.tiny import TINY_MED, tiny_values, write_yaml
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -64,18 +63,9 @@ def run_command(target: str, *argv) -> None:
         if code != 0:
             raise RuntimeError(f"set-up step {target} failed in {SETUP_TREE}:\n{err[-3000:]}")
         return
-    saved = sys.argv
-    sys.argv = [target, *map(str, argv)]
-    try:
-        if target.endswith(".py"):
-            runpy.run_path(str(REPO / target), run_name="__main__")
-        else:
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise RuntimeError(f"set-up step {target} {' '.join(map(str, argv))} failed: {exit_.code}") from None
-    finally:
-        sys.argv = saved
+    code = run_main(target, argv)
+    if code != 0:
+        raise RuntimeError(f"set-up step {target} {' '.join(map(str, argv))} failed: exit status {code}")
 
 
 def random_checkpoint(config: Path, path: Path, seed: int = 1, **arch) -> Path:

@@ -126,22 +126,30 @@ def _reset_child(env: dict, cwd: Path, stdout_fd: int, stderr_fd: int) -> None:
     random.seed()
 
 
-def _child(target: str, args: Sequence[str]) -> int:
-    sys.argv = [target, *args]  # the repo root is on the path already (pytest.ini pythonpath)
-    code = 0
+def run_main(target: str, args: Sequence[str]) -> int:
+    """Run ``target`` in this process as ``python target args`` (``python -m target args`` without
+    ``.py``) would: its exit status, a string exit message printed to stderr as the interpreter
+    does. Any other exception propagates. The one way the tests run an entry point in-process."""
+    saved = sys.argv
+    sys.argv = [target, *map(str, args)]  # the repo root is on the path already (pytest.ini pythonpath)
     try:
         if target.endswith(".py"):
-            runpy.run_path(str(REPO / target) if not os.path.isabs(target) else target, run_name="__main__")
+            runpy.run_path(target if os.path.isabs(target) else str(REPO / target), run_name="__main__")
         else:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     except SystemExit as exit_:
-        if isinstance(exit_.code, int):
-            code = exit_.code
-        elif exit_.code is None:
-            code = 0
-        else:
+        if isinstance(exit_.code, str):
             print(exit_.code, file=sys.stderr)
-            code = 1
+            return 1
+        return exit_.code if isinstance(exit_.code, int) else (1 if exit_.code else 0)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _child(target: str, args: Sequence[str]) -> int:
+    try:
+        code = run_main(target, args)
     except KeyboardInterrupt:
         traceback.print_exc()
         code = 130
