@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from models.blip import BlipArch, ITCSettings, build_blip_retrieval
@@ -69,6 +70,7 @@ def _run(model, precision):
     return records
 
 
+@pytest.mark.slow  # torch.compile with inductor: a minute on one CPU thread
 def test_compiled_blocks_give_the_eager_losses_and_gradients(tmp_path):
     model = _model(tmp_path)
     state = {k: v.clone() for k, v in model.state_dict().items()}
