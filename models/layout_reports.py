@@ -48,16 +48,24 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> Dict[str, torch.Te
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _fit_pos_embeds(state: Dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], num_patches: int,
+                    keys: Tuple[str, ...] = ("visual_encoder.pos_embed",)) -> None:
+    """Resize each of ``keys`` in ``state`` (in place) to the model's patch grid when the file's
+    grid differs and its width is the model's (a 384 px checkpoint into a 224 px model and back)."""
+    for key in keys:
+        if key in state and key in own and state[key].shape != own[key].shape and state[key].dim() == 3 \
+                and state[key].shape[-1] == own[key].shape[-1]:
+            state[key] = interpolate_pos_embed(state[key], num_patches)
+
+
 def _blip_report(model: BLIPRetrieval, state: Dict[str, torch.Tensor]) -> LoadReport:
     """BLIP's layout, official or ours. ``visual_encoder(_m).pos_embed`` is resized to the model's
     patch grid first, so a 384 px checkpoint loads into a 224 px model and vice versa. A pretraining
     file's queue labels and pointer are started afresh (a retrieval model's own bookkeeping)."""
     state = dict(state)
     own = model.state_dict()
-    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
-        if key in state and key in own and state[key].shape != own[key].shape and state[key].dim() == 3 \
-                and state[key].shape[-1] == own[key].shape[-1]:
-            state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    _fit_pos_embeds(state, own, model.visual_encoder.num_patches,
+                    ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"))
     # Queue bookkeeping differs between the layouts (a pretraining file names its pointer
     # `queue_ptr` and has no labels; a retrieval one `ptr_queue` + `idx_queue`): what the model has
     # and the file lacks starts afresh, what the file has and the model lacks is unused.
@@ -89,10 +97,8 @@ def _captioner_report(model: BLIPCaptioner, state: Dict[str, torch.Tensor], name
     ``visual_encoder.pos_embed`` is resized to the model's grid. A file without ``text_decoder.*``
     (a retrieval checkpoint) gives a fresh decoder: allowed to start training, never to evaluate."""
     state = dict(state)
-    key = "visual_encoder.pos_embed"
-    own = model.visual_encoder.pos_embed
-    if key in state and state[key].shape != own.shape and state[key].dim() == 3 and state[key].shape[-1] == own.shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    _fit_pos_embeds(state, {"visual_encoder.pos_embed": model.visual_encoder.pos_embed},
+                    model.visual_encoder.num_patches)
     fresh_decoder = not any(k.startswith("text_decoder.") for k in state)
     return load_state_dict_with_report(model, state, expected_extra_prefixes=ENCODER_PREFIXES,
                                        expected_extra_keys=ENCODER_KEYS,
@@ -107,11 +113,8 @@ def _vqa_report(model: BLIPVQA, state: Dict[str, torch.Tensor], fmt: str) -> Loa
     A file without a decoder (retrieval) or without a text encoder (caption) gives that part
     fresh: allowed to start training, never to evaluate. ``pos_embed`` is resized to the model's grid."""
     state = dict(state)
-    key = "visual_encoder.pos_embed"
     own = model.state_dict()
-    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
-            and state[key].shape[-1] == own[key].shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    _fit_pos_embeds(state, own, model.visual_encoder.num_patches)
     new = [p for p in ("text_decoder.", "text_encoder.") if not any(k.startswith(p) for k in state)]
     if fmt != Format.VQA:
         cross = [k for k in state if re.match(r"text_decoder\.bert\.encoder\.layer\.\d+\.crossattention\.self\."
@@ -135,11 +138,8 @@ def _nlvr_report(model: BLIPNLVR, state: Dict[str, torch.Tensor], fmt: str) -> L
     projections, ITM head, decoder, momentum copies and queues are expected extras. ``pos_embed`` is
     resized to the model's grid (both, as the release's loader)."""
     state = dict(state)
-    key = "visual_encoder.pos_embed"
     own = model.state_dict()
-    if key in state and state[key].shape != own[key].shape and state[key].dim() == 3 \
-            and state[key].shape[-1] == own[key].shape[-1]:
-        state[key] = interpolate_pos_embed(state[key], model.visual_encoder.num_patches)
+    _fit_pos_embeds(state, own, model.visual_encoder.num_patches)
     new: Tuple[str, ...] = ()
     if fmt != Format.NLVR:
         state, new = twin_state(state), new_parts(model)
