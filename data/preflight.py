@@ -30,13 +30,19 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from utils import dist as du
 from utils.errors import DataError
 from utils.logging import Heartbeat
 
 from .utils import BadImageError, check_image
 
 logger = logging.getLogger(__name__)
+
+
+def _du():
+    """``utils.dist``, imported when a check runs: it imports torch, which the data generator
+    (``data.synthetic``, through ``data.mmvp``) and the other torch-free readers do not need."""
+    from utils import dist
+    return dist
 
 # Above this many distinct images a split is checked lazily: opening millions of files (CC3M: 3M)
 # before the first step can take very long on network storage, while a stat per file is cheap. The
@@ -125,10 +131,10 @@ class _Checked:
 def _check(paths: Sequence[str], where: Callable[[int], str], what: str, skip: bool, collective: bool) -> _Checked:
     """Rank 0 checks and broadcasts (``collective``: every rank must call), or this process alone;
     the bad images are logged once, as warnings (``skip``) or errors."""
-    main = du.is_main_process() or not collective
+    main = _du().is_main_process() or not collective
     bad = find_bad_images(paths, where, what) if main else None
     if collective:
-        bad = du.broadcast_object(bad)
+        bad = _du().broadcast_object(bad)
     if main:
         for b in bad[:MAX_LISTED]:
             logger.log(logging.WARNING if skip else logging.ERROR, "%s", b.message)
@@ -177,7 +183,7 @@ def check_splits(datasets: Mapping[str, Any], skip: bool, hint: str = SKIP_HINT)
         if len(dataset) == 0:
             raise DataError(f"{c.what}: all {c.n} images are missing or unreadable (first: {c.bad[0].message}); "
                              "nothing is left to run on")
-        if du.is_main_process():
+        if _du().is_main_process():
             logger.warning("%s: dropped %d of its %d images (skip_bad_images; listed above), %d items left", c.what,
                            len(c.bad), c.n, len(dataset))
     return {split: len(c.bad) for split, c in checked.items()}
@@ -207,7 +213,7 @@ def log_unk_rate(tokenizer, texts: Sequence[str], what: str,
     """Log the ``[UNK]`` rate of ``texts`` (the captions, prompts or queries as the model reads
     them: ``clean`` is applied first, to the sample only); warn above ``UNK_WARN_RATE``. Rank 0
     only (returns None elsewhere); returns the rate."""
-    if not du.is_main_process():
+    if not _du().is_main_process():
         return None
     sampled = f" (a random sample of {UNK_SAMPLE} of {len(texts)})" if len(texts) > UNK_SAMPLE else ""
     if sampled:

@@ -218,6 +218,7 @@ class Intermediate(nn.Module):
 
 class MedLayer(nn.Module):
     compile_region = True  # compiled by `compile: true` (utils/compile.py)
+    compile_dynamic = True  # a new caption length in nearly every batch: dynamic shapes from the start
 
     def __init__(self, cfg: MedConfig):
         super().__init__()

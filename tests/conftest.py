@@ -50,13 +50,15 @@ def _run_torchrun(script: str, args, nproc: int = 2, timeout: float = 600, env=N
     """``torchrun --nproc_per_node N script args`` on CPU (gloo), from the repo root. ``script`` is a
     file (``train_retrieval.py``) or, without ``.py``, a module run like ``python -m`` (``tools``)."""
     target = [str(REPO / script)] if script.endswith(".py") else ["--module", script]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *target, *map(str, args)]
+    launcher_args = [f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
+                     *target, *map(str, args)]
     # The repo root on the path, as for pytest itself (pytest.ini's pythonpath): helper scripts under
     # tests/scripts import the project and each other by package path.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO),
                 **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # torchrun's own main, forked from this process, its ranks forked from it (tests/scripts/forked.py);
+    # BLIP_TEST_SUBPROCESS=1: the torchrun command line itself.
+    proc = forked.run(forked.TORCHRUN, launcher_args, full_env, cwd=REPO, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -135,14 +137,16 @@ def tiny_train_config():
 def _kill_at_step(cmd, checkpoint: Path, step: int, timeout: float = 300) -> None:
     """Start ``cmd`` from the repo root and SIGKILL it as soon as ``checkpoint`` records loop step
     ``>= step`` (a run saving every few steps: killed mid-epoch, as a crash would). ``python
-    script.py ...`` runs forked from this process (``tests/scripts/forked.py``), anything else
-    (torchrun) as a subprocess; the whole process tree is killed."""
+    script.py ...`` and torchrun (``python -m torch.distributed.run ...``) run forked from this
+    process (``tests/scripts/forked.py``), anything else as a subprocess; the whole process tree is
+    killed."""
     import time
     import torch
     cmd = [str(c) for c in cmd]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    if cmd[0] == sys.executable and cmd[1].endswith(".py") and not forked.use_subprocess():
-        pid = forked.start(str(Path(cmd[1]).relative_to(REPO)), cmd[2:], env, cwd=REPO)
+    if cmd[0] == sys.executable and (cmd[1].endswith(".py") or cmd[1:3] == ["-m", forked.TORCHRUN]) \
+            and not forked.use_subprocess():
+        pid = forked.start(*forked.split_cmd(cmd), env, cwd=REPO)
         poll, finish = (lambda: forked.poll(pid)), (lambda: forked.wait(pid))
     else:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -263,14 +267,24 @@ def full_disk():
 
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: only what runs counts
 def pytest_collection_modifyitems(session, config, items):
-    """The files with the most end-to-end runs (``slow`` / ``dist`` tests) first, each file's tests
-    in their order: pytest-xdist (``--dist loadfile``) hands whole files to its workers in this
-    order, so the longest start first and the short ones fill in at the end."""
-    def runs(item) -> int:
-        return sum(1 for name in ("slow", "dist") if item.get_closest_marker(name))
+    """The longest files first, each file's tests in their order: pytest-xdist (``--dist loadfile
+    --no-loadscope-reorder``) hands whole files to its workers in this order, so the long ones start
+    first and the short ones fill in at the end. A file's length is the sum of its selected tests'
+    seconds in ``tests/durations.json`` (``tests/scripts/durations.py``); a test not there took
+    under 0.1 s, or is new and guessed from its marks (``slow`` / ``dist``: an end-to-end run)."""
+    from tests.scripts.durations import load
+    measured = load()
+
+    def seconds(item) -> float:
+        if item.nodeid in measured:
+            return measured[item.nodeid]
+        if any(item.get_closest_marker(name) for name in ("slow", "dist")):
+            return 20.0
+        return 0.05
     weight: dict = {}
     for item in items:
-        weight[item.fspath] = weight.get(item.fspath, 0) + runs(item)
+        weight[item.fspath] = weight.get(item.fspath, 0.0) + seconds(item)
     first_seen = {path: i for i, path in reversed(list(enumerate(item.fspath for item in items)))}
     items.sort(key=lambda item: (-weight[item.fspath], first_seen[item.fspath]))

@@ -1,8 +1,8 @@
 """``compile: true`` (utils/compile.py): the ViT blocks and text layers compiled in place with
 inductor give the eager losses and gradients (fp32 within 1e-5, with gradient checkpointing and
-across caption lengths, which recompile the text layers once with dynamic shapes), bf16 too, and
-the state-dict keys do not change. The entry-point runs (resume, torchrun) are in
-test_train_retrieval.py."""
+across caption lengths, which the text layers' dynamic shapes serve), bf16 too, every block
+compiled (none past dynamo's recompile limit, which would run it eager), and the state-dict keys
+do not change. The entry-point runs (resume, torchrun) are in test_train_retrieval.py."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.blip import BlipArch, ITCSettings, build_blip_retrieval
-from utils.compile import compile_regions
+from utils.compile import RECOMPILE_LIMIT, compile_regions
 from utils.precision import autocast
 
 VOCAB = 1000
@@ -52,7 +52,7 @@ def _captions(n: int, g: torch.Generator):
 def _batches():
     g = torch.Generator().manual_seed(1)
     out = []
-    for length in (35, 21):  # the second length recompiles the text layers with dynamic shapes
+    for length in (35, 21):  # two caption lengths: the text layers' dynamic shapes serve both
         ids, mask = _captions(8, g)
         out.append((torch.randn(8, 3, 64, 64, generator=g), ids[:, :length], mask[:, :length]))
     return out
@@ -82,7 +82,9 @@ def test_compiled_blocks_give_the_eager_losses_and_gradients(tmp_path):
     keys = list(model.state_dict())
     assert compile_regions(model) == 2 * (2 + 2)  # ViT blocks + text layers, online and momentum
     assert list(model.state_dict()) == keys
-    compiled = {p: fresh_run(p) for p in ("fp32", "bf16")}
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a block run eager: an error
+        compiled = {p: fresh_run(p) for p in ("fp32", "bf16")}
     for (e_loss, e_grad), (c_loss, c_grad) in zip(eager["fp32"], compiled["fp32"]):
         assert e_loss.keys() == c_loss.keys()
         for k in e_loss:

@@ -176,6 +176,8 @@ def test_every_entry_script_is_refused_in_one_line_while_another_run_holds_outpu
 def test_under_torchrun_rank_0_claims_output_dir_and_alone_reports_the_refusal(trained, busy, free_port):
     busy, proc = busy
     before = _snapshot(busy)
+    # The torchrun command line itself, ranks exec'd as `python -u train_retrieval.py` (the other
+    # torchrun tests fork them: tests/scripts/forked.py).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "--master_addr=127.0.0.1", str(REPO / "train_retrieval.py"), "--config", str(trained[0]), "--output_dir",
            str(busy), "--evaluate", "--no_progress"]

@@ -5,6 +5,7 @@ training on shards."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 from collections import Counter
@@ -17,6 +18,7 @@ import torchvision.transforms as T
 from data.shards import classify, expand_shards
 from data.slots import plan_epoch
 from data.stream import BAD_CHECK_AFTER, build_stream
+from tests.scripts import forked
 from utils.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,19 +296,27 @@ def test_two_nodes_with_node_local_output_dirs_write_on_node0_only_and_resume(tm
     write_shards(tmp_path / "s", 4, 8)
     cfg = _pretrain_config(tiny_train_config, tmp_path, synthetic_small, f"['{tmp_path / 's'}']")
     port = _port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def launch(*extra):
-        procs = []
+        """Both nodes' torchrun at once (forked from this process, tests/scripts/forked.py)."""
+        runs = []
         for node in (0, 1):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                    f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
                    str(REPO / "pretrain_blip.py"), "--config", str(cfg), "--output_dir", str(tmp_path / f"node{node}"),
                    "--no_progress", *extra]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "",
-                                               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}))
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+            logs = [tmp_path / f"launch{len(list(tmp_path.glob('launch*')))}.{s}" for s in ("out", "err")]
+            if forked.use_subprocess():
+                with open(logs[0], "w") as out, open(logs[1], "w") as err:
+                    proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env)
+                runs.append((logs, proc.wait))
+            else:
+                pid = forked.start(*forked.split_cmd(cmd), env, cwd=REPO, stdout_path=logs[0], stderr_path=logs[1])
+                runs.append((logs, lambda pid=pid: forked.wait(pid, timeout=600)))
+        codes = [wait() for _, wait in runs]
+        outs = ["".join(log.read_text() for log in logs) for logs, _ in runs]
+        assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
         return outs
 
     launch("--opts", "log_sample_keys=false")

@@ -210,6 +210,8 @@ def test_cli(tmp_path):
     cmd = [sys.executable, "-m", "data.synthetic", "--out", str(out), "--seed", "1"]
     cmd += ["--n_train", "20", "--n_val", "5", "--n_test", "5"]
     cmd += ["--n_train_pairs", "20", "--n_dev_pairs", "4", "--n_test_pairs", "4", "--n_clips", "3"]  # nlvr, video
+    cmd += ["--n_train_sets", "6", "--n_valid_sets", "2", "--n_test_sets", "2"]  # imagecode (10 images a set)
+    cmd += ["--n_train_images", "10", "--n_val_images", "4", "--n_test_images", "4", "--pairs_per_pattern", "1"]  # vqa, mmvp
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = forked.run_cmd(cmd, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

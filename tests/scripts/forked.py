@@ -17,6 +17,14 @@ child hangs in its first parallel region). So the test process runs torch on one
 (:func:`single_threaded_parent`, called from conftest before any torch operation) and only the
 children use several.
 
+``torchrun`` (``python -m torch.distributed.run ...``) runs the same way: the launcher is forked
+from the test process and runs torchrun's own ``main`` (argument parsing, rendezvous, the elastic
+agent, its failure report and exit status), with one change: each rank is a fork of the launcher
+(the agent's ``fork`` start method, as ``torchrun --start-method fork`` gives a function entry
+point) instead of a fresh ``python -u script.py``. The ranks are still processes of their own, with
+the environment torchrun gives them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...), talking gloo
+over TCP; a rank that fails makes torchrun stop the others and exit 1, as it does.
+
 ``BLIP_TEST_SUBPROCESS=1`` runs every launch as a real subprocess instead (the old way: same
 results, slower), e.g. to rule the fork out when a test fails.
 """
@@ -37,6 +45,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
+TORCHRUN = "torch.distributed.run"
 _preloaded: set = set()
 
 
@@ -69,6 +78,8 @@ def _top_level_imports(path: Path) -> list:
 def preload(target: str) -> None:
     """Import, in this process, what ``target`` (a script under the repo, or a module such as
     ``tools``) imports at its top, so that its forked runs start with them imported."""
+    if target == TORCHRUN:
+        return
     if target in _preloaded:
         return
     _preloaded.add(target)
@@ -147,9 +158,52 @@ def run_main(target: str, args: Sequence[str]) -> int:
     return 0
 
 
+def _torchrun_script(args: Sequence[str]) -> str:
+    """The script (or, with ``--module``, the module) a torchrun command line launches."""
+    from torch.distributed.run import parse_args
+    parsed = parse_args([str(a) for a in args])
+    return parsed.training_script
+
+
+def _rank(target: str, *args: str) -> None:
+    """One torchrun rank, forked by the launcher with torchrun's environment set: ``python -u target
+    args`` as a fresh interpreter would run it (its exit status the process's)."""
+    _reset_child(dict(os.environ), Path.cwd(), 1, 2)
+    code = _child(target, list(args))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
+
+
+def _torchrun(args: Sequence[str]) -> None:
+    """torchrun's ``main`` with the ranks forked from this process (see the module's docstring)."""
+    import torch
+    import torch.distributed.run as launcher
+    torch.set_num_threads(1)  # the launcher computes nothing; its forked ranks take OMP_NUM_THREADS
+    own = launcher.config_from_args
+
+    def config_from_args(parsed):
+        config, cmd, cmd_args = own(parsed)
+        if cmd != sys.executable or cmd_args[:1] != ["-u"]:  # --no-python, PYTHON_EXEC: exec'd as torchrun does
+            return config, cmd, cmd_args
+        rest = list(cmd_args[1:])
+        module = rest[0] == "-m"
+        target, script_args = (rest[1], rest[2:]) if module else (rest[0], rest[1:])
+        config.start_method = "fork"
+        return config, _rank, [target if module or not target.startswith(str(REPO) + os.sep)
+                               else str(Path(target).relative_to(REPO)), *script_args]
+    launcher.config_from_args = config_from_args
+    launcher.main([str(a) for a in args])
+
+
 def _child(target: str, args: Sequence[str]) -> int:
     try:
-        code = run_main(target, args)
+        if target == TORCHRUN:
+            _torchrun(args)
+            code = 0
+        else:
+            code = run_main(target, args)
     except KeyboardInterrupt:
         traceback.print_exc()
         code = 130
@@ -166,8 +220,9 @@ def _child(target: str, args: Sequence[str]) -> int:
 def start(target: str, args: Sequence[str], env: dict, cwd: Path = REPO,
           stdout_path: Optional[Path] = None, stderr_path: Optional[Path] = None) -> int:
     """Fork a child running ``target args`` (``env`` is its whole environment); returns its pid.
-    Its stdout / stderr go to the given files (else nowhere)."""
-    preload(target)
+    Its stdout / stderr go to the given files (else nowhere). ``target`` ``torch.distributed.run``
+    is torchrun, its ranks forked in turn."""
+    preload(_torchrun_script(args) if target == TORCHRUN else target)
     out_fd = os.open(stdout_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     err_fd = os.open(stderr_path or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     sys.stdout.flush()
@@ -259,15 +314,21 @@ def run(target: str, args: Sequence[str], env: dict, cwd: Path = REPO,
                                            err.read_text(errors="backslashreplace"))
 
 
-def run_cmd(cmd: Sequence, env: Optional[dict] = None, cwd: Path = REPO,
-            timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` for ``[sys.executable, "-m", module,
-    ...]`` or ``[sys.executable, script.py, ...]``, forked as :func:`run` does."""
+def split_cmd(cmd: Sequence) -> tuple:
+    """``[sys.executable, "-m", module, ...]`` or ``[sys.executable, script.py, ...]`` (torchrun:
+    ``-m torch.distributed.run``) as the ``(target, args)`` that :func:`run` and :func:`start` take."""
     cmd = [str(c) for c in cmd]
-    env = dict(os.environ if env is None else env)
     if cmd[0] != sys.executable or len(cmd) < 2:
         raise ValueError(f"not a python command: {cmd[:3]}")
     if cmd[1] == "-m":
-        return run(cmd[2], cmd[3:], env, cwd, timeout)
+        return cmd[2], cmd[3:]
     script = Path(cmd[1])
-    return run(str(script.relative_to(REPO)) if script.is_absolute() else str(script), cmd[2:], env, cwd, timeout)
+    return (str(script.relative_to(REPO)) if script.is_absolute() else str(script)), cmd[2:]
+
+
+def run_cmd(cmd: Sequence, env: Optional[dict] = None, cwd: Path = REPO,
+            timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` for a command :func:`split_cmd`
+    takes, forked as :func:`run` does."""
+    target, args = split_cmd(cmd)
+    return run(target, args, dict(os.environ if env is None else env), cwd, timeout)
