@@ -78,8 +78,6 @@ def _top_level_imports(path: Path) -> list:
 def preload(target: str) -> None:
     """Import, in this process, what ``target`` (a script under the repo, or a module such as
     ``tools``) imports at its top, so that its forked runs start with them imported."""
-    if target == TORCHRUN:
-        return
     if target in _preloaded:
         return
     _preloaded.add(target)
@@ -191,8 +189,7 @@ def _torchrun(args: Sequence[str]) -> None:
         module = rest[0] == "-m"
         target, script_args = (rest[1], rest[2:]) if module else (rest[0], rest[1:])
         config.start_method = "fork"
-        return config, _rank, [target if module or not target.startswith(str(REPO) + os.sep)
-                               else str(Path(target).relative_to(REPO)), *script_args]
+        return config, _rank, [target, *script_args]  # run_main takes a path or a module
     launcher.config_from_args = config_from_args
     launcher.main([str(a) for a in args])
 
