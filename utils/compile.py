@@ -37,10 +37,12 @@ def compile_regions(model: nn.Module, backend: str = "inductor") -> int:
     if not regions:
         raise ConfigError(f"compile: true, but {type(model).__name__} has no block marked for compilation")
     import torch._dynamo
-    if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
-        logger.info("compile: torch._dynamo.config.recompile_limit %d -> %d (a block past it would run eager)",
-                    torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # its older name
+    if getattr(config, name) < RECOMPILE_LIMIT:
+        logger.info("compile: torch._dynamo.config.%s %d -> %d (a block past it would run eager)",
+                    name, getattr(config, name), RECOMPILE_LIMIT)
+        setattr(config, name, RECOMPILE_LIMIT)
     for module in regions:
         module.compile(backend=backend, dynamic=True if getattr(module, "compile_dynamic", False) else None)
     kinds = sorted({type(m).__name__ for m in regions})
